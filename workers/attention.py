@@ -1,0 +1,112 @@
+"""Batched attention over the paged KV cache, plugged into transformers' AttentionInterface.
+
+The model runs one packed batch: every sequence's new tokens are laid end to end as a batch of
+one, `[1, num_tokens]`, with explicit position ids, so a 300-token prompt chunk, a 1-token decode
+and a 6-token verification share one forward without padding the MLPs. Attention is the only
+place sequences must be told apart: each layer writes its new K/V into the cache slots of its
+sequence, gathers each sequence's whole context through its block table, and runs SDPA on a
+`[num_seqs, max_new, max_context]` causal mask. Everything here is tensor ops prepared once per
+forward (`AttentionMetadata`) and reused by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from goodspec.workers.kv_cache import PagedKVCache
+
+ATTENTION_NAME = "goodspec_paged"
+
+
+@dataclass
+class AttentionMetadata:
+    cache: PagedKVCache
+    slot_mapping: torch.Tensor  # [num_tokens] flat cache slot of each new token
+    block_tables: torch.Tensor  # [num_seqs, max_blocks]
+    pad_index: torch.Tensor  # [num_seqs, max_new] packed index of each padded query (num_tokens = pad)
+    unpad_index: torch.Tensor  # [num_tokens] index into the flattened [num_seqs * max_new]
+    mask: torch.Tensor  # [num_seqs, 1, max_new, max_context] True where attention is allowed
+
+    @classmethod
+    def build(
+        cls, cache: PagedKVCache, seq_ids: list[str], starts: list[int], num_new: list[int],
+        device: torch.device,
+    ) -> tuple["AttentionMetadata", torch.Tensor]:
+        """Metadata for one packed forward, and the packed position ids `[num_tokens]`.
+        The sequences must already be sized in the cache (`PagedKVCache.prepare`)."""
+        bs = cache.spec.block_size
+        num_seqs = len(seq_ids)
+        tables = [cache.block_table(s) for s in seq_ids]
+        max_blocks = max(len(t) for t in tables)
+        block_tables = torch.tensor(
+            [t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long
+        )
+        q_lens = torch.tensor(num_new, dtype=torch.long)
+        start_t = torch.tensor(starts, dtype=torch.long)
+        total = int(q_lens.sum())
+        max_new = int(q_lens.max())
+        seq_of_token = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [num_tokens]
+        cu = torch.cumsum(q_lens, 0) - q_lens  # first packed index of each sequence
+        offset = torch.arange(total) - cu[seq_of_token]  # index within the sequence's new tokens
+        positions = start_t[seq_of_token] + offset
+        slot_mapping = block_tables[seq_of_token, positions // bs] * bs + positions % bs
+
+        j = torch.arange(max_new)
+        valid = j[None, :] < q_lens[:, None]  # [num_seqs, max_new]
+        pad_index = torch.where(valid, cu[:, None] + j[None, :], torch.full_like(valid, total, dtype=torch.long))
+        unpad_index = seq_of_token * max_new + offset
+        # A padded query row attends like the sequence's last real query, so no row is all-masked.
+        q_pos = start_t[:, None] + torch.minimum(j[None, :], (q_lens - 1)[:, None])
+        key_pos = torch.arange(max_blocks * bs)
+        mask = (key_pos[None, None, :] <= q_pos[:, :, None]).unsqueeze(1)
+        meta = cls(
+            cache=cache,
+            slot_mapping=slot_mapping.to(device),
+            block_tables=block_tables.to(device),
+            pad_index=pad_index.to(device),
+            unpad_index=unpad_index.to(device),
+            mask=mask.to(device),
+        )
+        return meta, positions.to(device)
+
+
+def paged_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [1, num_heads, num_tokens, head_dim]
+    key: torch.Tensor,  # [1, num_kv_heads, num_tokens, head_dim]
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    goodspec_meta: AttentionMetadata | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    meta = goodspec_meta
+    if meta is None:
+        raise RuntimeError(f"the {ATTENTION_NAME!r} attention runs only inside goodspec's ModelRunner")
+    cache = meta.cache
+    layer = module.layer_idx
+    num_kv_heads, head_dim = key.shape[1], key.shape[3]
+    k_layer, v_layer = cache.k[layer], cache.v[layer]  # [num_blocks, block_size, kv_heads, head_dim]
+    k_layer.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = key[0].transpose(0, 1)
+    v_layer.view(-1, num_kv_heads, head_dim)[meta.slot_mapping] = value[0].transpose(0, 1)
+
+    num_seqs = meta.block_tables.shape[0]
+    # [num_seqs, kv_heads, max_context, head_dim]
+    k_ctx = k_layer[meta.block_tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    v_ctx = v_layer[meta.block_tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    q = query[0].transpose(0, 1)  # [num_tokens, heads, head_dim]
+    q = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[meta.pad_index]  # [num_seqs, max_new, heads, hd]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k_ctx, v_ctx, attn_mask=meta.mask, scale=scaling,
+        enable_gqa=q.shape[2] != num_kv_heads,
+    )  # [num_seqs, heads, max_new, head_dim]
+    out = out.transpose(1, 2).reshape(-1, out.shape[1], head_dim)[meta.unpad_index]
+    return out.unsqueeze(0), None  # [1, num_tokens, heads, head_dim]
+
+
+AttentionInterface.register(ATTENTION_NAME, paged_attention)

@@ -1,0 +1,67 @@
+"""DraftWorker: proposes k_i draft tokens for each request of a batch with the small model."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from goodspec.workers.messages import ProposeBatch, Proposal
+from goodspec.workers.model_runner import ModelRunner, RunnerConfig
+from goodspec.workers.sampling import STREAM_DRAFT, hash_uniform, logits_to_probs, sample_from_probs
+from goodspec.workers.sampling_tensors import SamplingTensors
+
+
+class DraftWorker:
+    def __init__(self, config: RunnerConfig) -> None:
+        self.runner = ModelRunner(config)
+
+    def propose(self, batch: ProposeBatch) -> Proposal:
+        """max_k sequential passes: the first appends each request's unseen committed tokens (any
+        number) and drafts one token; pass j feeds draft token j-1 of the requests with k_i >= j."""
+        t0 = time.perf_counter()
+        items = batch.items
+        num_items = len(items)
+        if num_items == 0:
+            return Proposal(draft_ids=[], draft_probs=None)
+        if any(it.num_draft < 1 for it in items):
+            raise ValueError("ProposeItem.num_draft must be >= 1; leave k = 0 requests out of the batch")
+        dev = self.runner.device
+        params = SamplingTensors.from_params([it.sampling for it in items]).to(dev)
+        num_draft = torch.tensor([it.num_draft for it in items], device=dev)
+        max_k = int(num_draft.max())
+        keep_probs = not params.all_greedy
+        vocab = self.runner.vocab_size
+        draft = torch.zeros(num_items, max_k, dtype=torch.long, device=dev)
+        probs_out = torch.zeros(num_items, max_k, vocab, device=dev) if keep_probs else None
+        # Position of the next token each request drafts.
+        next_pos = torch.tensor([it.start_pos + len(it.token_ids) for it in items], device=dev)
+
+        active = torch.arange(num_items, device=dev)
+        seq_ids = [it.req_id for it in items]
+        starts = [it.start_pos for it in items]
+        inputs = [it.token_ids for it in items]
+        for j in range(max_k):
+            logits = self.runner.forward(seq_ids, starts, inputs, [1] * len(seq_ids))  # [active, V]
+            sub = params.select(active)
+            probs = logits_to_probs(logits, sub.temperature, sub.top_k, sub.top_p)
+            pos = next_pos[active] + j
+            tokens = sample_from_probs(probs, hash_uniform(sub.seeds, pos, STREAM_DRAFT))
+            draft[active, j] = tokens
+            if probs_out is not None:
+                probs_out[active, j] = probs
+            still = num_draft[active] > j + 1
+            if not bool(still.any()):
+                break
+            active = active[still]
+            idx = still.nonzero().squeeze(1).tolist()
+            pos_list, token_list = pos.tolist(), tokens.tolist()
+            seq_ids = [seq_ids[i] for i in idx]
+            starts = [pos_list[i] for i in idx]  # the draft token j sits at position pos
+            inputs = [[token_list[i]] for i in idx]
+        self.runner.synchronize()
+        ids = [row[:k] for row, k in zip(draft.tolist(), num_draft.tolist())]
+        return Proposal(draft_ids=ids, draft_probs=probs_out, elapsed_s=time.perf_counter() - t0)
+
+    def free(self, req_ids: list[str]) -> None:
+        self.runner.free(req_ids)

@@ -1,0 +1,63 @@
+"""The small typed objects that cross the scheduler/worker boundary, one per call each way.
+
+The scheduler builds a `ProposeBatch` for the draft worker and a `VerifyBatch` for the target
+worker; the workers answer with a `Proposal` and a `VerifyResult`. Token ids are plain lists; the
+only tensor is the draft's probabilities, which the scheduler passes on without looking inside.
+Every item carries `start_pos`: the worker rolls that sequence's cache back to it before appending,
+which is how rejected tokens are forgotten and how a lost cache is noticed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from goodspec.workers.sampling import SamplingParams
+
+
+@dataclass
+class ProposeItem:
+    req_id: str
+    start_pos: int  # tokens of this request the draft's cache keeps
+    token_ids: list[int]  # committed tokens the draft has not seen yet (>= 1)
+    num_draft: int  # k for this request this step (>= 1)
+    sampling: SamplingParams  # seed always set
+
+
+@dataclass
+class ProposeBatch:
+    items: list[ProposeItem]
+
+
+@dataclass
+class Proposal:
+    draft_ids: list[list[int]]  # per item, num_draft tokens
+    # [num_items, max_k, vocab] draft distributions q, or None when every item is greedy (then
+    # q is the one-hot of the draft token and the verifier rebuilds it).
+    draft_probs: torch.Tensor | None
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class VerifyItem:
+    req_id: str
+    start_pos: int  # tokens of this request the target's cache keeps
+    token_ids: list[int]  # committed tokens to append: a prompt chunk, or the 1 pending token
+    sample: bool  # emit tokens (False for a prompt chunk that does not finish the prompt)
+    sampling: SamplingParams
+    draft_ids: list[int] = field(default_factory=list)
+    proposal_row: int = -1  # row of this item in VerifyBatch.proposal, -1 without drafts
+
+
+@dataclass
+class VerifyBatch:
+    items: list[VerifyItem]
+    proposal: Proposal | None = None
+
+
+@dataclass
+class VerifyResult:
+    num_accepted: list[int]  # per item (0 for items without drafts)
+    output_ids: list[list[int]]  # per item: accepted draft tokens + 1 recovered/bonus token
+    elapsed_s: float = 0.0

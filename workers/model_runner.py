@@ -1,0 +1,130 @@
+"""ModelRunner: one Hugging Face causal LM, its paged KV cache, and one packed forward per call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from goodspec.workers.attention import ATTENTION_NAME, AttentionMetadata
+from goodspec.workers.kv_cache import KVCacheSpec, PagedKVCache
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    model_dir: str
+    device: str = "auto"  # "auto" = cuda when present, else cpu
+    dtype: str = "auto"  # "auto" = float32 on cpu, bfloat16 on cuda
+    kv_cache_tokens: int = 65536  # the KV budget, in tokens across all sequences
+    block_size: int = 16
+    threads: int = 0  # CPU threads for torch; 0 leaves torch's default
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_tokens < self.block_size:
+            raise ValueError(
+                f"kv_cache_tokens must be >= block_size ({self.block_size}); got {self.kv_cache_tokens}"
+            )
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1; got {self.block_size}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be auto, float32, float16 or bfloat16; got {dtype!r}") from None
+
+
+def load_causal_lm(model_dir: str | Path, device: torch.device, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a per-file bar on every worker start is noise
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no Hugging Face model at {path} (config.json missing)")
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, attn_implementation=ATTENTION_NAME, local_files_only=True
+    )
+    return model.to(device).eval()
+
+
+class ModelRunner:
+    """Owns a model and its KV cache. `forward` appends tokens to many sequences at once."""
+
+    def __init__(self, config: RunnerConfig) -> None:
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model = load_causal_lm(config.model_dir, self.device, self.dtype)
+        mc = self.model.config
+        head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+        self.vocab_size: int = mc.vocab_size
+        self.max_context: int = mc.max_position_embeddings
+        self.cache = PagedKVCache(
+            KVCacheSpec(
+                num_layers=mc.num_hidden_layers,
+                num_kv_heads=getattr(mc, "num_key_value_heads", None) or mc.num_attention_heads,
+                head_dim=head_dim,
+                num_blocks=config.kv_cache_tokens // config.block_size,
+                block_size=config.block_size,
+            ),
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    @torch.inference_mode()
+    def forward(
+        self, seq_ids: list[str], starts: list[int], token_ids: list[list[int]], num_logits: list[int]
+    ) -> torch.Tensor:
+        """Append token_ids[i] to sequence i at position starts[i] (rolling it back there first)
+        and return the float32 logits of the last num_logits[i] new tokens of each sequence,
+        concatenated in order: [sum(num_logits), vocab]. All or nothing on KV exhaustion."""
+        num_new = [len(t) for t in token_ids]
+        if any(n == 0 for n in num_new):
+            raise ValueError("every sequence in a forward needs at least one new token")
+        for s, start, n in zip(seq_ids, starts, num_new):
+            if start + n > self.max_context:
+                raise ValueError(
+                    f"sequence {s!r} would reach {start + n} tokens; the model's context is {self.max_context}"
+                )
+        self.cache.prepare(list(zip(seq_ids, starts, num_new)))
+        meta, positions = AttentionMetadata.build(self.cache, seq_ids, starts, num_new, self.device)
+        flat = [t for ids in token_ids for t in ids]
+        input_ids = torch.tensor(flat, dtype=torch.long, device=self.device).unsqueeze(0)
+        ends = torch.cumsum(torch.tensor(num_new), 0)
+        keep = torch.tensor(num_logits)
+        # Packed indices of the last num_logits[i] tokens of each sequence.
+        seq_of_kept = torch.repeat_interleave(torch.arange(len(num_new)), keep)
+        offset_in_kept = torch.arange(int(keep.sum())) - (torch.cumsum(keep, 0) - keep)[seq_of_kept]
+        kept_index = (ends - keep)[seq_of_kept] + offset_in_kept
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=positions.unsqueeze(0),
+            use_cache=False,
+            logits_to_keep=kept_index.to(self.device),
+            goodspec_meta=meta,
+        )
+        return out.logits[0].float()
+
+    def truncate(self, seq_id: str, length: int) -> None:
+        self.cache.truncate(seq_id, length)
+
+    def free(self, seq_ids: list[str]) -> None:
+        for s in seq_ids:
+            self.cache.free(s)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

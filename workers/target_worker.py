@@ -1,0 +1,106 @@
+"""TargetWorker: scores every request's new tokens and draft tokens in one forward, then verifies."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from goodspec.workers.messages import VerifyBatch, VerifyResult
+from goodspec.workers.model_runner import ModelRunner, RunnerConfig
+from goodspec.workers.rejection import rejection_sample
+from goodspec.workers.sampling import STREAM_ACCEPT, STREAM_TARGET, hash_uniform, logits_to_probs
+from goodspec.workers.sampling_tensors import SamplingTensors
+
+
+class TargetWorker:
+    def __init__(self, config: RunnerConfig) -> None:
+        self.runner = ModelRunner(config)
+
+    def verify(self, batch: VerifyBatch) -> VerifyResult:
+        """One forward over all items (prompt chunks, plain decodes and k_i + 1 verification
+        positions alike); the emitting items then go through the rejection sampler together.
+        Afterwards each cache holds exactly the request's committed tokens minus the newest."""
+        t0 = time.perf_counter()
+        items = batch.items
+        if not items:
+            return VerifyResult(num_accepted=[], output_ids=[])
+        for it in items:
+            if it.draft_ids and not it.sample:
+                raise ValueError(f"request {it.req_id!r}: draft tokens need sample=True")
+        num_logits = [len(it.draft_ids) + 1 if it.sample else 0 for it in items]
+        logits = self.runner.forward(
+            [it.req_id for it in items],
+            [it.start_pos for it in items],
+            [it.token_ids + it.draft_ids for it in items],
+            num_logits,
+        )  # [sum(num_logits), vocab]
+
+        emit = [i for i, it in enumerate(items) if it.sample]
+        num_accepted = [0] * len(items)
+        output_ids: list[list[int]] = [[] for _ in items]
+        if emit:
+            acc, out = self._accept(batch, emit, logits)
+            for row, i in enumerate(emit):
+                it = items[i]
+                a = int(acc[row])
+                num_accepted[i] = a
+                output_ids[i] = out[row][: a + 1]
+                # Forget the rejected draft tokens now: keep the committed tokens only.
+                self.runner.truncate(it.req_id, it.start_pos + len(it.token_ids) + a)
+        self.runner.synchronize()
+        return VerifyResult(num_accepted, output_ids, elapsed_s=time.perf_counter() - t0)
+
+    def _accept(self, batch: VerifyBatch, emit: list[int], logits: torch.Tensor):
+        items = [batch.items[i] for i in emit]
+        num_rows = len(items)
+        num_draft = torch.tensor([len(it.draft_ids) for it in items])
+        max_k = int(num_draft.max())
+        vocab = logits.shape[-1]
+        # Gather the flat logits into [rows, max_k + 1, vocab]; padding slots repeat a valid row
+        # and are never read past num_accepted <= num_draft.
+        first = torch.cumsum(num_draft + 1, 0) - (num_draft + 1)
+        slot = torch.arange(max_k + 1)
+        index = first[:, None] + torch.minimum(slot[None, :], num_draft[:, None])
+        params = SamplingTensors.from_params([it.sampling for it in items])
+        per_slot = params.expand(max_k + 1)
+        dev = logits.device
+        target_probs = logits_to_probs(
+            logits[index.to(dev)], *(t.to(dev) for t in
+                                     (per_slot.temperature, per_slot.top_k, per_slot.top_p)),
+        )  # [rows, max_k + 1, vocab]
+
+        draft_ids = torch.zeros(num_rows, max_k, dtype=torch.long)
+        for r, it in enumerate(items):
+            draft_ids[r, : len(it.draft_ids)] = torch.tensor(it.draft_ids, dtype=torch.long)
+        # q: the proposal's rows where it kept them, else the one-hot of the (greedy) draft token.
+        draft_ids = draft_ids.to(dev)
+        draft_probs = torch.zeros(num_rows, max_k, vocab, device=dev).scatter_(
+            -1, draft_ids.unsqueeze(-1), 1.0
+        )
+        proposal = batch.proposal
+        if proposal is not None and proposal.draft_probs is not None and max_k > 0:
+            rows = [r for r, it in enumerate(items) if it.proposal_row >= 0 and len(it.draft_ids)]
+            if rows:
+                src = torch.tensor([items[r].proposal_row for r in rows])
+                q = proposal.draft_probs[src].to(dev)
+                width = min(max_k, q.shape[1])
+                # A draft whose model vocab is padded differently: the ids past the shared
+                # tokenizer carry (near) zero mass in both models.
+                v = min(vocab, q.shape[2])
+                block = torch.zeros(len(rows), width, vocab, device=dev)
+                block[:, :, :v] = q[:, :width, :v]
+                draft_probs[rows, :width] = block
+
+        base = torch.tensor([it.start_pos + len(it.token_ids) for it in items])
+        pos = (base[:, None] + slot[None, :]).to(dev)  # position of each slot's token
+        seeds = params.seeds[:, None].to(dev)
+        u_accept = hash_uniform(seeds, pos[:, :max_k], STREAM_ACCEPT)
+        u_sample = hash_uniform(seeds, pos, STREAM_TARGET)
+        num_accepted, out = rejection_sample(
+            target_probs, draft_probs, draft_ids, num_draft.to(dev), u_accept, u_sample
+        )
+        return num_accepted.tolist(), out.tolist()
+
+    def free(self, req_ids: list[str]) -> None:
+        self.runner.free(req_ids)
