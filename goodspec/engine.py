@@ -1,0 +1,130 @@
+"""LLMEngine: tokenizer + scheduler + draft and target workers, in one process.
+
+The same Scheduler drives Ray actors in goodspec.cluster; here the workers are plain objects,
+which is what `goodspec generate` uses and what the tests drive directly.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, replace
+
+from goodspec.config import EngineConfig
+from goodspec.scheduler.policy import SpeculationPolicy, parse_policy
+from goodspec.scheduler.request import Request
+from goodspec.scheduler.scheduler import KVBudget, RequestOutput, Scheduler
+from goodspec.workers.draft_worker import DraftWorker
+from goodspec.workers.model_runner import RunnerConfig
+from goodspec.workers.sampling import SamplingParams
+from goodspec.workers.target_worker import TargetWorker
+from goodspec.workers.tokenizer import TextCodec
+
+
+@dataclass
+class Completion:
+    req_id: str
+    prompt: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    draft_tokens_proposed: int
+    draft_tokens_accepted: int
+    mean_k: float
+    num_preemptions: int
+
+    @classmethod
+    def from_request(cls, req: Request, prompt: str, codec: TextCodec) -> "Completion":
+        return cls(
+            req_id=req.req_id,
+            prompt=prompt,
+            text=codec.decode_output(req.output_ids, req.sampling.stop),
+            token_ids=req.output_ids,
+            finish_reason=req.finish_reason.value if req.finish_reason else "running",
+            prompt_tokens=req.num_prompt,
+            draft_tokens_proposed=req.num_draft_proposed,
+            draft_tokens_accepted=req.num_draft_accepted,
+            mean_k=round(req.mean_k, 4),
+            num_preemptions=req.num_preemptions,
+        )
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        policy = parse_policy(config.policy)
+        self.codec = TextCodec.load(config.target_dir, config.draft_dir)
+        self.target = TargetWorker(self._runner_config(config.target_dir, config.target_kv_tokens))
+        self.draft = None
+        if config.draft_dir is not None:
+            self.draft = DraftWorker(self._runner_config(config.draft_dir, config.draft_kv_tokens))
+        sched_cfg = replace(
+            config.scheduler,
+            max_context=min(config.scheduler.max_context, self.target.runner.max_context,
+                            *([self.draft.runner.max_context] if self.draft else [])),
+            eos_token_id=self.codec.eos_token_id,
+        )
+        self.scheduler = Scheduler(
+            sched_cfg,
+            target=self.target,
+            target_kv=_budget(self.target),
+            draft=self.draft,
+            draft_kv=_budget(self.draft) if self.draft else None,
+            policy=policy,
+            stop_checker=self.codec.find_stop,
+        )
+        self._ids = itertools.count()
+        self._prompts: dict[str, str] = {}
+
+    def _runner_config(self, model_dir: str, kv_tokens: int) -> RunnerConfig:
+        c = self.config
+        return RunnerConfig(model_dir, c.device, c.dtype, kv_tokens, c.block_size, c.threads)
+
+    def add_request(
+        self, prompt: str, sampling: SamplingParams, req_id: str | None = None,
+        policy: SpeculationPolicy | str | None = None, max_k: int | None = None,
+    ) -> str:
+        req_id = req_id or f"req-{next(self._ids)}"
+        if isinstance(policy, str):
+            policy = parse_policy(policy)
+        self.scheduler.add_request(req_id, self.codec.encode(prompt), sampling, policy, max_k)
+        self._prompts[req_id] = prompt
+        return req_id
+
+    def step(self) -> list[RequestOutput]:
+        return self.scheduler.step()
+
+    def abort(self, req_id: str) -> bool:
+        return self.scheduler.abort(req_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def take_completion(self, req_id: str) -> Completion:
+        req = self.scheduler.pop_finished(req_id)
+        return Completion.from_request(req, self._prompts.pop(req_id), self.codec)
+
+    def generate(
+        self, prompts: list[str], sampling: SamplingParams | list[SamplingParams],
+        progress: bool = False,
+    ) -> list[Completion]:
+        """Run all prompts as one continuously batched workload; completions in prompt order."""
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+        ids = [self.add_request(p, s) for p, s in zip(prompts, params)]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generate", unit="req")
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished and bar is not None:
+                    bar.update(1)
+        if bar is not None:
+            bar.close()
+        return [self.take_completion(i) for i in ids]
+
+
+def _budget(worker) -> KVBudget:
+    spec = worker.runner.cache.spec
+    return KVBudget(spec.num_blocks, spec.block_size)

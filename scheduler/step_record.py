@@ -1,0 +1,26 @@
+"""What the scheduler measures about every step: the goodput model is fitted on these."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class StepRecord:
+    batch_size: int  # requests in the target forward
+    num_decode: int  # of which in decode (the rest are prefill chunks)
+    num_draft_reqs: int  # requests that got k > 0
+    draft_tokens: int  # sum of k_i: tokens the draft proposed
+    verify_tokens: int  # tokens the target forward processed (chunks + pending + drafts)
+    context_tokens: int  # sum over requests of context length after the step's input
+    max_k: int  # draft passes this step
+    num_accepted: int  # draft tokens the target accepted
+    draft_time: float  # wall seconds of the propose call, as the scheduler saw it
+    verify_time: float  # wall seconds of the verify call, as the scheduler saw it
+    draft_compute_time: float  # seconds inside the draft worker
+    verify_compute_time: float  # seconds inside the target worker
+    step_time: float  # the whole step, scheduling and commit included
+    ks: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
