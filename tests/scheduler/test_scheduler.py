@@ -1,0 +1,256 @@
+"""The scheduler's step loop, driven by hand-built worker answers (no models, no Ray).
+
+The fake workers below compute a fixed greedy rule instead of a network, so each edge case
+(all accepted, first rejected, EOS inside the bonus token, preemption, cache exhaustion, abort)
+is reachable on purpose; they also hold per-request caches and check the scheduler's start_pos
+protocol on every call, like the real workers do.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from goodspec.scheduler.policy import FixedPolicy, OffPolicy
+from goodspec.scheduler.request import FinishReason
+from goodspec.scheduler.scheduler import KVBudget, RequestRejected, Scheduler, SchedulerConfig
+from goodspec.workers.messages import Proposal, VerifyResult
+from goodspec.workers.sampling import SamplingParams
+
+EOS = 1
+
+
+def rule(context: list[int]) -> int:
+    """The 'target model': a deterministic next token that never collides with EOS by chance."""
+    return 2 + (context[-1] * 7 + len(context)) % 40
+
+
+class FakeWorker:
+    def __init__(self, wrong_every: int = 0) -> None:
+        self.cache: dict[str, list[int]] = {}
+        self.calls = 0
+        self.freed: list[str] = []
+        self.wrong_every = wrong_every  # the draft errs at positions divisible by this
+
+    def _append(self, req_id: str, start: int, tokens: list[int]) -> list[int]:
+        have = self.cache.get(req_id, [])
+        assert start <= len(have), f"{req_id}: start {start} beyond cached {len(have)}"
+        self.cache[req_id] = have[:start] + list(tokens)
+        return self.cache[req_id]
+
+    def free(self, req_ids):
+        for r in req_ids:
+            self.cache.pop(r, None)
+            self.freed.append(r)
+
+
+class FakeDraft(FakeWorker):
+    def propose(self, batch):
+        self.calls += 1
+        ids = []
+        for it in batch.items:
+            ctx = self._append(it.req_id, it.start_pos, it.token_ids)
+            out = []
+            for _ in range(it.num_draft):
+                tok = rule(ctx + out)
+                if self.wrong_every and (len(ctx) + len(out)) % self.wrong_every == 0:
+                    tok = 2 + (tok + 1) % 40
+                out.append(tok)
+            self.cache[it.req_id] = ctx + out[:-1]  # the last draft token is never fed
+            ids.append(out)
+        return Proposal(draft_ids=ids, draft_probs=None)
+
+
+class FakeTarget(FakeWorker):
+    def __init__(self, eos_at: dict[str, int] | None = None) -> None:
+        super().__init__()
+        self.eos_at = eos_at or {}  # req_id -> sequence length at which the target says EOS
+
+    def next_token(self, req_id, ctx):
+        return EOS if self.eos_at.get(req_id) == len(ctx) else rule(ctx)
+
+    def verify(self, batch):
+        self.calls += 1
+        accepted, outputs = [], []
+        for it in batch.items:
+            ctx = self._append(it.req_id, it.start_pos, it.token_ids)
+            if not it.sample:
+                accepted.append(0)
+                outputs.append([])
+                continue
+            a = 0
+            for d in it.draft_ids:
+                if self.next_token(it.req_id, ctx + it.draft_ids[:a]) != d:
+                    break
+                a += 1
+            out = it.draft_ids[:a] + [self.next_token(it.req_id, ctx + it.draft_ids[:a])]
+            self.cache[it.req_id] = ctx + it.draft_ids[:a]
+            accepted.append(a)
+            outputs.append(out)
+        return VerifyResult(accepted, outputs)
+
+
+def expected(prompt, n, eos_at=None):
+    ctx = list(prompt)
+    while len(ctx) - len(prompt) < n:
+        tok = EOS if eos_at == len(ctx) else rule(ctx)
+        ctx.append(tok)
+        if tok == EOS:
+            break
+    return ctx[len(prompt):]
+
+
+def make(policy, draft=None, target=None, blocks=64, block_size=4, **cfg):
+    target = target or FakeTarget()
+    draft = draft if draft is not None else FakeDraft()
+    config = SchedulerConfig(max_num_seqs=cfg.pop("max_num_seqs", 8), max_k=cfg.pop("max_k", 4),
+                             max_num_batched_tokens=cfg.pop("max_num_batched_tokens", 64),
+                             max_context=cfg.pop("max_context", 256), eos_token_id=EOS)
+    budget = KVBudget(blocks, block_size)
+    return Scheduler(config, target, budget, draft, budget, policy=policy), target, draft
+
+
+def run(s: Scheduler):
+    steps = 0
+    while s.has_unfinished():
+        s.step()
+        steps += 1
+        assert steps < 10_000
+    return steps
+
+
+PROMPTS = {f"r{i}": [3 + i, 5, 7 + i] * (1 + i % 3) for i in range(6)}
+
+
+def test_all_accepted_emits_k_plus_one_tokens_per_step():
+    s, target, draft = make(FixedPolicy(3))
+    s.add_request("a", [3, 4, 5], SamplingParams(max_new_tokens=17))
+    steps = run(s)
+    req = s.pop_finished("a")
+    assert req.output_ids == expected([3, 4, 5], 17)
+    assert req.num_draft_accepted == req.num_draft_proposed  # the fake draft is never wrong
+    assert steps == 1 + 4  # prefill emits 1, then 4 steps of k+1 = 4 tokens (k capped at the end)
+    assert target.cache == {} and draft.cache == {}
+
+
+def test_first_draft_token_always_rejected_still_gives_target_output():
+    s, _, _ = make(FixedPolicy(4), draft=FakeDraft(wrong_every=1))
+    for rid, p in PROMPTS.items():
+        s.add_request(rid, p, SamplingParams(max_new_tokens=9))
+    run(s)
+    for rid, p in PROMPTS.items():
+        req = s.pop_finished(rid)
+        assert req.output_ids == expected(p, 9)
+        assert req.num_draft_accepted == 0 and req.num_draft_proposed > 0
+
+
+def test_partial_acceptance_rolls_caches_back_and_output_is_unchanged():
+    s, target, draft = make(FixedPolicy(4), draft=FakeDraft(wrong_every=3))
+    for rid, p in PROMPTS.items():
+        s.add_request(rid, p, SamplingParams(max_new_tokens=30))
+    run(s)
+    for rid, p in PROMPTS.items():
+        req = s.pop_finished(rid)
+        assert req.output_ids == expected(p, 30)
+        assert 0 < req.num_draft_accepted < req.num_draft_proposed
+
+
+def test_eos_inside_the_bonus_token_finishes_and_drops_nothing_extra():
+    # EOS is the bonus token of a fully accepted verify: sequence length 3 + 1 + 4 = 8.
+    s, target, draft = make(FixedPolicy(3), target=FakeTarget(eos_at={"a": 8}))
+    s.add_request("a", [3, 4, 5], SamplingParams(max_new_tokens=50))
+    run(s)
+    req = s.pop_finished("a")
+    assert req.finish_reason == FinishReason.EOS
+    assert req.output_ids == expected([3, 4, 5], 50, eos_at=8) and req.output_ids[-1] == EOS
+    assert target.cache == {} and draft.cache == {}
+
+
+def test_eos_inside_accepted_drafts_cuts_the_rest():
+    s, target, _ = make(FixedPolicy(4), target=FakeTarget(eos_at={"a": 6}))
+    s.add_request("a", [3, 4, 5], SamplingParams(max_new_tokens=50))
+    run(s)
+    assert s.pop_finished("a").output_ids == expected([3, 4, 5], 50, eos_at=6)
+
+
+def test_k_zero_makes_no_draft_call():
+    s, target, draft = make(OffPolicy())
+    s.add_request("a", [3, 4, 5], SamplingParams(max_new_tokens=5))
+    run(s)
+    assert draft.calls == 0 and target.calls == 5
+
+
+def test_small_budget_preempts_newest_and_outputs_are_unchanged():
+    # 12 blocks of 4 tokens for six requests of up to ~30 tokens each.
+    s, target, draft = make(FixedPolicy(2), blocks=12, draft=FakeDraft(wrong_every=3))
+    for rid, p in PROMPTS.items():
+        s.add_request(rid, p, SamplingParams(max_new_tokens=20))
+    run(s)
+    preempted = 0
+    for rid, p in PROMPTS.items():
+        req = s.pop_finished(rid)
+        assert req.output_ids == expected(p, 20)
+        preempted += req.num_preemptions
+    assert preempted > 0
+    assert target.cache == {} and draft.cache == {}
+
+
+def test_request_that_can_never_fit_is_rejected_with_the_budget_in_the_message():
+    s, _, _ = make(FixedPolicy(2), blocks=8)
+    with pytest.raises(RequestRejected, match="whole budget is 32 tokens"):
+        s.add_request("big", [3] * 10, SamplingParams(max_new_tokens=40))
+    with pytest.raises(RequestRejected, match="prompt is empty"):
+        s.add_request("empty", [], SamplingParams())
+    with pytest.raises(RequestRejected, match="context is 256"):
+        s.add_request("long", [3] * 300, SamplingParams())
+    assert not s.has_unfinished()
+
+
+def test_abort_frees_both_caches_at_once_and_others_finish():
+    s, target, draft = make(FixedPolicy(2))
+    s.add_request("a", [3, 4, 5], SamplingParams(max_new_tokens=30))
+    s.add_request("b", [6, 7], SamplingParams(max_new_tokens=10))
+    s.step()
+    s.step()
+    assert "a" in target.cache
+    assert s.abort("a")
+    assert "a" not in target.cache and "a" not in draft.cache
+    outs = s.step()
+    assert any(o.req_id == "a" and o.finish_reason == FinishReason.CANCELLED for o in outs)
+    run(s)
+    assert s.pop_finished("b").output_ids == expected([6, 7], 10)
+    assert not s.abort("a")
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_others_decode():
+    s, target, _ = make(FixedPolicy(1), max_num_batched_tokens=16, max_num_seqs=2, max_k=1, blocks=64)
+    s.add_request("short", [3, 4], SamplingParams(max_new_tokens=12))
+    s.step()
+    s.add_request("long", list(range(2, 42)), SamplingParams(max_new_tokens=4))
+    for _ in range(3):
+        outs = {o.req_id: o for o in s.step()}
+        assert outs["short"].new_token_ids  # the running request is never stalled
+    run(s)
+    assert s.pop_finished("long").output_ids == expected(list(range(2, 42)), 4)
+
+
+def test_stop_string_cuts_output():
+    s, _, _ = make(FixedPolicy(3))
+    s.stop_checker = lambda out, stop, n: next((i + 1 for i, t in enumerate(out) if str(t) in stop), None)
+    want = expected([3, 4, 5], 30)
+    stop_tok = want[6]
+    s.add_request("a", [3, 4, 5], SamplingParams(max_new_tokens=30, stop=(str(stop_tok),)))
+    run(s)
+    req = s.pop_finished("a")
+    assert req.finish_reason == FinishReason.STOP
+    assert req.output_ids == want[: want.index(stop_tok) + 1]
+
+
+def test_step_records_what_the_goodput_model_needs():
+    s, _, _ = make(FixedPolicy(2))
+    s.add_request("a", [3, 4, 5], SamplingParams(max_new_tokens=8))
+    s.add_request("b", [3, 4], SamplingParams(max_new_tokens=8))
+    run(s)
+    spec = [r for r in s.step_records if r.draft_tokens]
+    assert spec and all(r.batch_size == 2 and r.num_accepted <= r.draft_tokens for r in spec)
+    assert all(r.verify_tokens == r.batch_size + r.draft_tokens for r in spec)
+    assert all(r.draft_time >= 0 and r.verify_time > 0 for r in spec)

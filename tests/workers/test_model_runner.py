@@ -1,0 +1,70 @@
+"""The packed, paged forward against the plain Hugging Face forward of the shipped target."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from goodspec.config import DEFAULT_TARGET
+from goodspec.workers.kv_cache import KVCacheFullError
+from goodspec.workers.model_runner import ModelRunner, RunnerConfig
+
+
+@pytest.fixture(scope="module")
+def runner():
+    return ModelRunner(RunnerConfig(DEFAULT_TARGET, device="cpu", dtype="float32", kv_cache_tokens=1024))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return AutoModelForCausalLM.from_pretrained(DEFAULT_TARGET, dtype=torch.float32).eval()
+
+
+def _ref_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def test_one_forward_mixes_prompt_chunks_decodes_and_verification_spans(runner, reference):
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 4000, (n,), generator=g).tolist() for n in (41, 7, 70)]
+    # Step 1: chunks of different length for three sequences.
+    first = runner.forward(["a", "b", "c"], [0, 0, 0], [seqs[0][:30], seqs[1][:6], seqs[2][:33]], [30, 1, 2])
+    # Step 2: a 6-token "verification" span, a 1-token decode, and the rest of a prompt.
+    second = runner.forward(["c", "b", "a"], [33, 6, 30], [seqs[2][33:39], seqs[1][6:], seqs[0][30:]],
+                            [6, 1, 11])
+    want_a = _ref_logits(reference, seqs[0])
+    want_b = _ref_logits(reference, seqs[1])
+    want_c = _ref_logits(reference, seqs[2][:39])
+    torch.testing.assert_close(torch.cat([first[:30], second[7:]]), want_a, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(first[30], want_b[5], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(second[6], want_b[6], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(first[31:33], want_c[31:33], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(second[:6], want_c[33:39], atol=1e-4, rtol=1e-4)
+    runner.free(["a", "b", "c"])
+
+
+def test_truncate_forgets_rejected_tokens(runner, reference):
+    ids = list(range(100, 150))
+    runner.forward(["t"], [0], [ids[:20] + [7, 7, 7]], [1])  # 3 "draft" tokens that get rejected
+    out = runner.forward(["t"], [20], [ids[20:]], [30])  # continue at 20: the 7s are gone
+    torch.testing.assert_close(out, _ref_logits(reference, ids)[20:], atol=1e-4, rtol=1e-4)
+    runner.free(["t"])
+    assert runner.cache.num_used_blocks == 0
+
+
+def test_exhausted_budget_is_a_clear_error_and_admitted_sequences_are_unharmed(runner, reference):
+    ids = list(range(200, 240))
+    runner.forward(["keep"], [0], [ids[:20]], [1])
+    free_before = runner.cache.num_free_blocks
+    with pytest.raises(KVCacheFullError, match="KV cache full"):
+        runner.forward(["keep", "huge"], [20, 0], [ids[20:21], list(range(3, 1003))], [1, 1])
+    assert runner.cache.num_free_blocks == free_before and runner.cache.length("keep") == 20
+    out = runner.forward(["keep"], [20], [ids[20:]], [20])
+    torch.testing.assert_close(out, _ref_logits(reference, ids)[20:], atol=1e-4, rtol=1e-4)
+    runner.free(["keep", "huge"])
+
+
+def test_context_longer_than_the_model_is_refused(runner):
+    with pytest.raises(ValueError, match="context is 1024"):
+        runner.forward(["long"], [0], [[5] * 1025], [1])
+    assert runner.cache.num_used_blocks == 0
