@@ -1,0 +1,260 @@
+"""The goodput model: predicted step time, per-request acceptance, and the choice of k.
+
+goodput(k_1..k_n) = sum_i E_i(k_i) / (T_draft(k) + T_verify(k))
+
+- E_i(k) = (1 - alpha_i^(k+1)) / (1 - alpha_i): expected tokens one verification emits for a
+  request whose draft tokens are each accepted with probability alpha_i (the bonus included).
+- T_draft and T_verify are linear in features of the step (below), fitted online by weighted
+  least squares on the scheduler's StepRecords, recent steps weighing more.
+- k is chosen greedily (SmartSpec): start from k = 0 for all and repeatedly give one more draft
+  token to the request whose increment raises goodput most, until none does. All-zero means no
+  draft call at all, which is how the system falls back to plain decoding under load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from goodspec.scheduler.step_record import StepRecord
+
+
+# -- step time ----------------------------------------------------------------------------------
+def draft_features(ks: Sequence[int], contexts: Sequence[int]) -> list[float]:
+    """[1 if any draft work, passes (max k), draft tokens (sum k), sum k_i * context_i / 1000]."""
+    total = sum(ks)
+    if total == 0:
+        return [0.0, 0.0, 0.0, 0.0]
+    return [1.0, float(max(ks)), float(total), sum(k * c for k, c in zip(ks, contexts)) / 1000.0]
+
+
+def verify_features(batch_size: int, verify_tokens: int, context_tokens: int) -> list[float]:
+    """[1, requests, tokens processed, context tokens / 1000]."""
+    return [1.0, float(batch_size), float(verify_tokens), context_tokens / 1000.0]
+
+
+def record_features(r: StepRecord) -> tuple[list[float], list[float]]:
+    # A record stores sums; sum k_i * ctx_i is approximated by draft_tokens * mean context.
+    mean_ctx = r.context_tokens / max(1, r.batch_size)
+    d = [0.0, 0.0, 0.0, 0.0] if r.draft_tokens == 0 else \
+        [1.0, float(r.max_k), float(r.draft_tokens), r.draft_tokens * mean_ctx / 1000.0]
+    return d, verify_features(r.batch_size, r.verify_tokens, r.context_tokens)
+
+
+@dataclass
+class LinearTimeModel:
+    """t = features . coef, coef >= 0, fitted by weighted non-negative least squares."""
+
+    coef: np.ndarray = field(default_factory=lambda: np.zeros(4))
+
+    def predict(self, features: Sequence[float]) -> float:
+        return float(np.dot(self.coef, features))
+
+    def fit(self, x: np.ndarray, y: np.ndarray, w: np.ndarray) -> None:
+        from scipy.optimize import nnls
+
+        sw = np.sqrt(w)[:, None]
+        # Relative error matters (a 1 ms step and a 100 ms step are both worth getting right):
+        # divide each row by its target so least squares minimises squared relative error.
+        scale = 1.0 / np.maximum(y, 1e-6)[:, None]
+        a = x * sw * scale
+        b = (y[:, None] * sw * scale).ravel()
+        self.coef, _ = nnls(a, b, maxiter=200)
+
+
+class StepTimeModel:
+    """Predicts the draft call's and the verify call's wall time of a candidate step."""
+
+    def __init__(self, window: int = 2000, half_life: int = 400) -> None:
+        self.draft = LinearTimeModel()
+        self.verify = LinearTimeModel()
+        self.window = window
+        self.half_life = half_life
+        self.num_fitted = 0
+
+    def fit(self, records: Sequence[StepRecord]) -> None:
+        records = list(records)[-self.window:]
+        if len(records) < 8:
+            return
+        n = len(records)
+        w = 0.5 ** (np.arange(n)[::-1] / self.half_life)  # newest weighs 1
+        xd, xv = zip(*(record_features(r) for r in records))
+        xd, xv = np.array(xd), np.array(xv)
+        yd = np.array([r.draft_time for r in records])
+        yv = np.array([r.verify_time for r in records])
+        has_draft = yd > 0
+        if has_draft.sum() >= 4:
+            self.draft.fit(xd[has_draft], yd[has_draft], w[has_draft])
+        self.verify.fit(xv, yv, w)
+        self.num_fitted = n
+
+    @property
+    def ready(self) -> bool:
+        return self.num_fitted > 0
+
+    def predict_step_time(self, ks: Sequence[int], contexts: Sequence[int]) -> float:
+        verify_tokens = sum(k + 1 for k in ks)
+        return self.draft.predict(draft_features(ks, contexts)) + self.verify.predict(
+            verify_features(len(ks), verify_tokens, sum(contexts)))
+
+
+def mape(model: StepTimeModel, records: Sequence[StepRecord]) -> float:
+    """Mean absolute percentage error of predicted (draft + verify) time on records."""
+    errs = []
+    for r in records:
+        d, v = record_features(r)
+        pred = model.draft.predict(d) + model.verify.predict(v)
+        actual = r.draft_time + r.verify_time
+        errs.append(abs(pred - actual) / actual)
+    return float(np.mean(errs)) if errs else float("nan")
+
+
+# -- acceptance -------------------------------------------------------------------------------
+def expected_tokens(alpha: float, k: int) -> float:
+    """E(k) = 1 + alpha + ... + alpha^k: tokens emitted by one verification of k draft tokens."""
+    if alpha >= 1.0:
+        return float(k + 1)
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+@dataclass
+class AcceptanceEstimator:
+    """Per-request acceptance probability: decayed counts of accepted draft tokens (successes)
+    and first rejections (failures), shrunk towards the running global rate."""
+
+    decay: float = 0.9  # about the last 10 verifications of the request count
+    prior_weight: float = 1.0
+    global_success: float = 1.0
+    global_failure: float = 1.0
+    _per_request: dict[str, list[float]] = field(default_factory=dict)
+
+    def observe(self, req_id: str, num_draft: int, num_accepted: int) -> None:
+        if num_draft <= 0:
+            return
+        fail = 1.0 if num_accepted < num_draft else 0.0
+        s = self._per_request.setdefault(req_id, [0.0, 0.0])
+        s[0] = s[0] * self.decay + num_accepted
+        s[1] = s[1] * self.decay + fail
+        self.global_success = self.global_success * 0.999 + num_accepted
+        self.global_failure = self.global_failure * 0.999 + fail
+
+    @property
+    def global_alpha(self) -> float:
+        return self.global_success / (self.global_success + self.global_failure)
+
+    def alpha(self, req_id: str) -> float:
+        g = self.global_alpha
+        s, f = self._per_request.get(req_id, (0.0, 0.0))
+        a = (s + self.prior_weight * g) / (s + f + self.prior_weight)
+        return min(a, 0.99)
+
+    def forget(self, req_id: str) -> None:
+        self._per_request.pop(req_id, None)
+
+
+# -- the choice of k --------------------------------------------------------------------------
+def choose_ks(
+    alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int], model: StepTimeModel
+) -> list[int]:
+    """Greedy marginal increase of goodput; O(K_max * n) goodput evaluations, each O(1) from
+    running sums of the linear features."""
+    n = len(alphas)
+    ks = [0] * n
+    if n == 0 or max(caps, default=0) == 0:
+        return ks
+    cd, cv = model.draft.coef, model.verify.coef
+    # Running sums: expected tokens, sum k, sum k*ctx, max k; verify features are linear too.
+    exp_tokens = float(n)  # E(0) = 1 per request
+    sum_k = 0
+    sum_kctx = 0.0
+    max_k = 0
+    ctx_total = sum(contexts)
+
+    def time_of(sk: int, skc: float, mk: int) -> float:
+        t_d = 0.0 if sk == 0 else cd[0] + cd[1] * mk + cd[2] * sk + cd[3] * skc / 1000.0
+        t_v = cv[0] + cv[1] * n + cv[2] * (sk + n) + cv[3] * ctx_total / 1000.0
+        return max(t_d + t_v, 1e-9)
+
+    best = exp_tokens / time_of(0, 0.0, 0)
+    while True:
+        choice, choice_g = -1, best
+        for i in range(n):
+            k = ks[i]
+            if k >= caps[i]:
+                continue
+            gain = alphas[i] ** (k + 1)  # E(k+1) - E(k)
+            g = (exp_tokens + gain) / time_of(sum_k + 1, sum_kctx + contexts[i], max(max_k, k + 1))
+            if g > choice_g * (1 + 1e-9):
+                choice, choice_g = i, g
+        if choice < 0:
+            return ks
+        k = ks[choice]
+        exp_tokens += alphas[choice] ** (k + 1)
+        ks[choice] = k + 1
+        sum_k += 1
+        sum_kctx += contexts[choice]
+        max_k = max(max_k, k + 1)
+        best = choice_g
+
+
+def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int],
+            model: StepTimeModel) -> list[int]:
+    """Best uniform k first (the draft call has a fixed cost that one extra token alone may not
+    repay while a whole batch of them does), then per-request +1/-1 moves while goodput rises
+    (SmartSpec's greedy, made two-sided). Each move is evaluated in O(1) from running sums."""
+    n = len(alphas)
+    if n == 0 or max(caps, default=0) == 0:
+        return [0] * n
+    cd, cv = model.draft.coef, model.verify.coef
+    ctx_total = sum(contexts)
+    verify_base = cv[0] + cv[1] * n + cv[2] * n + cv[3] * ctx_total / 1000.0
+
+    def step_time(sum_k: int, sum_kctx: float, max_k: int) -> float:
+        t_d = 0.0 if sum_k == 0 else cd[0] + cd[1] * max_k + cd[2] * sum_k + cd[3] * sum_kctx / 1000.0
+        return max(t_d + verify_base + cv[2] * sum_k, 1e-9)
+
+    def totals(ks):
+        e = sum(expected_tokens(a, k) for a, k in zip(alphas, ks))
+        return e, sum(ks), sum(k * c for k, c in zip(ks, contexts))
+
+    best_ks_, best_g = [0] * n, n / step_time(0, 0.0, 0)
+    for k in range(1, max(caps) + 1):
+        ks = [min(k, c) for c in caps]
+        e, sk, skc = totals(ks)
+        g = e / step_time(sk, skc, max(ks))
+        if g > best_g:
+            best_ks_, best_g = ks, g
+
+    ks = list(best_ks_)
+    e, sk, skc = totals(ks)
+    hist = [0] * (max(caps) + 2)  # how many requests have each k: max_k after a -1 move
+    for k in ks:
+        hist[k] += 1
+    for _ in range(4 * n * (max(caps) + 1)):
+        mk = max(i for i, c in enumerate(hist) if c) if sk else 0
+        move, move_g = None, best_g * (1 + 1e-9)
+        for i in range(n):
+            k, a, c = ks[i], alphas[i], contexts[i]
+            if k < caps[i]:
+                g = (e + a ** (k + 1)) / step_time(sk + 1, skc + c, max(mk, k + 1))
+                if g > move_g:
+                    move, move_g = (i, +1), g
+            if k > 0:
+                new_mk = mk if (k < mk or hist[k] > 1) else k - 1
+                g = (e - a ** k) / step_time(sk - 1, skc - c, new_mk)
+                if g > move_g:
+                    move, move_g = (i, -1), g
+        if move is None:
+            break
+        i, d = move
+        k = ks[i]
+        e += alphas[i] ** (k + 1) if d > 0 else -(alphas[i] ** k)
+        hist[k] -= 1
+        hist[k + d] += 1
+        ks[i] = k + d
+        sk += d
+        skc += d * contexts[i]
+        best_g = move_g
+    return ks

@@ -1,0 +1,128 @@
+"""The goodput model: step-time fit, acceptance estimate, and the choice of k."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from goodspec.scheduler.goodput import (
+    AcceptanceEstimator, StepTimeModel, best_ks, choose_ks, expected_tokens, mape, record_features,
+)
+from goodspec.scheduler.step_record import StepRecord
+
+TRUE_DRAFT = np.array([0.0015, 0.0012, 0.00008, 0.00002])  # launch, per pass, per token, per k*ctx/1000
+TRUE_VERIFY = np.array([0.004, 0.0006, 0.0009, 0.0005])  # launch, per request, per token, per ctx/1000
+
+
+def synthetic_records(n=400, seed=0, noise=0.0, draft=TRUE_DRAFT, verify=TRUE_VERIFY):
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        b = rng.randint(1, 32)
+        k = rng.choice([0, 1, 2, 3, 5, 8])
+        ctx = rng.randint(20, 600)
+        r = StepRecord(batch_size=b, num_decode=b, num_draft_reqs=b if k else 0, draft_tokens=b * k,
+                       verify_tokens=b * (k + 1), context_tokens=b * ctx, max_k=k, num_accepted=0,
+                       draft_time=0.0, verify_time=0.0, draft_compute_time=0.0,
+                       verify_compute_time=0.0, step_time=0.0)
+        d, v = record_features(r)
+        r.draft_time = float(np.dot(draft, d)) * (1 + rng.gauss(0, noise))
+        r.verify_time = float(np.dot(verify, v)) * (1 + rng.gauss(0, noise))
+        out.append(r)
+    return out
+
+
+def fitted(draft=TRUE_DRAFT, verify=TRUE_VERIFY) -> StepTimeModel:
+    m = StepTimeModel()
+    m.fit(synthetic_records(draft=draft, verify=verify))
+    return m
+
+
+def test_step_time_model_recovers_known_coefficients():
+    m = fitted()
+    np.testing.assert_allclose(m.draft.coef, TRUE_DRAFT, rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(m.verify.coef, TRUE_VERIFY, rtol=1e-3, atol=1e-7)
+
+
+def test_step_time_model_predicts_noisy_held_out_records():
+    m = StepTimeModel()
+    m.fit(synthetic_records(noise=0.05, seed=1))
+    assert mape(m, synthetic_records(noise=0.05, seed=2, n=200)) < 0.06
+
+
+def test_recent_steps_weigh_more_so_the_model_follows_a_slower_machine():
+    m = StepTimeModel(half_life=50)
+    old = synthetic_records(n=300, seed=3)
+    slow = synthetic_records(n=300, seed=4, verify=TRUE_VERIFY * 2, draft=TRUE_DRAFT * 2)
+    m.fit(old + slow)
+    assert mape(m, synthetic_records(n=100, seed=5, verify=TRUE_VERIFY * 2, draft=TRUE_DRAFT * 2)) < 0.1
+
+
+def test_expected_tokens_counts_the_bonus_token():
+    assert expected_tokens(0.0, 5) == 1.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    assert expected_tokens(1.0, 4) == 5.0
+
+
+def test_acceptance_estimate_starts_from_global_and_follows_the_request():
+    est = AcceptanceEstimator()
+    for _ in range(50):
+        est.observe("good", 4, 4)
+        est.observe("bad", 4, 0)
+    assert est.alpha("good") > 0.9 and est.alpha("bad") < 0.15
+    assert 0.3 < est.alpha("new") < 0.9  # a new request starts near the running global rate
+
+
+def ks_for(alpha, batch, model, cap=8, ctx=200):
+    return best_ks([alpha] * batch, [ctx] * batch, [cap] * batch, model)
+
+
+def test_high_acceptance_at_light_load_speculates_deeply():
+    assert min(ks_for(0.9, 1, fitted())) >= 4
+
+
+def test_low_acceptance_speculates_nothing():
+    assert ks_for(0.05, 1, fitted()) == [0]
+    assert ks_for(0.05, 16, fitted()) == [0] * 16
+
+
+def test_same_acceptance_at_heavy_load_speculates_less():
+    light = np.mean(ks_for(0.7, 1, fitted()))
+    heavy = np.mean(ks_for(0.7, 32, fitted()))
+    assert heavy < light
+
+
+def test_k_is_monotone_in_acceptance_and_in_load():
+    m = fitted()
+    by_alpha = [np.mean(ks_for(a, 8, m)) for a in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    assert by_alpha == sorted(by_alpha)
+    by_load = [np.mean(ks_for(0.7, b, m)) for b in (1, 2, 4, 8, 16, 32)]
+    assert by_load == sorted(by_load, reverse=True)
+
+
+def test_mixed_batch_gives_more_to_requests_that_accept_more():
+    ks = best_ks([0.9, 0.2, 0.6], [200] * 3, [8] * 3, fitted())
+    assert ks[0] >= ks[2] >= ks[1]
+
+
+def test_caps_are_respected():
+    assert all(k <= c for k, c in zip(best_ks([0.95] * 3, [100] * 3, [0, 2, 8], fitted()), [0, 2, 8]))
+
+
+def test_greedy_is_close_to_brute_force_on_small_batches():
+    m = fitted()
+    rng = random.Random(0)
+    import itertools
+
+    for _ in range(20):
+        alphas = [rng.uniform(0.1, 0.95) for _ in range(3)]
+        ctx = [rng.randint(50, 500) for _ in range(3)]
+
+        def g(ks):
+            return sum(expected_tokens(a, k) for a, k in zip(alphas, ks)) / m.predict_step_time(ks, ctx)
+
+        brute = max(g(ks) for ks in itertools.product(range(6), repeat=3))
+        assert g(best_ks(alphas, ctx, [5] * 3, m)) >= 0.97 * brute
+        assert g(choose_ks(alphas, ctx, [5] * 3, m)) <= brute * (1 + 1e-9)
