@@ -1,9 +1,22 @@
-"""The engine's configuration: one dataclass tree, validated where it is built."""
+"""goodspec's configuration: one dataclass tree, loadable from YAML and overridable by flags.
+
+    engine:            what one engine runs (models, KV budgets, policy)
+      scheduler:       batching limits and K_max
+    cluster:           where engines run (Ray address, replicas, placement, timeouts)
+
+Every leaf field becomes a command-line flag of the same name (`max_num_seqs` -> `--max-num-seqs`),
+documented from its `help` metadata, so `goodspec serve --help` lists the whole tree.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from goodspec.scheduler.scheduler import SchedulerConfig
 
@@ -12,15 +25,155 @@ DEFAULT_TARGET = str(MODELS_DIR / "target")
 DEFAULT_DRAFT = str(MODELS_DIR / "draft")
 
 
+def _f(default, help: str, aliases: tuple[str, ...] = (), **kw):
+    return field(default=default, metadata={"help": help, "aliases": aliases}, **kw)
+
+
 @dataclass(frozen=True)
 class EngineConfig:
-    target_dir: str = DEFAULT_TARGET
-    draft_dir: str | None = DEFAULT_DRAFT  # None: no draft model, only policy "off"
-    policy: str = "fixed:3"  # off | fixed:K
-    device: str = "auto"
-    dtype: str = "auto"
-    target_kv_tokens: int = 32768
-    draft_kv_tokens: int = 32768
-    block_size: int = 16
-    threads: int = 0  # torch CPU threads per worker; 0 = torch's default
+    target_dir: str = _f(DEFAULT_TARGET, "target model directory (Hugging Face format)",
+                         aliases=("--target",))
+    draft_dir: str | None = _f(DEFAULT_DRAFT, "draft model directory (same tokenizer); none = no draft",
+                               aliases=("--draft",))
+    policy: str = _f("fixed:3", "speculation policy: off | fixed:K | goodput")
+    proposer: str = _f("draft", "who proposes draft tokens: draft (the draft model) | ngram (prompt lookup, no model)")
+    device: str = _f("auto", "auto (cuda when present) | cpu | cuda | cuda:N")
+    dtype: str = _f("auto", "auto (float32 on cpu, bfloat16 on cuda) | float32 | float16 | bfloat16")
+    target_kv_tokens: int = _f(32768, "target KV cache budget, in tokens")
+    draft_kv_tokens: int = _f(32768, "draft KV cache budget, in tokens")
+    block_size: int = _f(16, "tokens per KV cache block")
+    threads: int = _f(0, "torch CPU threads per worker (0 = torch's default)")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.draft_dir is not None and self.draft_dir.lower() == "none":
+            object.__setattr__(self, "draft_dir", None)
+        from goodspec.scheduler.policy import OffPolicy, parse_policy
+
+        policy = parse_policy(self.policy)  # raises with the accepted forms
+        if self.proposer not in ("draft", "ngram"):
+            raise ValueError(f"proposer must be draft or ngram; got {self.proposer!r}")
+        if self.proposer == "ngram":
+            object.__setattr__(self, "draft_dir", None)  # no draft model to load
+        elif self.draft_dir is None and not isinstance(policy, OffPolicy):
+            raise ValueError(f"policy {self.policy!r} needs a draft model; set draft_dir, "
+                             f"proposer ngram, or policy off")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    ray_address: str | None = _f(None, "Ray cluster to join (auto | ray://host:10001); unset = start a local Ray")
+    num_cpus: int | None = _f(None, "CPUs for the local Ray (unset = 3 per replica)")
+    replicas: int = _f(1, "engines (scheduler + draft + target each), data parallel")
+    worker_gpus: float | None = _f(None, "GPUs per worker actor (unset = 1 when CUDA is present, else 0)")
+    placement_strategy: str = _f("STRICT_PACK", "placement group strategy for one engine's actors")
+    placement_timeout_s: float = _f(60.0, "seconds to wait for an engine's placement group")
+    call_timeout_s: float = _f(60.0, "seconds a worker call may take before the worker is restarted")
+    max_restarts: int = _f(3, "times Ray restarts a dead worker actor before the engine gives up")
+
+    def __post_init__(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas must be >= 1; got {self.replicas}")
+        if self.placement_strategy not in ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"):
+            raise ValueError(f"placement_strategy must be STRICT_PACK, PACK, SPREAD or STRICT_SPREAD; "
+                             f"got {self.placement_strategy!r}")
+
+
+@dataclass(frozen=True)
+class GoodspecConfig:
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+# -- YAML and flags ---------------------------------------------------------------------------
+def _leaves(cls, path=()) -> list[tuple[tuple[str, ...], dataclasses.Field]]:
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _leaves(hints[f.name], path + (f.name,))
+        else:
+            out.append((path + (f.name,), f))
+    return out
+
+
+def _scalar_type(cls, name: str):
+    hint = typing.get_type_hints(cls)[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = args[0]
+    return hint
+
+
+def add_config_flags(parser: argparse.ArgumentParser, root=GoodspecConfig) -> None:
+    """One flag per leaf; default None so only flags the user gave override the YAML."""
+    parser.add_argument("--config", type=Path, default=None, help="YAML file with the config tree")
+    for path, f in _leaves(root):
+        owner = _owner(root, path)
+        typ = _scalar_type(owner, path[-1])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        name = "--" + path[-1].replace("_", "-")
+        helptext = f"{f.metadata.get('help', '')} [{'.'.join(path)}; default: {default}]"
+        parser.add_argument(name, *f.metadata.get("aliases", ()), dest="cfg__" + "__".join(path), default=None, metavar=path[-1].upper(),
+                            type=_parse_bool if typ is bool else typ, help=helptext)
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false; got {text!r}")
+
+
+def _owner(root, path):
+    cls = root
+    for name in path[:-1]:
+        cls = typing.get_type_hints(cls)[name]
+    return cls
+
+
+def build_config(args: argparse.Namespace | None = None, yaml_path: Path | None = None,
+                 root=GoodspecConfig, **overrides: Any):
+    """YAML (if any), then flags the user gave, then keyword overrides ('engine.policy'-style
+    keys with dots replaced by '__'). Unknown YAML keys are an error naming the key."""
+    tree: dict = {}
+    path = yaml_path or (getattr(args, "config", None) if args is not None else None)
+    if path is not None:
+        import yaml
+
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        tree = loaded
+    if args is not None:
+        for key, value in vars(args).items():
+            if key.startswith("cfg__") and value is not None:
+                _set(tree, key[5:].split("__"), value)
+    for key, value in overrides.items():
+        _set(tree, key.split("__"), value)
+    return _from_tree(root, tree, ())
+
+
+def _set(tree: dict, path: list[str], value) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def _from_tree(cls, tree: dict, path: tuple[str, ...]):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in fields(cls)}
+    unknown = set(tree) - names
+    if unknown:
+        where = ".".join(path) or "top level"
+        raise ValueError(f"unknown config key(s) {sorted(unknown)} at {where}; known: {sorted(names)}")
+    kwargs = {}
+    for name, value in tree.items():
+        if dataclasses.is_dataclass(hints[name]):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {'.'.join(path + (name,))} must be a mapping")
+            kwargs[name] = _from_tree(hints[name], value, path + (name,))
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)

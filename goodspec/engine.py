@@ -15,6 +15,7 @@ from goodspec.scheduler.request import Request
 from goodspec.scheduler.scheduler import KVBudget, RequestOutput, Scheduler
 from goodspec.workers.draft_worker import DraftWorker
 from goodspec.workers.model_runner import RunnerConfig
+from goodspec.workers.ngram_proposer import NgramProposer
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.target_worker import TargetWorker
 from goodspec.workers.tokenizer import TextCodec
@@ -32,6 +33,11 @@ class Completion:
     draft_tokens_accepted: int
     mean_k: float
     num_preemptions: int
+
+    def to_json(self) -> dict:
+        from dataclasses import asdict
+
+        return {**asdict(self), "completion_tokens": len(self.token_ids)}
 
     @classmethod
     def from_request(cls, req: Request, prompt: str, codec: TextCodec) -> "Completion":
@@ -56,12 +62,15 @@ class LLMEngine:
         self.codec = TextCodec.load(config.target_dir, config.draft_dir)
         self.target = TargetWorker(self._runner_config(config.target_dir, config.target_kv_tokens))
         self.draft = None
-        if config.draft_dir is not None:
+        if config.proposer == "ngram":
+            self.draft = NgramProposer()
+        elif config.draft_dir is not None:
             self.draft = DraftWorker(self._runner_config(config.draft_dir, config.draft_kv_tokens))
+        draft_runner = getattr(self.draft, "runner", None)
         sched_cfg = replace(
             config.scheduler,
             max_context=min(config.scheduler.max_context, self.target.runner.max_context,
-                            *([self.draft.runner.max_context] if self.draft else [])),
+                            *([draft_runner.max_context] if draft_runner else [])),
             eos_token_id=self.codec.eos_token_id,
         )
         self.scheduler = Scheduler(
@@ -69,10 +78,14 @@ class LLMEngine:
             target=self.target,
             target_kv=_budget(self.target),
             draft=self.draft,
-            draft_kv=_budget(self.draft) if self.draft else None,
+            draft_kv=_budget(self.draft) if draft_runner else None,
             policy=policy,
             stop_checker=self.codec.find_stop,
         )
+        from goodspec.scheduler.profiler import warm_up_goodput
+
+        if self.scheduler.goodput_policies():
+            warm_up_goodput(self.scheduler, config.target_kv_tokens, _profile_key_parts(config))
         self._ids = itertools.count()
         self._prompts: dict[str, str] = {}
 
@@ -85,8 +98,6 @@ class LLMEngine:
         policy: SpeculationPolicy | str | None = None, max_k: int | None = None,
     ) -> str:
         req_id = req_id or f"req-{next(self._ids)}"
-        if isinstance(policy, str):
-            policy = parse_policy(policy)
         self.scheduler.add_request(req_id, self.codec.encode(prompt), sampling, policy, max_k)
         self._prompts[req_id] = prompt
         return req_id
@@ -123,6 +134,13 @@ class LLMEngine:
         if bar is not None:
             bar.close()
         return [self.take_completion(i) for i in ids]
+
+
+def _profile_key_parts(config: EngineConfig) -> list[object]:
+    import torch
+
+    return [config.target_dir, config.draft_dir, config.proposer, config.device, config.dtype,
+            config.threads, torch.__version__, "in-process"]
 
 
 def _budget(worker) -> KVBudget:

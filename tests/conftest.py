@@ -14,6 +14,10 @@ from goodspec.scheduler.scheduler import SchedulerConfig
 torch.set_num_threads(int(os.environ.get("GOODSPEC_TEST_THREADS", "2")))
 
 
+# The GPU path runs too wherever CUDA is present (a lent GPU machine); CI has only the CPU.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 @pytest.fixture(scope="session")
 def sharegpt_prompts() -> list[str]:
     """40 held-out first-turn ShareGPT prompts of at most 600 characters."""
@@ -43,3 +47,39 @@ def shared_engine():
     from goodspec.engine import LLMEngine
 
     return LLMEngine(engine_config("off"))
+
+
+def reference_length(i: int) -> int:
+    """Output lengths 12..30 by prompt index: requests leave a batch at different steps."""
+    return 12 + (i % 4) * 6
+
+
+@pytest.fixture(scope="session")
+def greedy_reference(sharegpt_prompts) -> dict[str, tuple[int, list[int]]]:
+    """prompt -> (max_new_tokens, target-only greedy ids) from plain transformers `generate`,
+    one prompt at a time: an implementation independent of goodspec's."""
+    from transformers import AutoModelForCausalLM
+
+    from goodspec.workers.tokenizer import TextCodec
+
+    codec = TextCodec.load(DEFAULT_TARGET)
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_TARGET, dtype=torch.float32).eval()
+    out = {}
+    for i, prompt in enumerate(sharegpt_prompts[:32]):
+        ids = codec.encode(prompt)
+        n = reference_length(i)
+        with torch.no_grad():
+            gen = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                                 pad_token_id=codec.tokenizer.pad_token_id)
+        out[prompt] = (n, gen[0, len(ids):].tolist())
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session, always shut down."""
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

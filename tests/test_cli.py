@@ -13,7 +13,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_generate_json_prints_one_object_per_prompt_in_order():
-    res = run_cli("generate", "--policy", "fixed:3", "--max-new-tokens", "12", "--json",
+    res = run_cli("generate", "--in-process", "--policy", "fixed:3", "--max-new-tokens", "12", "--json",
                   "--device", "cpu", *PROMPTS)
     assert res.returncode == 0, res.stderr
     rows = [json.loads(line) for line in res.stdout.splitlines()]
@@ -28,8 +28,8 @@ def test_generate_json_prints_one_object_per_prompt_in_order():
 
 
 def test_generate_off_and_fixed_agree_greedily():
-    off = run_cli("generate", "--policy", "off", "--max-new-tokens", "10", "--json", *PROMPTS[:2])
-    spec = run_cli("generate", "--policy", "fixed:5", "--max-new-tokens", "10", "--json", *PROMPTS[:2])
+    off = run_cli("generate", "--in-process", "--policy", "off", "--max-new-tokens", "10", "--json", *PROMPTS[:2])
+    spec = run_cli("generate", "--in-process", "--policy", "fixed:5", "--max-new-tokens", "10", "--json", *PROMPTS[:2])
     assert off.returncode == spec.returncode == 0, off.stderr + spec.stderr
     ids = lambda res: [json.loads(line)["token_ids"] for line in res.stdout.splitlines()]  # noqa: E731
     assert ids(off) == ids(spec)

@@ -19,23 +19,25 @@ class ForwardTiming:
     samples: int
 
 
-def time_forward(
-    runner: ModelRunner, batch_size: int, tokens_per_seq: int, context: int, repeats: int = 15
-) -> ForwardTiming:
-    """Median wall time of one forward appending tokens_per_seq tokens to each of batch_size
-    sequences that already hold `context` tokens (rolled back after each repeat)."""
+def compare_forwards(
+    runner: ModelRunner, batch_size: int, tokens_a: int, tokens_b: int, context: int, repeats: int = 15
+) -> tuple[ForwardTiming, ForwardTiming]:
+    """Median times of two forward shapes measured alternately (a, b, a, b, ...), so a machine
+    that speeds up or slows down during the run moves both alike and their ratio stays fair."""
     ids = [f"profile-{i}" for i in range(batch_size)]
     prompt = [(7 * i) % 1000 + 3 for i in range(context)]
     runner.forward(ids, [0] * batch_size, [prompt] * batch_size, [1] * batch_size)
-    new = [[11 + j for j in range(tokens_per_seq)]] * batch_size
-    samples = []
+    samples: dict[int, list[float]] = {tokens_a: [], tokens_b: []}
     try:
-        for r in range(repeats + 2):  # two warm-up runs
-            t0 = time.perf_counter()
-            runner.forward(ids, [context] * batch_size, new, [tokens_per_seq] * batch_size)
-            runner.synchronize()
-            if r >= 2:
-                samples.append(time.perf_counter() - t0)
+        for r in range(repeats + 2):  # two warm-up rounds
+            for q in (tokens_a, tokens_b):
+                new = [[11 + j for j in range(q)]] * batch_size
+                t0 = time.perf_counter()
+                runner.forward(ids, [context] * batch_size, new, [q] * batch_size)
+                runner.synchronize()
+                if r >= 2:
+                    samples[q].append(time.perf_counter() - t0)
     finally:
         runner.free(ids)
-    return ForwardTiming(batch_size, tokens_per_seq, context, statistics.median(samples), len(samples))
+    return tuple(ForwardTiming(batch_size, q, context, statistics.median(samples[q]), repeats)
+                 for q in (tokens_a, tokens_b))

@@ -11,8 +11,13 @@ class TextCodec:
 
     @classmethod
     def load(cls, target_dir: str, draft_dir: str | None = None) -> "TextCodec":
+        from pathlib import Path
+
         from transformers import AutoTokenizer
 
+        for d in (target_dir, draft_dir):
+            if d is not None and not (Path(d) / "config.json").is_file():
+                raise FileNotFoundError(f"no Hugging Face model at {d} (config.json missing)")
         tok = AutoTokenizer.from_pretrained(target_dir, local_files_only=True)
         if draft_dir is not None:
             draft_tok = AutoTokenizer.from_pretrained(draft_dir, local_files_only=True)
@@ -53,3 +58,29 @@ class TextCodec:
             if any(s and s in text for s in stop):
                 return n
         return len(output_ids)
+
+
+class IncrementalDetokenizer:
+    """Text deltas for a stream. Holds back text that may still change: a trailing partial UTF-8
+    character (decoded as U+FFFD) and any tail that could be the start of a stop string."""
+
+    def __init__(self, codec: TextCodec, stop: tuple[str, ...] = ()) -> None:
+        self.codec = codec
+        self.stop = tuple(s for s in stop if s)
+        self.sent = 0  # characters of the final text already emitted
+
+    def update(self, output_ids: list[int], final: bool = False) -> str:
+        text = self.codec.decode_output(output_ids, self.stop)
+        if not final:
+            safe = len(text)
+            if text.endswith("\ufffd"):
+                safe = len(text.rstrip("\ufffd"))
+            for s in self.stop:
+                for n in range(min(len(s) - 1, safe), 0, -1):
+                    if text[:safe].endswith(s[:n]):
+                        safe -= n
+                        break
+            text = text[:safe]
+        delta = text[self.sent:] if len(text) > self.sent else ""
+        self.sent = max(self.sent, len(text))
+        return delta

@@ -7,21 +7,23 @@ from transformers import AutoModelForCausalLM
 from goodspec.config import DEFAULT_TARGET
 from goodspec.workers.kv_cache import KVCacheFullError
 from goodspec.workers.model_runner import ModelRunner, RunnerConfig
+from tests.conftest import DEVICES
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def runner(request):
+    return ModelRunner(RunnerConfig(DEFAULT_TARGET, device=request.param, dtype="float32",
+                                    kv_cache_tokens=1024))
 
 
 @pytest.fixture(scope="module")
-def runner():
-    return ModelRunner(RunnerConfig(DEFAULT_TARGET, device="cpu", dtype="float32", kv_cache_tokens=1024))
-
-
-@pytest.fixture(scope="module")
-def reference():
-    return AutoModelForCausalLM.from_pretrained(DEFAULT_TARGET, dtype=torch.float32).eval()
+def reference(runner):
+    return AutoModelForCausalLM.from_pretrained(DEFAULT_TARGET, dtype=torch.float32).to(runner.device).eval()
 
 
 def _ref_logits(model, ids):
     with torch.no_grad():
-        return model(input_ids=torch.tensor([ids])).logits[0]
+        return model(input_ids=torch.tensor([ids], device=model.device)).logits[0]
 
 
 def test_one_forward_mixes_prompt_chunks_decodes_and_verification_spans(runner, reference):

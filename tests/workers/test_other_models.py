@@ -6,6 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from goodspec.workers.model_runner import ModelRunner, RunnerConfig
+from tests.conftest import DEVICES
 
 
 def _save(tmp_path, name, config):
@@ -27,16 +28,17 @@ CONFIGS = {
 }
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_paged_forward_matches_transformers_for_other_architectures(tmp_path, name):
+def test_paged_forward_matches_transformers_for_other_architectures(tmp_path, name, device):
     path = _save(tmp_path, name, CONFIGS[name])
-    runner = ModelRunner(RunnerConfig(str(path), device="cpu", dtype="float32", kv_cache_tokens=512))
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    runner = ModelRunner(RunnerConfig(str(path), device=device, dtype="float32", kv_cache_tokens=512))
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
     a, b = list(range(5, 45)), list(range(100, 113))
     first = runner.forward(["a", "b"], [0, 0], [a[:30], b[:9]], [30, 9])
     second = runner.forward(["b", "a"], [9, 30], [b[9:], a[30:]], [4, 10])
     with torch.no_grad():
-        want_a = ref(input_ids=torch.tensor([a])).logits[0]
-        want_b = ref(input_ids=torch.tensor([b])).logits[0]
+        want_a = ref(input_ids=torch.tensor([a], device=device)).logits[0]
+        want_b = ref(input_ids=torch.tensor([b], device=device)).logits[0]
     torch.testing.assert_close(torch.cat([first[:30], second[4:]]), want_a, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.cat([first[30:], second[:4]]), want_b, atol=1e-4, rtol=1e-4)
