@@ -6,9 +6,9 @@ goodput(k_1..k_n) = sum_i E_i(k_i) / (T_draft(k) + T_verify(k))
   request whose draft tokens are each accepted with probability alpha_i (the bonus included).
 - T_draft and T_verify are linear in features of the step (below), fitted online by weighted
   least squares on the scheduler's StepRecords, recent steps weighing more.
-- k is chosen greedily (SmartSpec): start from k = 0 for all and repeatedly give one more draft
-  token to the request whose increment raises goodput most, until none does. All-zero means no
-  draft call at all, which is how the system falls back to plain decoding under load.
+- k is chosen greedily (SmartSpec's marginal increase, made two-sided, from the best uniform k):
+  see best_ks. All-zero means no draft call at all, which is how the system falls back to plain
+  decoding under load.
 """
 
 from __future__ import annotations
@@ -22,25 +22,23 @@ from goodspec.scheduler.step_record import StepRecord
 
 
 # -- step time ----------------------------------------------------------------------------------
-def draft_features(ks: Sequence[int], contexts: Sequence[int]) -> list[float]:
-    """[1 if any draft work, passes (max k), draft tokens (sum k), sum k_i * context_i / 1000]."""
-    total = sum(ks)
-    if total == 0:
+# Attention gathers every request's context padded to the longest one in the batch, so its cost
+# follows (requests x longest context), not the sum of contexts.
+def draft_features(sum_k: int, max_k: int, max_context: int) -> list[float]:
+    """[1 if any draft work, passes (max k), draft tokens (sum k), sum k * longest context / 1000]."""
+    if sum_k == 0:
         return [0.0, 0.0, 0.0, 0.0]
-    return [1.0, float(max(ks)), float(total), sum(k * c for k, c in zip(ks, contexts)) / 1000.0]
+    return [1.0, float(max_k), float(sum_k), sum_k * max_context / 1000.0]
 
 
-def verify_features(batch_size: int, verify_tokens: int, context_tokens: int) -> list[float]:
-    """[1, requests, tokens processed, context tokens / 1000]."""
-    return [1.0, float(batch_size), float(verify_tokens), context_tokens / 1000.0]
+def verify_features(batch_size: int, verify_tokens: int, max_context: int) -> list[float]:
+    """[1, requests, tokens processed, requests * longest context / 1000]."""
+    return [1.0, float(batch_size), float(verify_tokens), batch_size * max_context / 1000.0]
 
 
 def record_features(r: StepRecord) -> tuple[list[float], list[float]]:
-    # A record stores sums; sum k_i * ctx_i is approximated by draft_tokens * mean context.
-    mean_ctx = r.context_tokens / max(1, r.batch_size)
-    d = [0.0, 0.0, 0.0, 0.0] if r.draft_tokens == 0 else \
-        [1.0, float(r.max_k), float(r.draft_tokens), r.draft_tokens * mean_ctx / 1000.0]
-    return d, verify_features(r.batch_size, r.verify_tokens, r.context_tokens)
+    return (draft_features(r.draft_tokens, r.max_k, r.max_context),
+            verify_features(r.batch_size, r.verify_tokens, r.max_context))
 
 
 @dataclass
@@ -67,19 +65,28 @@ class LinearTimeModel:
 class StepTimeModel:
     """Predicts the draft call's and the verify call's wall time of a candidate step."""
 
-    def __init__(self, window: int = 2000, half_life: int = 400) -> None:
+    def __init__(self, window: int = 2000, half_life: int = 200) -> None:
         self.draft = LinearTimeModel()
         self.verify = LinearTimeModel()
         self.window = window
         self.half_life = half_life
         self.num_fitted = 0
 
-    def fit(self, records: Sequence[StepRecord]) -> None:
+    def fit(self, records: Sequence[StepRecord], prior: Sequence[StepRecord] = (),
+            prior_weight: float = 0.2) -> None:
+        """Fit on live `records` (newest weighs 1, halving every half_life steps) and on `prior`
+        records (the start-up sweep) at a fixed low weight: the sweep gives the shape before
+        there is traffic, live steps on this machine's real batches decide once they exist."""
         records = list(records)[-self.window:]
-        if len(records) < 8:
+        prior = list(prior)
+        if len(records) + len(prior) < 8:
             return
+        w = np.concatenate([
+            np.full(len(prior), prior_weight if records else 1.0),
+            0.5 ** (np.arange(len(records))[::-1] / self.half_life),
+        ])
+        records = prior + records
         n = len(records)
-        w = 0.5 ** (np.arange(n)[::-1] / self.half_life)  # newest weighs 1
         xd, xv = zip(*(record_features(r) for r in records))
         xd, xv = np.array(xd), np.array(xv)
         yd = np.array([r.draft_time for r in records])
@@ -95,9 +102,9 @@ class StepTimeModel:
         return self.num_fitted > 0
 
     def predict_step_time(self, ks: Sequence[int], contexts: Sequence[int]) -> float:
-        verify_tokens = sum(k + 1 for k in ks)
-        return self.draft.predict(draft_features(ks, contexts)) + self.verify.predict(
-            verify_features(len(ks), verify_tokens, sum(contexts)))
+        longest = max(c + k for c, k in zip(contexts, ks)) if ks else 0
+        return self.draft.predict(draft_features(sum(ks), max(ks, default=0), longest)) + \
+            self.verify.predict(verify_features(len(ks), sum(ks) + len(ks), longest))
 
 
 def mape(model: StepTimeModel, records: Sequence[StepRecord]) -> float:
@@ -155,50 +162,6 @@ class AcceptanceEstimator:
 
 
 # -- the choice of k --------------------------------------------------------------------------
-def choose_ks(
-    alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int], model: StepTimeModel
-) -> list[int]:
-    """Greedy marginal increase of goodput; O(K_max * n) goodput evaluations, each O(1) from
-    running sums of the linear features."""
-    n = len(alphas)
-    ks = [0] * n
-    if n == 0 or max(caps, default=0) == 0:
-        return ks
-    cd, cv = model.draft.coef, model.verify.coef
-    # Running sums: expected tokens, sum k, sum k*ctx, max k; verify features are linear too.
-    exp_tokens = float(n)  # E(0) = 1 per request
-    sum_k = 0
-    sum_kctx = 0.0
-    max_k = 0
-    ctx_total = sum(contexts)
-
-    def time_of(sk: int, skc: float, mk: int) -> float:
-        t_d = 0.0 if sk == 0 else cd[0] + cd[1] * mk + cd[2] * sk + cd[3] * skc / 1000.0
-        t_v = cv[0] + cv[1] * n + cv[2] * (sk + n) + cv[3] * ctx_total / 1000.0
-        return max(t_d + t_v, 1e-9)
-
-    best = exp_tokens / time_of(0, 0.0, 0)
-    while True:
-        choice, choice_g = -1, best
-        for i in range(n):
-            k = ks[i]
-            if k >= caps[i]:
-                continue
-            gain = alphas[i] ** (k + 1)  # E(k+1) - E(k)
-            g = (exp_tokens + gain) / time_of(sum_k + 1, sum_kctx + contexts[i], max(max_k, k + 1))
-            if g > choice_g * (1 + 1e-9):
-                choice, choice_g = i, g
-        if choice < 0:
-            return ks
-        k = ks[choice]
-        exp_tokens += alphas[choice] ** (k + 1)
-        ks[choice] = k + 1
-        sum_k += 1
-        sum_kctx += contexts[choice]
-        max_k = max(max_k, k + 1)
-        best = choice_g
-
-
 def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int],
             model: StepTimeModel) -> list[int]:
     """Best uniform k first (the draft call has a fixed cost that one extra token alone may not
@@ -208,11 +171,11 @@ def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int
     if n == 0 or max(caps, default=0) == 0:
         return [0] * n
     cd, cv = model.draft.coef, model.verify.coef
-    ctx_total = sum(contexts)
-    verify_base = cv[0] + cv[1] * n + cv[2] * n + cv[3] * ctx_total / 1000.0
+    longest = max(contexts)  # the few extra positions k adds are ignored here
+    verify_base = cv[0] + cv[1] * n + cv[2] * n + cv[3] * n * longest / 1000.0
 
     def step_time(sum_k: int, sum_kctx: float, max_k: int) -> float:
-        t_d = 0.0 if sum_k == 0 else cd[0] + cd[1] * max_k + cd[2] * sum_k + cd[3] * sum_kctx / 1000.0
+        t_d = 0.0 if sum_k == 0 else cd[0] + cd[1] * max_k + cd[2] * sum_k + cd[3] * sum_k * longest / 1000.0
         return max(t_d + verify_base + cv[2] * sum_k, 1e-9)
 
     def totals(ks):

@@ -18,6 +18,12 @@ class SpeculationPolicy(ABC):
     def choose(self, requests: Sequence[Request], caps: Sequence[int]) -> list[int]:
         """k for each request, each in 0..caps[i]."""
 
+    def observe(self, outcomes: Sequence[tuple[str, int, int]], record) -> None:
+        """After each step: (req_id, k, accepted) per decoding request and the StepRecord."""
+
+    def forget(self, req_id: str) -> None:
+        """The request finished."""
+
 
 class OffPolicy(SpeculationPolicy):
     name = "off"
@@ -37,14 +43,16 @@ class FixedPolicy(SpeculationPolicy):
         return [min(self.k, c) for c in caps]
 
 
-POLICY_NAMES = ("off", "fixed:K")
+POLICY_NAMES = ("off", "fixed:K", "goodput")
 
 
 def parse_policy(spec: str) -> SpeculationPolicy:
-    """'off' or 'fixed:K'."""
+    """'off', 'fixed:K' or 'goodput'."""
     text = spec.strip().lower()
     if text == "off":
         return OffPolicy()
+    if text == "goodput":
+        return GoodputPolicy()
     if text.startswith("fixed:"):
         try:
             k = int(text.split(":", 1)[1])
@@ -52,3 +60,66 @@ def parse_policy(spec: str) -> SpeculationPolicy:
             raise ValueError(f"unknown speculation policy {spec!r}: fixed:K needs an integer K") from None
         return FixedPolicy(k)
     raise ValueError(f"unknown speculation policy {spec!r}; expected one of {', '.join(POLICY_NAMES)}")
+
+
+class GoodputPolicy(SpeculationPolicy):
+    """Chooses k per request to maximise predicted goodput (see goodspec.scheduler.goodput).
+    Until the step-time model has been fitted (profiling sweep or live steps), it uses
+    `warmup_k` so the model sees speculative steps to learn from."""
+
+    name = "goodput"
+
+    def __init__(self, refit_every: int = 16, warmup_k: int = 2) -> None:
+        from goodspec.scheduler.goodput import AcceptanceEstimator, StepTimeModel
+
+        self.time_model = StepTimeModel()
+        self.acceptance = AcceptanceEstimator()
+        self.refit_every = refit_every
+        self.warmup_k = warmup_k
+        self._records: list = []  # live steps
+        self._profile: list = []  # the start-up sweep
+        self._since_fit = 0
+        self.explore_every = 50  # an occasional speculative step keeps alpha estimates alive
+        self._steps = 0
+        self._predicted: float | None = None
+        self.prediction_log: list[tuple[float, float]] = []  # (predicted, measured) step seconds
+
+    def seed(self, records) -> None:
+        """Start from profiled step records (taken at start-up or loaded from the cache)."""
+        self._profile = list(records)
+        self.time_model.fit(self._records, prior=self._profile)
+
+    def choose(self, requests: Sequence[Request], caps: Sequence[int]) -> list[int]:
+        from goodspec.scheduler.goodput import best_ks
+
+        self._steps += 1
+        if not self.time_model.ready:
+            return [min(self.warmup_k, c) for c in caps]
+        alphas = [self.acceptance.alpha(r.req_id) for r in requests]
+        contexts = [len(r.token_ids) for r in requests]
+        ks = best_ks(alphas, contexts, caps, self.time_model)
+        if not any(ks) and self._steps % self.explore_every == 0:
+            ks = [min(1, c) for c in caps]
+        self._predicted = self.time_model.predict_step_time(ks, contexts)
+        return ks
+
+    def observe(self, outcomes, record) -> None:
+        for req_id, k, accepted in outcomes:
+            self.acceptance.observe(req_id, k, accepted)
+        # Only steps that were pure decode batches are what the prediction was made for.
+        if self._predicted is not None and record.num_decode == record.batch_size:
+            self.prediction_log.append((self._predicted, record.draft_time + record.verify_time))
+            del self.prediction_log[:-1000]
+        self._predicted = None
+        self._records.append(record)
+        if len(self._records) > 4 * self.time_model.window:
+            del self._records[: -self.time_model.window]
+        self._since_fit += 1
+        # Refit often while live data is scarce, then every refit_every steps.
+        every = 4 if len(self._records) < 128 else self.refit_every
+        if self._since_fit >= every or not self.time_model.ready:
+            self.time_model.fit(self._records, prior=self._profile)
+            self._since_fit = 0
+
+    def forget(self, req_id: str) -> None:
+        self.acceptance.forget(req_id)

@@ -14,6 +14,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"
     EOS = "eos"
     CANCELLED = "cancelled"
+    ERROR = "error"  # the engine could not finish it (a worker that cannot be restarted)
 
 
 class RequestStatus(enum.Enum):
@@ -34,6 +35,7 @@ class Request:
     token_ids: list[int] = field(init=False)  # prompt then output
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
+    error: str | None = None
     # How many of token_ids each worker's KV cache holds. In decode, target_len = len - 1: the
     # newest token is fed in the next step.
     target_len: int = 0

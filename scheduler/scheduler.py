@@ -39,6 +39,15 @@ class RequestRejected(ValueError):
     """The request can never be served with this configuration (bad input or too large)."""
 
 
+class WorkerLost(RuntimeError):
+    """A worker call failed because the worker died, hung past its timeout, or came back
+    without the caches it had (restarted). Raised by the transport in goodspec.cluster."""
+
+
+class EngineUnhealthy(RuntimeError):
+    """A worker kept failing and could not be brought back; the engine serves nothing more."""
+
+
 @dataclass(frozen=True)
 class KVBudget:
     num_blocks: int
@@ -52,13 +61,18 @@ class KVBudget:
         return self.num_blocks * self.block_size
 
 
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 32  # running requests at once
-    max_num_batched_tokens: int = 512  # tokens per target forward (bounds prefill chunks)
-    max_k: int = 8  # K_max: the most draft tokens any request gets in a step
-    max_context: int = 1024
-    eos_token_id: int | None = None
+    max_num_seqs: int = _f(32, "requests running at once (the decode batch size limit)")
+    max_num_batched_tokens: int = _f(512, "tokens per target forward; bounds prefill chunks")
+    max_k: int = _f(8, "K_max: the most draft tokens a request gets in one step")
+    max_context: int = _f(1024, "context limit (capped by the models' own)")
+    eos_token_id: int | None = _f(None, "end-of-sequence id (default: the tokenizer's)")
+    max_worker_failures: int = _f(3, "consecutive failed worker calls before the engine gives up")
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -101,8 +115,9 @@ class Scheduler:
         policy: SpeculationPolicy | None = None,
         stop_checker=None,
     ) -> None:
-        if (draft is None) != (draft_kv is None):
-            raise ValueError("a draft worker needs its KV budget and vice versa")
+        self.draft_stateless = bool(getattr(draft, "stateless", False))
+        if draft is not None and draft_kv is None and not self.draft_stateless:
+            raise ValueError("a draft worker with a KV cache needs its KV budget")
         self.config = config
         self.target, self.draft = target, draft
         self.target_kv, self.draft_kv = target_kv, draft_kv
@@ -114,6 +129,11 @@ class Scheduler:
         self.step_records: list[StepRecord] = []
         self._aborted: list[str] = []
         self._rng = random.Random()
+        self._failures = {"draft": 0, "target": 0}
+        self._policies: dict[str, SpeculationPolicy] = {}
+        self.profile_records: list[StepRecord] = []  # the start-up sweep, seeds goodput policies
+        self.unhealthy: str | None = None  # why, once the engine gave up
+        self.num_worker_failures = 0
 
     # -- requests --------------------------------------------------------------------------------
     def add_request(
@@ -124,6 +144,8 @@ class Scheduler:
         policy: SpeculationPolicy | None = None,
         max_k: int | None = None,
     ) -> Request:
+        if self.unhealthy is not None:
+            raise EngineUnhealthy(self.unhealthy)
         if req_id in self.requests:
             raise RequestRejected(f"request_id {req_id!r} is already in use")
         if not prompt_ids:
@@ -143,10 +165,30 @@ class Scheduler:
                 )
         if sampling.seed is None:
             sampling = _with_seed(sampling, self._rng.getrandbits(63))
-        req = Request(req_id, list(prompt_ids), sampling, policy=policy, max_k=max_k)
+        req = Request(req_id, list(prompt_ids), sampling, policy=self.resolve_policy(policy), max_k=max_k)
         self.requests[req_id] = req
         self.waiting.append(req)
         return req
+
+    def resolve_policy(self, spec: str | SpeculationPolicy | None) -> SpeculationPolicy | None:
+        """A per-request policy name -> one shared instance per name (so every 'goodput' request
+        shares one learned model, the server's own when the names match)."""
+        if spec is None or isinstance(spec, SpeculationPolicy):
+            return spec
+        from goodspec.scheduler.policy import parse_policy
+
+        key = spec.strip().lower()
+        if key == self.policy.name:
+            return self.policy
+        if key not in self._policies:
+            policy = parse_policy(key)
+            if hasattr(policy, "seed") and self.profile_records:
+                policy.seed(self.profile_records)
+            self._policies[key] = policy
+        return self._policies[key]
+
+    def goodput_policies(self) -> list[SpeculationPolicy]:
+        return [p for p in [self.policy, *self._policies.values()] if hasattr(p, "seed")]
 
     def abort(self, req_id: str) -> bool:
         """Cancel a request now: it leaves the batch and both caches free its blocks at once."""
@@ -160,6 +202,10 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def has_work(self) -> bool:
+        """Something for step() to do: requests to run, or cancellations to report."""
+        return bool(self.waiting or self.running or self._aborted)
+
     def pop_finished(self, req_id: str) -> Request:
         return self.requests.pop(req_id)
 
@@ -168,17 +214,46 @@ class Scheduler:
         t_start = time.perf_counter()
         outputs = [RequestOutput(r, [], True, FinishReason.CANCELLED) for r in self._aborted]
         self._aborted.clear()
+        if self.unhealthy is not None:
+            return outputs
         plan = self._schedule()
         if not plan.verify:
             return outputs
-        proposal, t_draft = self._propose(plan)
+        try:
+            proposal, t_draft = self._propose(plan)
+            self._failures["draft"] = 0
+        except WorkerLost as e:
+            outputs += self._worker_lost("draft", e)
+            if self.unhealthy is not None:
+                return outputs
+            proposal, t_draft = None, 0.0  # verify this step without drafts
+            for item in plan.verify:
+                item.draft_ids, item.proposal_row = [], -1
         batch = VerifyBatch(plan.verify, proposal)
         t0 = time.perf_counter()
-        result = self.target.verify(batch)
+        try:
+            result = self.target.verify(batch)
+            self._failures["target"] = 0
+        except WorkerLost as e:
+            return outputs + self._worker_lost("target", e)
         t_verify = time.perf_counter() - t0
         outputs += self._commit(plan, result)
-        self._record(plan, proposal, result, t_draft, t_verify, time.perf_counter() - t_start)
+        record = self._record(plan, proposal, result, t_draft, t_verify, time.perf_counter() - t_start)
+        self._observe(plan, result, record)
         return outputs
+
+    def _observe(self, plan: _Plan, result: VerifyResult, record: StepRecord) -> None:
+        """Feed the policies what happened: (req_id, k, accepted) for each decoding request."""
+        by_policy: dict[int, tuple[SpeculationPolicy, list]] = {id(self.policy): (self.policy, [])}
+        for item, r, accepted in zip(plan.verify, plan.verify_reqs, result.num_accepted):
+            if r.req_id not in plan.ks:
+                continue
+            outcome = (r.req_id, len(item.draft_ids), accepted)
+            by_policy[id(self.policy)][1].append(outcome)
+            if r.policy is not None and r.policy is not self.policy:
+                by_policy.setdefault(id(r.policy), (r.policy, []))[1].append(outcome)
+        for policy, outcomes in by_policy.values():
+            policy.observe(outcomes, record)
 
     def _schedule(self) -> _Plan:
         cfg = self.config
@@ -309,7 +384,8 @@ class Scheduler:
             if k == 0:
                 continue
             row_item.proposal_row = len(items)
-            items.append(ProposeItem(r.req_id, r.draft_len, r.token_ids[r.draft_len:], k, r.sampling))
+            start = 0 if self.draft_stateless else r.draft_len
+            items.append(ProposeItem(r.req_id, start, r.token_ids[start:], k, r.sampling))
         if not items:
             return None, 0.0
         t0 = time.perf_counter()
@@ -318,7 +394,8 @@ class Scheduler:
         for row_item, r in zip(plan.verify, plan.verify_reqs):
             if row_item.proposal_row >= 0:
                 row_item.draft_ids = proposal.draft_ids[row_item.proposal_row]
-                r.draft_len = len(r.token_ids) + len(row_item.draft_ids) - 1
+                if not self.draft_stateless:
+                    r.draft_len = len(r.token_ids) + len(row_item.draft_ids) - 1
         return proposal, elapsed
 
     def _commit(self, plan: _Plan, result: VerifyResult) -> list[RequestOutput]:
@@ -366,31 +443,63 @@ class Scheduler:
                 reason = FinishReason.STOP
         return emitted, reason
 
-    def _finish(self, r: Request, reason: FinishReason) -> None:
+    def _worker_lost(self, which: str, err: Exception) -> list[RequestOutput]:
+        """Its caches are gone: every running request recomputes them from position 0 (for the
+        target, re-prefill; for the draft, catch-up on its next proposal). Output is unchanged
+        because sampling depends only on (seed, position)."""
+        self.num_worker_failures += 1
+        self._failures[which] += 1
+        for r in self.running:
+            if which == "target":
+                r.target_len = 0
+                # Nothing was committed: the draft tokens proposed this step are void too.
+                r.draft_len = min(r.draft_len, len(r.token_ids) - 1)
+            else:
+                r.draft_len = 0
+        if self._failures[which] < self.config.max_worker_failures:
+            return []
+        self.unhealthy = f"the {which} worker failed {self._failures[which]} times in a row: {err}"
+        outputs = []
+        for r in list(self.running) + list(self.waiting):
+            r.error = self.unhealthy
+            self._finish(r, FinishReason.ERROR, free=False)
+            outputs.append(RequestOutput(r.req_id, [], True, FinishReason.ERROR))
+        return outputs
+
+    def _finish(self, r: Request, reason: FinishReason, free: bool = True) -> None:
         if r.status == RequestStatus.RUNNING:
             self.running.remove(r)
-            self._free_workers([r.req_id])
+            if free:
+                self._free_workers([r.req_id])
         elif r.status == RequestStatus.WAITING:
             self.waiting.remove(r)
         r.status = RequestStatus.FINISHED
         r.finish_reason = reason
+        for policy in {id(p): p for p in (self.policy, r.policy) if p is not None}.values():
+            policy.forget(r.req_id)
         r.finish_time = time.monotonic()
 
     def _free_workers(self, req_ids: list[str]) -> None:
-        self.target.free(req_ids)
-        if self.draft is not None:
-            self.draft.free(req_ids)
+        # A worker that is down has nothing to free: its caches went with it.
+        for worker in (self.target, self.draft):
+            if worker is None:
+                continue
+            try:
+                worker.free(req_ids)
+            except WorkerLost:
+                pass
 
-    def _record(self, plan: _Plan, proposal, result: VerifyResult, t_draft, t_verify, t_step) -> None:
+    def _record(self, plan: _Plan, proposal, result: VerifyResult, t_draft, t_verify, t_step) -> StepRecord:
         items = plan.verify
         ks = [len(it.draft_ids) for it in items if it.sample]
-        self.step_records.append(StepRecord(
+        record = StepRecord(
             batch_size=len(items),
             num_decode=sum(1 for r in plan.verify_reqs if r.req_id in plan.ks),
             num_draft_reqs=sum(1 for k in ks if k > 0),
             draft_tokens=sum(ks),
             verify_tokens=sum(len(it.token_ids) + len(it.draft_ids) for it in items),
             context_tokens=sum(it.start_pos + len(it.token_ids) for it in items),
+            max_context=max(it.start_pos + len(it.token_ids) + len(it.draft_ids) for it in items),
             max_k=max(ks, default=0),
             num_accepted=sum(result.num_accepted),
             draft_time=t_draft,
@@ -399,7 +508,11 @@ class Scheduler:
             verify_compute_time=result.elapsed_s,
             step_time=t_step,
             ks=ks,
-        ))
+        )
+        self.step_records.append(record)
+        if len(self.step_records) > 20_000:
+            del self.step_records[:10_000]
+        return record
 
 
 def _with_seed(sampling: SamplingParams, seed: int) -> SamplingParams:

@@ -13,6 +13,7 @@ class StepRecord:
     draft_tokens: int  # sum of k_i: tokens the draft proposed
     verify_tokens: int  # tokens the target forward processed (chunks + pending + drafts)
     context_tokens: int  # sum over requests of context length after the step's input
+    max_context: int  # the longest of them: attention pads every request to it
     max_k: int  # draft passes this step
     num_accepted: int  # draft tokens the target accepted
     draft_time: float  # wall seconds of the propose call, as the scheduler saw it

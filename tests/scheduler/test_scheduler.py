@@ -12,7 +12,9 @@ import pytest
 
 from goodspec.scheduler.policy import FixedPolicy, OffPolicy
 from goodspec.scheduler.request import FinishReason
-from goodspec.scheduler.scheduler import KVBudget, RequestRejected, Scheduler, SchedulerConfig
+from goodspec.scheduler.scheduler import (
+    EngineUnhealthy, KVBudget, RequestRejected, Scheduler, SchedulerConfig, WorkerLost,
+)
 from goodspec.workers.messages import Proposal, VerifyResult
 from goodspec.workers.sampling import SamplingParams
 
@@ -254,3 +256,55 @@ def test_step_records_what_the_goodput_model_needs():
     assert spec and all(r.batch_size == 2 and r.num_accepted <= r.draft_tokens for r in spec)
     assert all(r.verify_tokens == r.batch_size + r.draft_tokens for r in spec)
     assert all(r.draft_time >= 0 and r.verify_time > 0 for r in spec)
+
+
+class CrashingWorker:
+    """Wraps a fake worker; its calls number `crash_on` fail as if the process died, and the
+    worker comes back empty (a restarted actor)."""
+
+    def __init__(self, inner, method, crash_on):
+        self.inner, self.method, self.crash_on, self.n = inner, method, set(crash_on), 0
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if name != self.method:
+            return attr
+
+        def call(batch):
+            self.n += 1
+            if self.n in self.crash_on:
+                self.inner.cache.clear()
+                raise WorkerLost(f"{self.method}: actor died")
+            return attr(batch)
+
+        return call
+
+
+@pytest.mark.parametrize("which", ["target", "draft"])
+def test_worker_that_dies_and_restarts_mid_generation_changes_no_output(which):
+    target, draft = FakeTarget(), FakeDraft(wrong_every=3)
+    if which == "target":
+        target = CrashingWorker(target, "verify", crash_on={4, 9})
+    else:
+        draft = CrashingWorker(draft, "propose", crash_on={3, 8})
+    s, _, _ = make(FixedPolicy(3), draft=draft, target=target)
+    for rid, p in PROMPTS.items():
+        s.add_request(rid, p, SamplingParams(max_new_tokens=25))
+    run(s)
+    assert s.num_worker_failures == 2 and s.unhealthy is None
+    for rid, p in PROMPTS.items():
+        assert s.pop_finished(rid).output_ids == expected(p, 25)
+
+
+def test_worker_that_keeps_failing_fails_requests_clearly_and_engine_reports_unhealthy():
+    target = CrashingWorker(FakeTarget(), "verify", crash_on=set(range(3, 100)))
+    s, _, _ = make(FixedPolicy(2), target=target)
+    for rid, p in PROMPTS.items():
+        s.add_request(rid, p, SamplingParams(max_new_tokens=25))
+    run(s)
+    assert s.unhealthy and "target worker failed 3 times" in s.unhealthy
+    for rid in PROMPTS:
+        req = s.pop_finished(rid)
+        assert req.finish_reason == FinishReason.ERROR and "target worker failed" in req.error
+    with pytest.raises(EngineUnhealthy):
+        s.add_request("late", [3, 4], SamplingParams())

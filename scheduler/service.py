@@ -1,0 +1,167 @@
+"""SchedulerService: the scheduler's step loop on its own thread, with per-request streams.
+
+Front ends (the Ray engine actor, tests) submit requests from any thread and receive
+`StreamChunk`s through a callback; the loop thread owns the Scheduler, and a lock serialises
+submissions and aborts with steps, so the scheduler itself stays single-threaded code.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+from goodspec.scheduler.policy import SpeculationPolicy
+from goodspec.scheduler.request import FinishReason, Request
+from goodspec.scheduler.scheduler import Scheduler
+from goodspec.workers.sampling import SamplingParams
+from goodspec.workers.tokenizer import IncrementalDetokenizer, TextCodec
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    draft_tokens_proposed: int = 0
+    draft_tokens_accepted: int = 0
+    mean_k: float = 0.0
+    num_preemptions: int = 0
+
+
+@dataclass
+class StreamChunk:
+    """New output of one request since its previous chunk; `usage` is set on the final one."""
+
+    req_id: str
+    token_ids: list[int]
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None  # FinishReason value once finished
+    usage: Usage | None = None
+    error: str | None = None
+
+
+@dataclass
+class _Stream:
+    callback: Callable[[StreamChunk], None]
+    detok: IncrementalDetokenizer
+    prompt: str = ""
+    submitted: float = field(default_factory=time.monotonic)
+
+
+class SchedulerService:
+    def __init__(self, scheduler: Scheduler, codec: TextCodec, idle_wait_s: float = 0.05) -> None:
+        self.scheduler = scheduler
+        self.codec = codec
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._idle_wait_s = idle_wait_s
+        self._thread: threading.Thread | None = None
+        self.loop_error: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="goodspec-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    # -- requests -------------------------------------------------------------------------------
+    def submit(
+        self, req_id: str, prompt: str, sampling: SamplingParams,
+        callback: Callable[[StreamChunk], None], policy: SpeculationPolicy | None = None,
+        max_k: int | None = None,
+    ) -> Request:
+        """Queue a request; raises RequestRejected / EngineUnhealthy / ValueError at once."""
+        prompt_ids = self.codec.encode(prompt)
+        with self._lock:
+            if self.loop_error is not None:
+                from goodspec.scheduler.scheduler import EngineUnhealthy
+
+                raise EngineUnhealthy(self.loop_error)
+            req = self.scheduler.add_request(req_id, prompt_ids, sampling, policy, max_k)
+            self._streams[req_id] = _Stream(callback, IncrementalDetokenizer(self.codec, sampling.stop), prompt)
+        self._wake.set()
+        return req
+
+    def abort(self, req_id: str) -> bool:
+        """Cancel now: caches are freed before this returns; the stream gets a final chunk."""
+        with self._lock:
+            found = self.scheduler.abort(req_id)
+        self._wake.set()
+        return found
+
+    def load(self) -> int:
+        """Outstanding tokens: what the router balances on (prompt to prefill + tokens to go)."""
+        with self._lock:
+            s = self.scheduler
+            return sum(
+                max(0, len(r.token_ids) - r.target_len) + r.sampling.max_new_tokens - r.num_output
+                for r in list(s.running) + list(s.waiting)
+            )
+
+    def num_unfinished(self) -> int:
+        with self._lock:
+            return len(self.scheduler.running) + len(self.scheduler.waiting)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                busy = self.scheduler.has_work()
+                if busy:
+                    try:
+                        outputs = self.scheduler.step()
+                    except Exception:  # a bug, not a worker failure: fail loudly, stay up
+                        self.loop_error = "scheduler step failed:\n" + traceback.format_exc()
+                        outputs = self._fail_everything(self.loop_error)
+                    chunks = [self._chunk(o) for o in outputs]
+            if busy:
+                for stream, chunk in chunks:
+                    if stream is not None:
+                        stream.callback(chunk)
+                if self.loop_error is not None:
+                    return
+                continue
+            self._wake.wait(self._idle_wait_s)
+            self._wake.clear()
+
+    def _fail_everything(self, why: str):
+        from goodspec.scheduler.scheduler import RequestOutput
+
+        s = self.scheduler
+        outs = []
+        for r in list(s.running) + list(s.waiting):
+            r.error = why
+            s._finish(r, FinishReason.ERROR, free=False)
+            outs.append(RequestOutput(r.req_id, [], True, FinishReason.ERROR))
+        return outs
+
+    def _chunk(self, out) -> tuple[_Stream | None, StreamChunk]:
+        """Called under the lock."""
+        stream = self._streams.get(out.req_id)
+        req = self.scheduler.requests.get(out.req_id)
+        if stream is None or req is None:
+            return None, StreamChunk(out.req_id, [], "")
+        text = stream.detok.update(req.output_ids, final=out.finished)
+        chunk = StreamChunk(out.req_id, list(out.new_token_ids), text, out.finished)
+        if out.finished:
+            chunk.finish_reason = out.finish_reason.value if out.finish_reason else None
+            chunk.error = req.error
+            chunk.usage = Usage(
+                prompt_tokens=req.num_prompt, completion_tokens=req.num_output,
+                draft_tokens_proposed=req.num_draft_proposed,
+                draft_tokens_accepted=req.num_draft_accepted, mean_k=round(req.mean_k, 4),
+                num_preemptions=req.num_preemptions,
+            )
+            self._streams.pop(out.req_id, None)
+            self.scheduler.requests.pop(out.req_id, None)
+        return stream, chunk

@@ -1,0 +1,65 @@
+"""The goodput policy on the shipped pair, in process: lossless, predictive, load-aware."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from goodspec.engine import LLMEngine
+from goodspec.workers.sampling import SamplingParams
+from tests.conftest import engine_config
+from tests.test_engine import _run_staggered
+
+
+@pytest.fixture(scope="module")
+def goodput_engine():
+    return LLMEngine(engine_config("goodput"))
+
+
+@pytest.mark.parametrize("proposer", ["draft", "ngram"])
+def test_greedy_output_under_goodput_equals_target_only(proposer, goodput_engine, sharegpt_prompts,
+                                                        greedy_reference):
+    engine = goodput_engine if proposer == "draft" else LLMEngine(engine_config("goodput", proposer="ngram"))
+    prompts = sharegpt_prompts[:20]
+    got = _run_staggered(engine, prompts, greedy_reference, None)
+    for p in prompts:
+        assert got[p] == greedy_reference[p][1]
+    records = engine.scheduler.step_records
+    assert any(r.draft_tokens for r in records), "goodput never speculated"
+
+
+def test_step_time_predictions_made_before_each_step_are_within_15_percent(goodput_engine, sharegpt_prompts):
+    engine = goodput_engine
+    policy = engine.scheduler.policy
+    policy.prediction_log.clear()
+    engine.generate(sharegpt_prompts[:24], SamplingParams(max_new_tokens=40, ignore_eos=True))
+    log = policy.prediction_log
+    assert len(log) >= 30
+    errors = [abs(p - m) / m for p, m in log]
+    mape = statistics.mean(errors)
+    print(f"\nstep-time MAPE over {len(log)} live steps: {mape:.3f}")
+    assert mape < 0.15
+
+
+def test_mean_k_falls_as_load_rises(goodput_engine, sharegpt_prompts):
+    engine = goodput_engine
+    sched = engine.scheduler
+
+    def mean_k(concurrency: int) -> float:
+        start = len(sched.step_records)
+        prompts = sharegpt_prompts[:concurrency]
+        engine.generate(prompts, SamplingParams(max_new_tokens=32, ignore_eos=True))
+        ks = [k for r in sched.step_records[start:] if r.num_decode == r.batch_size for k in r.ks]
+        return statistics.mean(ks)
+
+    light, heavy = mean_k(1), mean_k(32)
+    print(f"\nmean k: light load {light:.2f}, heavy load {heavy:.2f}")
+    assert heavy < light
+
+
+def test_per_request_policy_override_still_applies(goodput_engine, sharegpt_prompts):
+    rid = goodput_engine.add_request(sharegpt_prompts[0], SamplingParams(max_new_tokens=12), policy="off")
+    while goodput_engine.has_unfinished():
+        goodput_engine.step()
+    assert goodput_engine.take_completion(rid).draft_tokens_proposed == 0
