@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate completions in-process, continuously batched")
     gen.add_argument("prompts", nargs="+", metavar="PROMPT")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt, in order")
+    gen.add_argument("--stats", action="store_true",
+                     help="print the engines' counters (steps, k histogram, acceptance, "
+                          "predicted vs measured step time) as JSON on stderr")
     gen.add_argument("--in-process", action="store_true",
                      help="run scheduler and workers in this process instead of on Ray")
     _add_sampling_args(gen)
@@ -52,6 +55,8 @@ def _sampling(args):
 
 
 def cmd_generate(args) -> int:
+    from goodspec.scheduler.stats import speculation_stats
+
     config = build_config(args)
     sampling = _sampling(args)
     progress = sys.stderr.isatty()
@@ -61,6 +66,7 @@ def cmd_generate(args) -> int:
         engine = LLMEngine(config.engine)
         t0 = time.perf_counter()
         rows = [c.to_json() for c in engine.generate(args.prompts, sampling, progress=progress)]
+        stats = [speculation_stats(engine.scheduler)]
     else:
         from goodspec.cluster.group import EngineGroup
 
@@ -68,9 +74,12 @@ def cmd_generate(args) -> int:
         try:
             t0 = time.perf_counter()
             rows = [c.to_json() for c in group.complete_all(args.prompts, sampling, progress=progress)]
+            stats = group.stats()
         finally:
             group.shutdown()
     elapsed = time.perf_counter() - t0
+    if args.stats:
+        print(json.dumps(stats, indent=1, default=str), file=sys.stderr)
     for r in rows:
         if args.json:
             print(json.dumps(r), flush=True)

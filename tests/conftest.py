@@ -80,6 +80,6 @@ def ray_session():
     """One local Ray for the whole test session, always shut down."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

@@ -1,0 +1,120 @@
+"""The scheduler process of one engine: a SchedulerService driving remote draft/target workers,
+exposed as an async Ray actor whose `generate` streams StreamChunks."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+
+from goodspec.cluster.remote_worker import RemoteWorker
+from goodspec.config import EngineConfig
+from goodspec.scheduler.policy import parse_policy
+from goodspec.scheduler.scheduler import KVBudget, Scheduler
+from goodspec.scheduler.service import SchedulerService, StreamChunk
+from goodspec.scheduler.stats import speculation_stats
+from goodspec.workers.sampling import SamplingParams
+from goodspec.workers.tokenizer import TextCodec
+
+
+class EngineActor:
+    def __init__(self, config: EngineConfig, target_handle, draft_handle, call_timeout_s: float,
+                 startup_timeout_s: float, replica: int = 0) -> None:
+        import ray
+
+        self.replica = replica
+        self.codec = TextCodec.load(config.target_dir, config.draft_dir)
+        self.target = RemoteWorker(target_handle, f"target[{replica}]", call_timeout_s)
+        self.draft = RemoteWorker(draft_handle, f"draft[{replica}]", call_timeout_s) if draft_handle else None
+        if config.proposer == "ngram":
+            from goodspec.workers.ngram_proposer import NgramProposer
+
+            self.draft = NgramProposer()  # cheap CPU work: runs here, no actor
+        t_info = ray.get(target_handle.info.remote(), timeout=startup_timeout_s)
+        d_info = ray.get(draft_handle.info.remote(), timeout=startup_timeout_s) if draft_handle else None
+        self.worker_info = {"target": t_info, "draft": d_info}
+        sched_cfg = replace(
+            config.scheduler,
+            max_context=min(config.scheduler.max_context, t_info.max_context,
+                            *([d_info.max_context] if d_info else [])),
+            eos_token_id=self.codec.eos_token_id,
+        )
+        scheduler = Scheduler(
+            sched_cfg,
+            target=self.target, target_kv=KVBudget(t_info.num_blocks, t_info.block_size),
+            draft=self.draft,
+            draft_kv=KVBudget(d_info.num_blocks, d_info.block_size) if d_info else None,
+            policy=parse_policy(config.policy), stop_checker=self.codec.find_stop,
+        )
+        if scheduler.goodput_policies():
+            from goodspec.scheduler.profiler import warm_up_goodput
+
+            warm_up_goodput(scheduler, t_info.num_blocks * t_info.block_size,
+                            [config.target_dir, config.draft_dir, config.proposer, t_info.device,
+                             t_info.dtype, config.threads, "ray"])
+        self.service = SchedulerService(scheduler, self.codec)
+        self.service.start()
+
+    def ready(self) -> dict:
+        return {"replica": self.replica, "target": self.worker_info["target"],
+                "draft": self.worker_info["draft"]}
+
+    async def generate(self, req_id: str, prompt: str, sampling: SamplingParams,
+                       policy: str | None = None, max_k: int | None = None):
+        """Async generator of StreamChunks; errors in the request raise before the first chunk.
+        If the consumer goes away (cancel, deadline), the request is aborted and freed."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StreamChunk] = asyncio.Queue()
+        self.service.submit(
+            req_id, prompt, sampling, lambda c: loop.call_soon_threadsafe(queue.put_nowait, c),
+            policy=policy, max_k=max_k,
+        )
+        finished = False
+        try:
+            while not finished:
+                chunk = await queue.get()
+                finished = chunk.finished
+                yield chunk
+        finally:
+            if not finished:
+                self.service.abort(req_id)
+
+    def abort(self, req_id: str) -> bool:
+        return self.service.abort(req_id)
+
+    def load(self) -> int:
+        return self.service.load()
+
+    def stats(self) -> dict:
+        """Counters for operators and tests (read under the service lock)."""
+        svc = self.service
+        with svc._lock:
+            s = svc.scheduler
+            records = s.step_records[-512:]
+            step = sum(r.step_time for r in records)
+            compute = sum(r.draft_compute_time + r.verify_compute_time for r in records)
+            return {
+                "replica": self.replica,
+                "running": len(s.running),
+                "waiting": len(s.waiting),
+                "num_steps": len(s.step_records),
+                "target_blocks_used": sum(s.target_kv.blocks(r.target_len) for r in s.running),
+                "draft_blocks_used": sum(s.draft_kv.blocks(r.draft_len) for r in s.running)
+                if s.draft_kv else 0,
+                "worker_failures": s.num_worker_failures,
+                "unhealthy": s.unhealthy or svc.loop_error,
+                "overhead_share": (1 - compute / step) if step > 0 else 0.0,
+                **speculation_stats(s),
+            }
+
+    def step_records(self, last: int = 0) -> list[dict]:
+        with self.service._lock:
+            return [r.to_dict() for r in self.service.scheduler.step_records[-last:]]
+
+    def worker_pids(self) -> dict:
+        import ray
+
+        return {k: ray.get(h.handle.info.remote(), timeout=60).pid
+                for k, h in (("target", self.target), ("draft", self.draft)) if hasattr(h, "handle")}
+
+    def shutdown(self) -> None:
+        self.service.stop()

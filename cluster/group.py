@@ -1,0 +1,248 @@
+"""EngineGroup: starts N engines on Ray (each: scheduler actor + draft actor + target actor in
+one placement group) and routes every new request to the least-loaded engine.
+
+This module and the others in goodspec.cluster are the only ones that import ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import uuid
+from dataclasses import dataclass, replace
+from typing import AsyncIterator
+
+import ray
+from ray.exceptions import GetTimeoutError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from goodspec.cluster.engine_actor import EngineActor
+from goodspec.cluster.worker_actor import WorkerActor
+from goodspec.config import ClusterConfig, EngineConfig, GoodspecConfig
+from goodspec.scheduler.service import StreamChunk, Usage
+from goodspec.workers.model_runner import RunnerConfig
+from goodspec.workers.sampling import SamplingParams
+from goodspec.workers.tokenizer import TextCodec
+
+log = logging.getLogger("goodspec.cluster")
+
+
+class PlacementError(RuntimeError):
+    """The Ray cluster cannot host an engine's actors."""
+
+
+@dataclass
+class Completion:
+    """A whole request's result, gathered from its stream."""
+
+    req_id: str
+    prompt: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    replica: int
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        u = self.usage
+        return {
+            "req_id": self.req_id, "prompt": self.prompt, "text": self.text,
+            "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+            "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "draft_tokens_proposed": u.draft_tokens_proposed,
+            "draft_tokens_accepted": u.draft_tokens_accepted, "mean_k": u.mean_k,
+            "num_preemptions": u.num_preemptions, "replica": self.replica,
+            **({"error": self.error} if self.error else {}),
+        }
+
+
+@dataclass
+class _Engine:
+    index: int
+    actor: object
+    target: object
+    draft: object | None
+    pg: object
+    outstanding: int = 0  # router's own count of tokens it sent and not yet seen finish
+
+
+def init_ray(cluster: ClusterConfig) -> bool:
+    """Join or start Ray; returns True when this call started a local Ray (we own its shutdown)."""
+    if ray.is_initialized():
+        return False
+    if cluster.ray_address:
+        ray.init(address=cluster.ray_address, include_dashboard=False, log_to_driver=False)
+        return True
+    num_cpus = cluster.num_cpus or 3 * cluster.replicas
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+class EngineGroup:
+    def __init__(self, config: GoodspecConfig) -> None:
+        self.config = config
+        self.codec = TextCodec.load(config.engine.target_dir, config.engine.draft_dir)
+        self._owns_ray = init_ray(config.cluster)
+        self.engines: list[_Engine] = []
+        self._ids = itertools.count()
+        try:
+            for i in range(config.cluster.replicas):
+                self.engines.append(self._start_engine(i))
+            for e in self.engines:
+                ray.get(e.actor.ready.remote(), timeout=config.cluster.placement_timeout_s + 300)
+        except Exception:
+            self.shutdown()
+            raise
+
+    # -- start-up ------------------------------------------------------------------------------
+    def _worker_gpus(self) -> float:
+        c = self.config.cluster
+        if c.worker_gpus is not None:
+            return c.worker_gpus
+        if self.config.engine.device == "cpu":
+            return 0.0
+        return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+    def _start_engine(self, index: int) -> _Engine:
+        cfg, cl = self.config.engine, self.config.cluster
+        gpus = self._worker_gpus()
+        worker_bundle = {"CPU": 1, **({"GPU": gpus} if gpus else {})}
+        bundles = [{"CPU": 1}, worker_bundle] + ([dict(worker_bundle)] if cfg.draft_dir else [])
+        pg = placement_group(bundles, strategy=cl.placement_strategy, name=f"goodspec-engine-{index}-{uuid.uuid4().hex[:6]}")
+        try:
+            ray.get(pg.ready(), timeout=cl.placement_timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(pg)
+            free = {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+            raise PlacementError(
+                f"engine {index} needs bundles {bundles} ({cl.placement_strategy}) but the Ray "
+                f"cluster could not place them within {cl.placement_timeout_s}s; free now: {free}. "
+                f"Lower replicas or worker_gpus, or add nodes."
+            ) from None
+
+        def opts(bundle: int, num_gpus: float = 0.0, **kw):
+            return dict(
+                num_cpus=1, num_gpus=num_gpus,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pg, placement_group_bundle_index=bundle),
+                **kw,
+            )
+
+        threads = cfg.threads or (os.cpu_count() or 1)
+        device = cfg.device if gpus or cfg.device != "auto" else "cpu"
+        worker_cls = ray.remote(WorkerActor)
+        target = worker_cls.options(**opts(1, gpus, max_restarts=cl.max_restarts, max_task_retries=0)).remote(
+            "target", RunnerConfig(cfg.target_dir, device, cfg.dtype, cfg.target_kv_tokens, cfg.block_size, threads))
+        draft = None
+        if cfg.draft_dir:
+            draft = worker_cls.options(**opts(2, gpus, max_restarts=cl.max_restarts, max_task_retries=0)).remote(
+                "draft", RunnerConfig(cfg.draft_dir, device, cfg.dtype, cfg.draft_kv_tokens, cfg.block_size, threads))
+        actor = ray.remote(EngineActor).options(**opts(0), max_concurrency=10_000).remote(
+            cfg, target, draft, cl.call_timeout_s, cl.placement_timeout_s + 300, index)
+        return _Engine(index, actor, target, draft, pg)
+
+    # -- requests ------------------------------------------------------------------------------
+    def _pick(self) -> _Engine:
+        return min(self.engines, key=lambda e: (e.outstanding, e.index))
+
+    async def generate(
+        self, prompt: str, sampling: SamplingParams, req_id: str | None = None,
+        policy: str | None = None, max_k: int | None = None,
+    ) -> AsyncIterator[tuple[int, StreamChunk]]:
+        """Stream (replica, chunk) for one request. Request errors (RequestRejected,
+        EngineUnhealthy, ValueError) raise before the first chunk, unwrapped from Ray."""
+        req_id = req_id or f"req-{uuid.uuid4().hex[:12]}"
+        engine = self._pick()
+        cost = len(self.codec.encode(prompt)) + sampling.max_new_tokens
+        engine.outstanding += cost
+        gen = engine.actor.generate.options(num_returns="streaming").remote(
+            req_id, prompt, sampling, policy, max_k)
+        finished = False
+        try:
+            async for ref in gen:
+                try:
+                    chunk: StreamChunk = await ref
+                except RayTaskError as e:
+                    raise e.cause from None
+                finished = chunk.finished
+                yield engine.index, chunk
+        finally:
+            engine.outstanding -= cost
+            if not finished:
+                ray.cancel(gen)  # the actor's generator aborts the request and frees its cache
+
+    async def complete(self, prompt: str, sampling: SamplingParams, **kw) -> Completion:
+        text, ids, last, replica = [], [], None, 0
+        async for replica, chunk in self.generate(prompt, sampling, **kw):
+            text.append(chunk.text)
+            ids += chunk.token_ids
+            last = chunk
+        return Completion(last.req_id, prompt, "".join(text), ids, last.finish_reason or "",
+                          last.usage or Usage(), replica, last.error)
+
+    def complete_all(self, prompts: list[str], sampling: SamplingParams | list[SamplingParams],
+                     policy: str | None = None, progress: bool = False) -> list[Completion]:
+        """All prompts concurrently (continuously batched by the engines), results in order."""
+        params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
+
+        async def run():
+            bar = None
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(total=len(prompts), desc="generate", unit="req")
+
+            async def one(p, s):
+                c = await self.complete(p, s, policy=policy)
+                if bar is not None:
+                    bar.update(1)
+                return c
+
+            try:
+                return await asyncio.gather(*(one(p, s) for p, s in zip(prompts, params)))
+            finally:
+                if bar is not None:
+                    bar.close()
+
+        return asyncio.run(run())
+
+    # -- operations ----------------------------------------------------------------------------
+    def stats(self) -> list[dict]:
+        return ray.get([e.actor.stats.remote() for e in self.engines], timeout=60)
+
+    def worker_blocks_used(self) -> list[dict]:
+        """What the workers themselves report holding (not the scheduler's mirror)."""
+        out = []
+        for e in self.engines:
+            row = {"target": ray.get(e.target.used_blocks.remote(), timeout=60)}
+            if e.draft is not None:
+                row["draft"] = ray.get(e.draft.used_blocks.remote(), timeout=60)
+            out.append(row)
+        return out
+
+    def healthy(self) -> bool:
+        try:
+            return not any(s["unhealthy"] for s in self.stats())
+        except Exception:
+            return False
+
+    def shutdown(self) -> None:
+        for e in self.engines:
+            for handle in (e.actor, e.draft, e.target):
+                if handle is not None:
+                    try:
+                        ray.kill(handle, no_restart=True)
+                    except Exception:  # already gone
+                        pass
+            try:
+                remove_placement_group(e.pg)
+            except Exception:
+                pass
+        self.engines = []
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+            self._owns_ray = False
