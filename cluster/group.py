@@ -92,8 +92,8 @@ class EngineGroup:
         try:
             for i in range(config.cluster.replicas):
                 self.engines.append(self._start_engine(i))
-            for e in self.engines:
-                ray.get(e.actor.ready.remote(), timeout=config.cluster.placement_timeout_s + 300)
+            self._ready = [ray.get(e.actor.ready.remote(), timeout=config.cluster.placement_timeout_s + 300)
+                           for e in self.engines]
         except Exception:
             self.shutdown()
             raise
@@ -149,14 +149,29 @@ class EngineGroup:
     def _pick(self) -> _Engine:
         return min(self.engines, key=lambda e: (e.outstanding, e.index))
 
+    def model_info(self) -> dict:
+        r = self._ready[0]
+        cfg = self.config.engine
+        return {
+            "target": cfg.target_dir, "draft": cfg.draft_dir,
+            "max_context": min(cfg.scheduler.max_context, r["target"].max_context),
+            "vocab_size": self.codec.vocab_size, "policy": cfg.policy, "proposer": cfg.proposer,
+            "replicas": len(self.engines),
+        }
+
+    async def complete_on(self, index: int, prompt: str, sampling: SamplingParams) -> None:
+        """Run one request on a given engine (warm-up)."""
+        async for _ in self.generate(prompt, sampling, engine=self.engines[index]):
+            pass
+
     async def generate(
         self, prompt: str, sampling: SamplingParams, req_id: str | None = None,
-        policy: str | None = None, max_k: int | None = None,
+        policy: str | None = None, max_k: int | None = None, engine: _Engine | None = None,
     ) -> AsyncIterator[tuple[int, StreamChunk]]:
         """Stream (replica, chunk) for one request. Request errors (RequestRejected,
         EngineUnhealthy, ValueError) raise before the first chunk, unwrapped from Ray."""
         req_id = req_id or f"req-{uuid.uuid4().hex[:12]}"
-        engine = self._pick()
+        engine = engine or self._pick()
         cost = len(self.codec.encode(prompt)) + sampling.max_new_tokens
         engine.outstanding += cost
         gen = engine.actor.generate.options(num_returns="streaming").remote(

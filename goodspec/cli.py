@@ -20,6 +20,22 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
 
 
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", default=None, help="bearer token (default: env GOODSPEC_AUTH_TOKEN)")
+    p.add_argument("--tls-ca", default=None, help="PEM CA to verify the server (enables TLS)")
+    p.add_argument("--tls-cert", default=None, help="client certificate for mTLS")
+    p.add_argument("--tls-key", default=None, help="client key for mTLS")
+
+
+def _client(args):
+    import os
+
+    from goodspec.client import GenerationClient
+
+    return GenerationClient(args.address, token=args.token or os.environ.get("GOODSPEC_AUTH_TOKEN"),
+                            tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="goodspec", description="Goodput-driven speculative decoding.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -33,6 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run scheduler and workers in this process instead of on Ray")
     _add_sampling_args(gen)
     add_config_flags(gen)
+
+    srv = sub.add_parser("serve", help="start the gRPC server in front of the Ray runtime",
+                         description="Serve goodspec.v1.Generation over gRPC. Every config field "
+                                     "is a flag; --config loads a YAML tree (engine/cluster/server).")
+    add_config_flags(srv)
+
+    comp = sub.add_parser("complete", help="send one prompt to a running server")
+    comp.add_argument("prompt", metavar="PROMPT")
+    comp.add_argument("--address", default="localhost:50051")
+    comp.add_argument("--stream", action="store_true", help="print tokens as they are accepted")
+    comp.add_argument("--json", action="store_true", help="print the response message as JSON")
+    comp.add_argument("--policy", default="", help="per-request speculation policy override")
+    comp.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    _add_client_args(comp)
+    _add_sampling_args(comp)
+
+    hc = sub.add_parser("health", help="exit 0 when the server at --address is SERVING")
+    hc.add_argument("--address", default="localhost:50051")
+    _add_client_args(hc)
 
     prof = sub.add_parser("profile", help="measure the target's verify cost against plain decoding")
     prof.add_argument("--target", default=None, help="model directory (default: the shipped target)")
@@ -95,6 +130,62 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import asyncio
+    import logging
+
+    from goodspec.cluster.group import EngineGroup
+    from goodspec.cluster.grpc_server import serve_forever
+
+    logging.basicConfig(level=logging.WARNING)
+    config = build_config(args)
+    group = EngineGroup(config)
+    try:
+        asyncio.run(serve_forever(group, config.server))
+    finally:
+        group.shutdown()
+    return 0
+
+
+def cmd_complete(args) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature or None,
+              top_p=args.top_p if args.top_p != 1.0 else None, top_k=args.top_k or None,
+              seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos, policy=args.policy)
+    try:
+        with _client(args) as client:
+            if args.stream:
+                for msg in client.generate(args.prompt, timeout=args.timeout, **kw):
+                    if args.json:
+                        print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True)), flush=True)
+                    else:
+                        print(msg.text, end="", flush=True)
+                if not args.json:
+                    print()
+            else:
+                msg = client.complete(args.prompt, timeout=args.timeout, **kw)
+                print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True)) if args.json else msg.text)
+    except grpc.RpcError as e:
+        print(f"goodspec: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_health(args) -> int:
+    import grpc
+
+    try:
+        with _client(args) as client:
+            status = client.health()
+    except grpc.RpcError as e:
+        print(f"goodspec: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
 def cmd_profile(args) -> int:
     from goodspec.config import DEFAULT_TARGET
     from goodspec.workers.model_runner import ModelRunner, RunnerConfig
@@ -119,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "profile":
             return cmd_profile(args)
+        if args.command == "serve":
+            return cmd_serve(args)
+        if args.command == "complete":
+            return cmd_complete(args)
+        if args.command == "health":
+            return cmd_health(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"goodspec: error: {e}", file=sys.stderr)
         return 2

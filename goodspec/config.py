@@ -3,6 +3,7 @@
     engine:            what one engine runs (models, KV budgets, policy)
       scheduler:       batching limits and K_max
     cluster:           where engines run (Ray address, replicas, placement, timeouts)
+    server:            the gRPC front door (address, limits, auth, TLS, draining)
 
 Every leaf field becomes a command-line flag of the same name (`max_num_seqs` -> `--max-num-seqs`),
 documented from its `help` metadata, so `goodspec serve --help` lists the whole tree.
@@ -80,9 +81,33 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    host: str = _f("127.0.0.1", "address the gRPC server binds (0.0.0.0 for all interfaces)")
+    port: int = _f(50051, "gRPC port")
+    max_queued_requests: int = _f(256, "requests in flight (running + waiting) before RESOURCE_EXHAUSTED")
+    max_new_tokens_limit: int = _f(0, "largest max_new_tokens accepted (0 = the model's context)")
+    auth_token: str | None = _f(None, "bearer token clients must send (or env GOODSPEC_AUTH_TOKEN); health is exempt")
+    tls_cert: str | None = _f(None, "PEM certificate chain: serve TLS")
+    tls_key: str | None = _f(None, "PEM private key for tls_cert")
+    tls_client_ca: str | None = _f(None, "PEM CA bundle: require and verify client certificates (mTLS)")
+    drain_grace_s: float = _f(30.0, "on SIGTERM: seconds to let in-flight requests finish")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in 0..65535 (0 = any free port); got {self.port}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.max_queued_requests < 1:
+            raise ValueError(f"max_queued_requests must be >= 1; got {self.max_queued_requests}")
+
+
+@dataclass(frozen=True)
 class GoodspecConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
 
 
 # -- YAML and flags ---------------------------------------------------------------------------

@@ -1,0 +1,98 @@
+"""The gRPC boundary's two single places: request validation (proto -> engine input) and the
+mapping of every error to a gRPC status. The servicer itself only converts and forwards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from goodspec.scheduler.policy import parse_policy
+from goodspec.scheduler.scheduler import EngineUnhealthy, RequestRejected
+from goodspec.scheduler.service import StreamChunk
+from goodspec.v1 import generation_pb2 as pb
+from goodspec.workers.sampling import SamplingParams
+
+FINISH_REASONS = {
+    "length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP,
+    "eos": pb.FINISH_REASON_EOS, "cancelled": pb.FINISH_REASON_CANCELLED,
+}
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class Draining(RuntimeError):
+    pass
+
+
+class EngineFailed(RuntimeError):
+    """The engine ended the request with an error (e.g. a worker that cannot be restarted)."""
+
+
+@dataclass(frozen=True)
+class GenerateInput:
+    request_id: str
+    prompt: str
+    sampling: SamplingParams
+    policy: str | None
+    max_k: int | None
+
+
+def validate(req: pb.GenerateRequest, codec, max_context: int, max_new_tokens_limit: int) -> GenerateInput:
+    """Raises ValueError naming the offending field."""
+    if not req.prompt.strip():
+        raise ValueError("prompt: must not be empty")
+    num_prompt = len(codec.encode(req.prompt))
+    if num_prompt >= max_context:
+        raise ValueError(f"prompt: {num_prompt} tokens; the model's context is {max_context}")
+    s = req.sampling
+    limit = max_new_tokens_limit or max_context
+    if s.max_new_tokens == 0:
+        raise ValueError("sampling.max_new_tokens: must be >= 1")
+    if s.max_new_tokens > limit:
+        raise ValueError(f"sampling.max_new_tokens: {s.max_new_tokens} is over the limit of {limit}")
+    try:
+        sampling = SamplingParams(
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature if s.HasField("temperature") else 0.0,
+            top_p=s.top_p if s.HasField("top_p") else 1.0,
+            top_k=s.top_k if s.HasField("top_k") else 0,
+            seed=s.seed if s.HasField("seed") else None,
+            stop=tuple(s.stop), ignore_eos=s.ignore_eos,
+        )
+    except ValueError as e:
+        raise ValueError(f"sampling.{e}") from None
+    policy = req.speculation.policy or None
+    if policy is not None:
+        try:
+            parse_policy(policy)
+        except ValueError as e:
+            raise ValueError(f"speculation.policy: {e}") from None
+    max_k = req.speculation.max_k if req.speculation.HasField("max_k") else None
+    return GenerateInput(req.request_id, req.prompt, sampling, policy, max_k)
+
+
+def to_response(chunk: StreamChunk) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(request_id=chunk.req_id, text=chunk.text, token_ids=chunk.token_ids)
+    if chunk.finished:
+        msg.finish_reason = FINISH_REASONS.get(chunk.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED)
+        u = chunk.usage
+        if u is not None:
+            msg.usage.CopyFrom(pb.Usage(
+                prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                draft_tokens_proposed=u.draft_tokens_proposed,
+                draft_tokens_accepted=u.draft_tokens_accepted, mean_k=u.mean_k))
+    return msg
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """Every error a request can meet, as the status a client sees. Never UNKNOWN."""
+    if isinstance(exc, (ValueError, RequestRejected)):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, QueueFull):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, (Draining, EngineUnhealthy, EngineFailed)):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"

@@ -1,0 +1,213 @@
+"""The gRPC front door: an asyncio server over an EngineGroup, with health, reflection,
+bearer-token auth, TLS/mTLS, a bounded admission queue and SIGTERM draining."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from goodspec.cluster.api import Draining, EngineFailed, QueueFull, status_of, to_response, validate
+from goodspec.cluster.group import EngineGroup
+from goodspec.config import ServerConfig
+from goodspec.v1 import generation_pb2 as pb
+from goodspec.v1 import generation_pb2_grpc as pb_grpc
+from goodspec.workers.sampling import SamplingParams
+
+log = logging.getLogger("goodspec.server")
+SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+HEALTH_EXEMPT = "/grpc.health.v1.Health/"
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, group: EngineGroup, config: ServerConfig) -> None:
+        self.group = group
+        self.config = config
+        info = group.model_info()
+        self.max_context = info["max_context"]
+        self.info = info
+        self.in_flight = 0
+        self.cancelled = 0
+        self.rejected = 0
+        self.draining = False
+
+    def _admit(self, req: pb.GenerateRequest):
+        if self.draining:
+            raise Draining("server is draining (shutting down); retry on another replica")
+        if self.in_flight >= self.config.max_queued_requests:
+            raise QueueFull(f"queue full: {self.in_flight} requests in flight "
+                            f"(max_queued_requests={self.config.max_queued_requests})")
+        return validate(req, self.group.codec, self.max_context, self.config.max_new_tokens_limit)
+
+    async def _stream(self, req: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        """Yields chunks; raises mapped statuses through context.abort."""
+        try:
+            inp = self._admit(req)
+        except Exception as e:  # noqa: BLE001 - mapped to a status in one place
+            self.rejected += 1
+            await context.abort(*status_of(e))
+        self.in_flight += 1
+        finished = False
+        try:
+            async for _, chunk in self.group.generate(
+                inp.prompt, inp.sampling, req_id=inp.request_id or f"req-{uuid.uuid4().hex[:12]}",
+                policy=inp.policy, max_k=inp.max_k,
+            ):
+                if chunk.finished and chunk.finish_reason == "error":
+                    raise EngineFailed(chunk.error or "the engine failed this request")
+                finished = chunk.finished
+                yield chunk
+        except asyncio.CancelledError:
+            self.cancelled += 1  # client cancel or deadline: group.generate aborted and freed it
+            raise
+        except Exception as e:  # noqa: BLE001
+            if isinstance(e, ValueError):
+                self.rejected += 1
+            await context.abort(*status_of(e))
+        finally:
+            self.in_flight -= 1
+            if not finished and context.cancelled():
+                log.info("request cancelled by the client")
+
+    async def Generate(self, request, context):
+        async for chunk in self._stream(request, context):
+            yield to_response(chunk)
+
+    async def Complete(self, request, context):
+        text, ids, last = [], [], None
+        async for chunk in self._stream(request, context):
+            text.append(chunk.text)
+            ids += chunk.token_ids
+            last = chunk
+        msg = to_response(last)
+        msg.text = "".join(text)
+        msg.ClearField("token_ids")
+        msg.token_ids.extend(ids)
+        return msg
+
+    async def GetModelInfo(self, request, context):
+        i = self.info
+        return pb.ModelInfo(
+            target_model=i["target"], draft_model=i["draft"] or "", max_context_length=i["max_context"],
+            vocab_size=i["vocab_size"], speculation_policy=i["policy"], proposer=i["proposer"],
+            replicas=i["replicas"])
+
+    async def GetServerStats(self, request, context):
+        stats = await asyncio.to_thread(self.group.stats)
+        engines = [pb.EngineStats(
+            replica=s["replica"], running=s["running"], waiting=s["waiting"],
+            target_kv_blocks_used=s["target_blocks_used"], draft_kv_blocks_used=s["draft_blocks_used"],
+            num_steps=s["num_steps"], mean_k=s["mean_k"], acceptance_rate=s["acceptance_rate"] or 0.0,
+            k_histogram={int(k): v for k, v in s["k_histogram"].items()},
+            worker_failures=s["worker_failures"], unhealthy=s["unhealthy"] or "",
+        ) for s in stats]
+        return pb.ServerStats(engines=engines, requests_in_flight=self.in_flight,
+                              requests_cancelled=self.cancelled, requests_rejected=self.rejected,
+                              draining=self.draining)
+
+
+class BearerAuth(grpc.aio.ServerInterceptor):
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}"
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(HEALTH_EXEMPT):
+            return await continuation(details)
+        headers = dict(details.invocation_metadata or ())
+        if headers.get("authorization") == self._expected:
+            return await continuation(details)
+        handler = await continuation(details)
+        if handler is not None and handler.response_streaming:
+            return self._deny_stream
+        return self._deny_unary
+
+
+class GoodspecServer:
+    """Owns the grpc.aio server, the servicer and the health state."""
+
+    def __init__(self, group: EngineGroup, config: ServerConfig) -> None:
+        self.config = config
+        self.group = group
+        token = config.auth_token or os.environ.get("GOODSPEC_AUTH_TOKEN") or None
+        self.server = grpc.aio.server(interceptors=[BearerAuth(token)] if token else [])
+        self.servicer = GenerationServicer(group, config)
+        pb_grpc.add_GenerationServicer_to_server(self.servicer, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert:
+            creds = grpc.ssl_server_credentials(
+                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+                root_certificates=Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None,
+                require_client_auth=config.tls_client_ca is not None,
+            )
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot bind {address}")
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        await self.start_listening()
+        await self.warm_up()
+
+    async def start_listening(self) -> None:
+        """Accept connections; health says NOT_SERVING until warm_up has run."""
+        await self._set_health(False)
+        await self.server.start()
+
+    async def warm_up(self) -> None:
+        # One request on every engine (first forwards allocate memory) before saying SERVING.
+        warm = SamplingParams(max_new_tokens=2)
+        await asyncio.gather(*(self.group.complete_on(i, "Hello", warm) for i in range(len(self.group.engines))))
+        await self._set_health(True)
+
+    async def begin_drain(self) -> None:
+        """Stop admitting: new requests get UNAVAILABLE and health says NOT_SERVING."""
+        self.servicer.draining = True
+        await self._set_health(False)
+
+    async def drain(self) -> None:
+        """begin_drain, let in-flight requests finish within the grace period, then stop."""
+        await self.begin_drain()
+        deadline = asyncio.get_running_loop().time() + self.config.drain_grace_s
+        while self.servicer.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.server.stop(grace=1.0)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
+
+
+async def serve_forever(group: EngineGroup, config: ServerConfig) -> None:
+    srv = GoodspecServer(group, config)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await srv.start()
+    log.warning("goodspec serving on %s:%d", config.host, srv.port)
+    print(f"goodspec: serving {SERVICE} on {config.host}:{srv.port}", flush=True)
+    await stopping.wait()
+    print("goodspec: draining", flush=True)
+    await srv.drain()

@@ -1,0 +1,294 @@
+"""The gRPC front door: a real grpc.aio server on loopback over the real Ray runtime."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from goodspec.client import GenerationClient
+from goodspec.cluster.grpc_server import GoodspecServer
+from goodspec.config import ServerConfig
+from goodspec.v1 import generation_pb2 as pb
+from tests.cluster.test_group import make_group
+
+
+class ServerThread:
+    """A GoodspecServer on its own event loop thread, so tests can use the blocking client."""
+
+    def __init__(self, group, warm: bool = True, **config) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.server = self.call(self._make(group, ServerConfig(port=0, **config)))
+        self.call(self.server.start_listening())
+        if warm:
+            self.call(self.server.warm_up())
+        self.address = f"127.0.0.1:{self.server.port}"
+
+    async def _make(self, group, config):
+        return GoodspecServer(group, config)
+
+    def call(self, coro, timeout=300):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self):
+        self.call(self.server.server.stop(grace=0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+@pytest.fixture(scope="module")
+def group(ray_session):
+    g = make_group(engine__target_kv_tokens=16384, engine__draft_kv_tokens=16384)
+    yield g
+    g.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(group):
+    s = ServerThread(group)
+    yield s
+    s.stop()
+
+
+@pytest.fixture()
+def client(server):
+    with GenerationClient(server.address) as c:
+        yield c
+
+
+def wait_idle(client, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        e = client.server_stats().engines[0]
+        if e.running == 0 and e.waiting == 0 and e.target_kv_blocks_used == 0 and e.draft_kv_blocks_used == 0:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_streaming_and_unary_match_target_only_greedy(client, sharegpt_prompts, greedy_reference):
+    for p in sharegpt_prompts[:6]:
+        n, want = greedy_reference[p]
+        unary = client.complete(p, max_new_tokens=n, policy="fixed:3")
+        chunks = list(client.generate(p, max_new_tokens=n))
+        assert list(unary.token_ids) == want
+        assert [t for c in chunks for t in c.token_ids] == want
+        assert "".join(c.text for c in chunks) == unary.text
+        final = chunks[-1]
+        assert final.finish_reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_EOS)
+        assert all(c.finish_reason == pb.FINISH_REASON_UNSPECIFIED for c in chunks[:-1])
+        assert final.usage.completion_tokens == len(want) and final.usage.prompt_tokens > 0
+        assert final.usage.draft_tokens_accepted <= final.usage.draft_tokens_proposed
+
+
+def test_32_concurrent_streams(server, sharegpt_prompts, greedy_reference):
+    prompts = sharegpt_prompts[:32]
+
+    def one(p):
+        with GenerationClient(server.address) as c:
+            return [t for m in c.generate(p, max_new_tokens=greedy_reference[p][0]) for t in m.token_ids]
+
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(one, prompts))
+    assert got == [greedy_reference[p][1] for p in prompts]
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(prompt=""), "prompt"),
+    (dict(prompt="word " * 2000), "context is 1024"),
+    (dict(temperature=-0.5), "temperature"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(policy="sometimes"), "speculation.policy"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=10**9), "max_new_tokens"),
+])
+def test_bad_input_is_invalid_argument_naming_the_field_and_server_still_serves(client, kwargs, field):
+    prompt = kwargs.pop("prompt", "Hello")
+    kw = dict(max_new_tokens=4)
+    kw.update(kwargs)
+    for call in (lambda: client.complete(prompt, **kw), lambda: list(client.generate(prompt, **kw))):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in err.value.details()
+    assert client.health() == "SERVING"
+    assert len(client.complete("Hello", max_new_tokens=3).token_ids) == 3
+
+
+def test_client_cancel_frees_the_request_cache_at_once(client):
+    before = client.server_stats().requests_cancelled
+    call = client.generate("Tell me a long story about the sea.", max_new_tokens=500, ignore_eos=True)
+    for _ in range(3):
+        next(call)
+    assert client.server_stats().engines[0].target_kv_blocks_used > 0
+    call.cancel()
+    assert wait_idle(client), client.server_stats()
+    assert client.server_stats().requests_cancelled > before
+
+
+def test_deadline_aborts_the_request_and_frees_its_cache(client):
+    with pytest.raises(grpc.RpcError) as err:
+        client.complete("Write a very long essay.", max_new_tokens=800, ignore_eos=True, timeout=0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_idle(client), client.server_stats()
+
+
+def test_overload_is_resource_exhausted(group):
+    s = ServerThread(group, max_queued_requests=2)
+    try:
+        with GenerationClient(s.address) as c:
+            long = [c.generate("Count to a thousand.", max_new_tokens=300, ignore_eos=True) for _ in range(2)]
+            for call in long:
+                next(call)  # both admitted and running
+            with pytest.raises(grpc.RpcError) as err:
+                c.complete("Hello", max_new_tokens=2)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_queued_requests=2" in err.value.details()
+            for call in long:
+                call.cancel()
+    finally:
+        s.stop()
+
+
+def test_health_goes_not_serving_serving_then_draining_refuses_new_requests(group):
+    s = ServerThread(group, warm=False)
+    try:
+        with GenerationClient(s.address) as c:
+            assert c.health() == "NOT_SERVING"
+            s.call(s.server.warm_up())
+            assert c.health() == "SERVING" and c.health("goodspec.v1.Generation") == "SERVING"
+            s.call(s.server.begin_drain())
+            assert c.health() == "NOT_SERVING"
+            with pytest.raises(grpc.RpcError) as err:
+                c.complete("Hello", max_new_tokens=2)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        s.stop()
+
+
+def test_reflection_lists_the_services(server):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(server.address) as ch:
+        services = set(ProtoReflectionDescriptorDatabase(ch).get_services())
+    assert {"goodspec.v1.Generation", "grpc.health.v1.Health"} <= services
+
+
+def test_model_info(client):
+    info = client.model_info()
+    assert info.max_context_length == 1024 and info.vocab_size == 4096
+    assert info.speculation_policy == "fixed:3" and info.target_model.endswith("target")
+
+
+def test_bearer_token_auth_on_and_health_exempt(group):
+    s = ServerThread(group, auth_token="s3cret")
+    try:
+        with GenerationClient(s.address) as anon:
+            assert anon.health() == "SERVING"
+            with pytest.raises(grpc.RpcError) as err:
+                anon.complete("Hello", max_new_tokens=2)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.RpcError) as err:
+                list(anon.generate("Hello", max_new_tokens=2))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with GenerationClient(s.address, token="wrong") as bad:
+            with pytest.raises(grpc.RpcError):
+                bad.complete("Hello", max_new_tokens=2)
+        with GenerationClient(s.address, token="s3cret") as ok:
+            assert len(ok.complete("Hello", max_new_tokens=2).token_ids) == 2
+    finally:
+        s.stop()
+
+
+def _self_signed(tmp_path, name: str, ca=None):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    issuer_key, issuer = (key, subject) if ca is None else ca
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=ca is None, path_length=None), critical=True)
+            .sign(issuer_key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path), (key, subject)
+
+
+def test_tls_and_mutual_tls_round_trip(group, tmp_path):
+    ca_cert, _, ca = _self_signed(tmp_path, "goodspec-test-ca")
+    srv_cert, srv_key, _ = _self_signed(tmp_path, "localhost", ca=ca)
+    cli_cert, cli_key, _ = _self_signed(tmp_path, "client", ca=ca)
+    s = ServerThread(group, tls_cert=srv_cert, tls_key=srv_key, tls_client_ca=ca_cert)
+    try:
+        address = f"localhost:{s.server.port}"
+        with GenerationClient(address, tls_ca=ca_cert, tls_cert=cli_cert, tls_key=cli_key) as c:
+            assert len(c.complete("Hello", max_new_tokens=3).token_ids) == 3
+        with GenerationClient(address, tls_ca=ca_cert) as no_client_cert:
+            with pytest.raises(grpc.RpcError) as err:
+                no_client_cert.complete("Hello", max_new_tokens=3, timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        with GenerationClient(address) as plaintext:
+            with pytest.raises(grpc.RpcError):
+                plaintext.complete("Hello", max_new_tokens=3, timeout=10)
+    finally:
+        s.stop()
+
+
+def test_goodspec_serve_drains_on_sigterm(tmp_path):
+    """As an operator runs it: `goodspec serve` in its own process; SIGTERM lets the in-flight
+    request finish, refuses new ones, and the process exits 0."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "goodspec.cli", "serve", "--port", str(port), "--num-cpus", "3",
+         "--device", "cpu", "--threads", "1", "--drain-grace-s", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        with GenerationClient(address) as c:
+            deadline = time.monotonic() + 240
+            while True:
+                try:
+                    if c.health() == "SERVING":
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
+                time.sleep(0.5)
+            stream = c.generate("Tell me about the sea.", max_new_tokens=120, ignore_eos=True)
+            first = next(stream)
+            os.kill(proc.pid, signal.SIGTERM)
+            time.sleep(0.3)
+            with pytest.raises(grpc.RpcError) as err:  # draining: no new requests
+                c.complete("Hello", max_new_tokens=2, timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            rest = list(stream)  # the in-flight request still finishes
+            assert rest[-1].finish_reason == pb.FINISH_REASON_LENGTH
+            assert len(first.token_ids) + sum(len(m.token_ids) for m in rest) == 120
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
