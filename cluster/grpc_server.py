@@ -211,3 +211,30 @@ async def serve_forever(group: EngineGroup, config: ServerConfig) -> None:
     await stopping.wait()
     print("goodspec: draining", flush=True)
     await srv.drain()
+
+
+class BackgroundServer:
+    """A GoodspecServer on its own event-loop thread: for `goodspec bench` without --address and
+    for tests, which talk to it with the blocking client from the main thread."""
+
+    def __init__(self, group: EngineGroup, config: ServerConfig, warm: bool = True) -> None:
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="goodspec-grpc", daemon=True).start()
+        self.server: GoodspecServer = self.call(self._make(group, config))
+        self.call(self.server.start_listening())
+        if warm:
+            self.call(self.server.warm_up())
+        self.address = f"127.0.0.1:{self.server.port}"
+
+    @staticmethod
+    async def _make(group, config):  # the aio server must be created on its loop
+        return GoodspecServer(group, config)
+
+    def call(self, coro, timeout: float = 600):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.call(self.server.server.stop(grace=0))
+        self.loop.call_soon_threadsafe(self.loop.stop)

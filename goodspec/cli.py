@@ -69,6 +69,22 @@ def build_parser() -> argparse.ArgumentParser:
     hc.add_argument("--address", default="localhost:50051")
     _add_client_args(hc)
 
+    bench = sub.add_parser("bench", help="latency vs request rate on ShareGPT, policies compared on one trace")
+    bench.add_argument("--address", default=None, help="a running server; unset = start the embedded one")
+    bench.add_argument("--rates", default="0.5,1,2,4", help="comma-separated request rates (req/s)")
+    bench.add_argument("--policies", default="off,fixed:1,fixed:3,fixed:5,goodput")
+    bench.add_argument("--num-requests", type=int, default=32, help="requests per rate and policy")
+    bench.add_argument("--max-output-tokens", type=int, default=128, help="cap on each reply length")
+    bench.add_argument("--warmup", type=int, default=4, help="warm-up requests per policy (not measured)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--out", default="bench-results", help="folder for results.json/.md and latency.png")
+    bench.add_argument("--peers", action="store_true",
+                       help="also measure HF assisted generation and transformers continuous batching")
+    bench.add_argument("--peer-requests", type=int, default=16)
+    bench.add_argument("--peer-max-new-tokens", type=int, default=64)
+    bench.add_argument("--token", default=None, help="bearer token of the server")
+    add_config_flags(bench)
+
     prof = sub.add_parser("profile", help="measure the target's verify cost against plain decoding")
     prof.add_argument("--target", default=None, help="model directory (default: the shipped target)")
     prof.add_argument("--device", default="auto")
@@ -186,6 +202,66 @@ def cmd_health(args) -> int:
     return 0 if status == "SERVING" else 1
 
 
+def cmd_bench(args) -> int:
+    import platform
+    from pathlib import Path
+
+    from goodspec import bench, bench_peers
+    from goodspec.workers.tokenizer import TextCodec
+
+    config = build_config(args)
+    rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    for p in policies:
+        from goodspec.scheduler.policy import parse_policy
+
+        parse_policy(p)
+    group = server = None
+    address = args.address
+    if address is None:
+        from dataclasses import replace
+
+        from goodspec.cluster.group import EngineGroup
+        from goodspec.cluster.grpc_server import BackgroundServer
+
+        group = EngineGroup(config)
+        server = BackgroundServer(group, replace(config.server, port=0,
+                                                 max_queued_requests=max(config.server.max_queued_requests, 4 * args.num_requests)))
+        address = server.address
+    try:
+        codec = TextCodec.load(config.engine.target_dir)
+        records, summaries = bench.run_benchmark(address, rates, policies, args.num_requests, args.seed,
+                                                 args.warmup, codec, args.max_output_tokens,
+                                                 progress=True, token=args.token)
+        peers = None
+        if args.peers:
+            prompts = [p for p, _ in bench.sharegpt_workload(codec, args.peer_requests, args.seed + 1)]
+            n = args.peer_max_new_tokens
+            print("peers: goodspec offline, HF assisted generation, transformers generate_batch ...", file=sys.stderr)
+            peers = {"goodspec": bench_peers.goodspec_offline(address, prompts, n, token=args.token)}
+            if config.engine.draft_dir:
+                peers["hf assisted (1 at a time)"] = bench_peers.hf_assisted(
+                    config.engine.target_dir, config.engine.draft_dir, prompts, n, codec)
+            peers["hf generate_batch (no spec)"] = bench_peers.hf_continuous_batching(
+                config.engine.target_dir, prompts, n, codec)
+        meta = {"command": "goodspec " + " ".join(sys.argv[1:]), "rates": rates, "policies": policies,
+                "num_requests": args.num_requests, "seed": args.seed, "machine": platform.platform(),
+                "cpus": __import__("os").cpu_count(), "device": config.engine.device}
+        bench.write_results(Path(args.out), records, summaries, meta, peers)
+    finally:
+        if server is not None:
+            server.stop()
+        if group is not None:
+            group.shutdown()
+    print(bench.markdown_table(summaries))
+    for line in bench.ratio_lines(bench.ratios(summaries)):
+        print(line)
+    if peers:
+        print(bench.peers_table(peers))
+    print(f"wrote {args.out}/results.json, results.md, latency.png", file=sys.stderr)
+    return 1 if any(s.errors for s in summaries) else 0
+
+
 def cmd_profile(args) -> int:
     from goodspec.config import DEFAULT_TARGET
     from goodspec.workers.model_runner import ModelRunner, RunnerConfig
@@ -210,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_generate(args)
         if args.command == "profile":
             return cmd_profile(args)
+        if args.command == "bench":
+            return cmd_bench(args)
         if args.command == "serve":
             return cmd_serve(args)
         if args.command == "complete":

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,33 +10,14 @@ import grpc
 import pytest
 
 from goodspec.client import GenerationClient
-from goodspec.cluster.grpc_server import GoodspecServer
+from goodspec.cluster.grpc_server import BackgroundServer
 from goodspec.config import ServerConfig
 from goodspec.v1 import generation_pb2 as pb
 from tests.cluster.test_group import make_group
 
 
-class ServerThread:
-    """A GoodspecServer on its own event loop thread, so tests can use the blocking client."""
-
-    def __init__(self, group, warm: bool = True, **config) -> None:
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        self.server = self.call(self._make(group, ServerConfig(port=0, **config)))
-        self.call(self.server.start_listening())
-        if warm:
-            self.call(self.server.warm_up())
-        self.address = f"127.0.0.1:{self.server.port}"
-
-    async def _make(self, group, config):
-        return GoodspecServer(group, config)
-
-    def call(self, coro, timeout=300):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self):
-        self.call(self.server.server.stop(grace=0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
+def ServerThread(group, warm: bool = True, **config) -> BackgroundServer:
+    return BackgroundServer(group, ServerConfig(port=0, **config), warm=warm)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,283 @@
+"""`goodspec bench`: latency against request rate on ShareGPT, several speculation policies on
+one identical trace, driven over gRPC like any client would (vLLM's serving benchmark, SmartSpec's
+figures). Writes raw records (JSON), a Markdown table and a latency-vs-rate plot (PNG)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from goodspec.client import AsyncGenerationClient, GenerationClient
+
+
+@dataclass(frozen=True)
+class TraceItem:
+    prompt: str
+    max_new_tokens: int
+    arrival_s: float  # offset from the start of the run
+
+
+@dataclass
+class RequestRecord:
+    policy: str
+    rate: float
+    index: int
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    arrival_s: float = 0.0
+    ttft_s: float = 0.0
+    latency_s: float = 0.0
+    draft_tokens_proposed: int = 0
+    draft_tokens_accepted: int = 0
+    mean_k: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class RunSummary:
+    policy: str
+    rate: float
+    num_requests: int
+    errors: int
+    mean_latency_s: float
+    p50_latency_s: float
+    p90_latency_s: float
+    p99_latency_s: float
+    mean_ttft_s: float
+    mean_tpot_s: float
+    requests_per_s: float
+    tokens_per_s: float
+    accepted_draft_tokens_per_s: float
+    acceptance_rate: float | None
+    k_histogram: dict = field(default_factory=dict)
+
+
+# -- workload ---------------------------------------------------------------------------------
+def sharegpt_workload(codec, num: int, seed: int, max_prompt_tokens: int = 384,
+                      max_output_tokens: int = 128, min_output_tokens: int = 8) -> list[tuple[str, int]]:
+    """First-turn human prompts; each request's output length is the dataset reply's own token
+    length, capped (as vLLM's serving benchmark does). Prompts that do not fit are skipped."""
+    from goodspec.sharegpt import first_turn_prompts
+
+    pool = []
+    for prompt, reply in first_turn_prompts():
+        n_prompt = len(codec.encode(prompt))
+        if n_prompt > max_prompt_tokens:
+            continue
+        n_out = min(max_output_tokens, len(codec.encode(reply)))
+        if n_out >= min_output_tokens:
+            pool.append((prompt, n_out))
+        if len(pool) >= 20 * num:
+            break
+    rng = random.Random(seed)
+    return rng.sample(pool, min(num, len(pool)))
+
+
+def poisson_trace(workload: list[tuple[str, int]], rate: float, seed: int) -> list[TraceItem]:
+    rng = random.Random(seed)
+    t = 0.0
+    out = []
+    for prompt, n in workload:
+        out.append(TraceItem(prompt, n, t))
+        t += rng.expovariate(rate)
+    return out
+
+
+# -- driving ----------------------------------------------------------------------------------
+async def run_trace(address: str, trace: list[TraceItem], policy: str, rate: float, bar=None,
+                    token: str | None = None) -> list[RequestRecord]:
+    async with AsyncGenerationClient(address, token=token) as client:
+        t0 = time.perf_counter()
+
+        async def one(i: int, item: TraceItem) -> RequestRecord:
+            rec = RequestRecord(policy=policy, rate=rate, index=i, arrival_s=item.arrival_s)
+            await asyncio.sleep(max(0.0, item.arrival_s - (time.perf_counter() - t0)))
+            start = time.perf_counter()
+            try:
+                async for msg in client.generate(item.prompt, max_new_tokens=item.max_new_tokens,
+                                                 ignore_eos=True, policy=policy):
+                    if msg.token_ids and rec.ttft_s == 0.0:
+                        rec.ttft_s = time.perf_counter() - start
+                    rec.output_tokens += len(msg.token_ids)
+                    if msg.HasField("usage"):
+                        u = msg.usage
+                        rec.prompt_tokens = u.prompt_tokens
+                        rec.draft_tokens_proposed = u.draft_tokens_proposed
+                        rec.draft_tokens_accepted = u.draft_tokens_accepted
+                        rec.mean_k = u.mean_k
+            except Exception as e:  # noqa: BLE001 - counted and reported, never hidden
+                rec.error = f"{type(e).__name__}: {e}"
+            rec.latency_s = time.perf_counter() - start
+            if bar is not None:
+                bar.update(1)
+            return rec
+
+        return list(await asyncio.gather(*(one(i, it) for i, it in enumerate(trace))))
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def summarise(records: list[RequestRecord], k_hist: dict) -> RunSummary:
+    ok = [r for r in records if r.error is None]
+    lat = [r.latency_s for r in ok]
+    span = max((r.arrival_s + r.latency_s for r in ok), default=0.0) or 1e-9
+    tpot = [(r.latency_s - r.ttft_s) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    proposed = sum(r.draft_tokens_proposed for r in ok)
+    accepted = sum(r.draft_tokens_accepted for r in ok)
+    return RunSummary(
+        policy=records[0].policy, rate=records[0].rate, num_requests=len(records),
+        errors=len(records) - len(ok),
+        mean_latency_s=statistics.mean(lat) if lat else float("nan"),
+        p50_latency_s=_pct(lat, 0.5), p90_latency_s=_pct(lat, 0.9), p99_latency_s=_pct(lat, 0.99),
+        mean_ttft_s=statistics.mean(r.ttft_s for r in ok) if ok else float("nan"),
+        mean_tpot_s=statistics.mean(tpot) if tpot else float("nan"),
+        requests_per_s=len(ok) / span, tokens_per_s=sum(r.output_tokens for r in ok) / span,
+        accepted_draft_tokens_per_s=accepted / span,
+        acceptance_rate=accepted / proposed if proposed else None, k_histogram=k_hist,
+    )
+
+
+def _k_histogram(address: str, token: str | None) -> dict[int, int]:
+    with GenerationClient(address, token=token) as c:
+        out: dict[int, int] = {}
+        for e in c.server_stats().engines:
+            for k, n in e.k_histogram.items():
+                out[k] = out.get(k, 0) + n
+        return out
+
+
+def run_benchmark(address: str, rates: list[float], policies: list[str], num_requests: int,
+                  seed: int, warmup: int, codec, max_output_tokens: int, progress: bool = True,
+                  token: str | None = None) -> tuple[list[RequestRecord], list[RunSummary]]:
+    workload = sharegpt_workload(codec, num_requests, seed, max_output_tokens=max_output_tokens)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(rates) * len(policies) * len(workload), desc="bench", unit="req")
+    if warmup:
+        # Warm every policy's path (the goodput model starts fitting on live steps here).
+        for policy in policies:
+            asyncio.run(run_trace(address, poisson_trace(workload[:warmup], 100.0, seed), policy, 0.0,
+                                  token=token))
+    records: list[RequestRecord] = []
+    summaries: list[RunSummary] = []
+    for rate in rates:
+        trace = poisson_trace(workload, rate, seed)  # identical for every policy at this rate
+        for policy in policies:
+            before = _k_histogram(address, token)
+            recs = asyncio.run(run_trace(address, trace, policy, rate, bar, token))
+            after = _k_histogram(address, token)
+            hist = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(after)
+                    if after.get(k, 0) - before.get(k, 0) > 0}
+            records += recs
+            summaries.append(summarise(recs, hist))
+    if bar is not None:
+        bar.close()
+    return records, summaries
+
+
+# -- reporting --------------------------------------------------------------------------------
+def ratios(summaries: list[RunSummary]) -> list[dict]:
+    """Per rate: goodput's mean latency over the best static policy's and over off's."""
+    out = []
+    for rate in sorted({s.rate for s in summaries}):
+        at = {s.policy: s for s in summaries if s.rate == rate}
+        if "goodput" not in at:
+            continue
+        static = {p: s for p, s in at.items() if p != "goodput"}
+        row = {"rate": rate}
+        if static:
+            best = min(static.values(), key=lambda s: s.mean_latency_s)
+            row["best_static"] = best.policy
+            row["goodput_over_best_static"] = at["goodput"].mean_latency_s / best.mean_latency_s
+        if "off" in at:
+            row["goodput_over_off"] = at["goodput"].mean_latency_s / at["off"].mean_latency_s
+        out.append(row)
+    return out
+
+
+def markdown_table(summaries: list[RunSummary]) -> str:
+    head = ("| rate (req/s) | policy | mean lat (s) | p50 | p90 | p99 | TTFT (s) | TPOT (ms) | req/s | "
+            "tok/s | accepted draft tok/s | acceptance | k histogram | errors |")
+    lines = [head, "|" + "---|" * 14]
+    for s in summaries:
+        acc = f"{s.acceptance_rate:.2f}" if s.acceptance_rate is not None else "-"
+        hist = " ".join(f"{k}:{n}" for k, n in s.k_histogram.items()) or "-"
+        lines.append(
+            f"| {s.rate:g} | {s.policy} | {s.mean_latency_s:.2f} | {s.p50_latency_s:.2f} | "
+            f"{s.p90_latency_s:.2f} | {s.p99_latency_s:.2f} | {s.mean_ttft_s:.3f} | "
+            f"{s.mean_tpot_s * 1e3:.1f} | {s.requests_per_s:.2f} | {s.tokens_per_s:.1f} | "
+            f"{s.accepted_draft_tokens_per_s:.1f} | {acc} | {hist} | {s.errors} |")
+    return "\n".join(lines) + "\n"
+
+
+def ratio_lines(rows: list[dict]) -> list[str]:
+    out = []
+    for r in rows:
+        parts = [f"rate {r['rate']:g} req/s:"]
+        if "goodput_over_best_static" in r:
+            parts.append(f"goodput / best static ({r['best_static']}) = {r['goodput_over_best_static']:.3f}")
+        if "goodput_over_off" in r:
+            parts.append(f"goodput / off = {r['goodput_over_off']:.3f}")
+        out.append("  ".join(parts))
+    return out
+
+
+def plot(summaries: list[RunSummary], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for policy in dict.fromkeys(s.policy for s in summaries):
+        pts = sorted((s.rate, s.mean_latency_s) for s in summaries if s.policy == policy)
+        style = dict(linewidth=2.5, color="black") if policy == "goodput" else dict(linewidth=1.2)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=policy, **style)
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("mean request latency (s)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_results(out_dir: Path, records, summaries, meta: dict, peers: dict | None = None) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = ratios(summaries)
+    data = {"meta": meta, "summaries": [asdict(s) for s in summaries], "ratios": rows,
+            "records": [asdict(r) for r in records], **({"peers": peers} if peers else {})}
+    (out_dir / "results.json").write_text(json.dumps(data, indent=1))
+    md = [f"# goodspec bench\n\n`{meta.get('command', '')}`\n", markdown_table(summaries), ""]
+    md += [f"- {line}" for line in ratio_lines(rows)]
+    if peers:
+        md += ["", "## Peers (same prompts, offline)", "", peers_table(peers)]
+    (out_dir / "results.md").write_text("\n".join(md) + "\n")
+    plot(summaries, out_dir / "latency.png", meta.get("title", "goodspec: mean latency vs request rate"))
+    return data
+
+
+def peers_table(peers: dict) -> str:
+    lines = ["| system | requests | wall (s) | tok/s | mean latency (s) | tok/s vs goodspec | latency vs goodspec |",
+             "|---|---|---|---|---|---|---|"]
+    base = peers["goodspec"]
+    for name, p in peers.items():
+        lines.append(f"| {name} | {p['requests']} | {p['wall_s']:.1f} | {p['tokens_per_s']:.1f} | "
+                     f"{p['mean_latency_s']:.2f} | {p['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
+                     f"{p['mean_latency_s'] / base['mean_latency_s']:.2f}x |")
+    return "\n".join(lines) + "\n"
