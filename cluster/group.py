@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from goodspec.cluster.engine_actor import EngineActor
 from goodspec.cluster.worker_actor import WorkerActor
 from goodspec.config import ClusterConfig, EngineConfig, GoodspecConfig
-from goodspec.scheduler.service import StreamChunk, Usage
+from goodspec.scheduler.service import Completion, StreamChunk, Usage
 from goodspec.workers.model_runner import RunnerConfig
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.tokenizer import TextCodec
@@ -32,32 +32,6 @@ log = logging.getLogger("goodspec.cluster")
 
 class PlacementError(RuntimeError):
     """The Ray cluster cannot host an engine's actors."""
-
-
-@dataclass
-class Completion:
-    """A whole request's result, gathered from its stream."""
-
-    req_id: str
-    prompt: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    usage: Usage
-    replica: int
-    error: str | None = None
-
-    def to_json(self) -> dict:
-        u = self.usage
-        return {
-            "req_id": self.req_id, "prompt": self.prompt, "text": self.text,
-            "token_ids": self.token_ids, "finish_reason": self.finish_reason,
-            "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "draft_tokens_proposed": u.draft_tokens_proposed,
-            "draft_tokens_accepted": u.draft_tokens_accepted, "mean_k": u.mean_k,
-            "num_preemptions": u.num_preemptions, "replica": self.replica,
-            **({"error": self.error} if self.error else {}),
-        }
 
 
 @dataclass

@@ -7,52 +7,18 @@ which is what `goodspec generate` uses and what the tests drive directly.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from goodspec.config import EngineConfig
 from goodspec.scheduler.policy import SpeculationPolicy, parse_policy
-from goodspec.scheduler.request import Request
 from goodspec.scheduler.scheduler import KVBudget, RequestOutput, Scheduler
+from goodspec.scheduler.service import Completion, usage_of
 from goodspec.workers.draft_worker import DraftWorker
 from goodspec.workers.model_runner import RunnerConfig
 from goodspec.workers.ngram_proposer import NgramProposer
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.target_worker import TargetWorker
 from goodspec.workers.tokenizer import TextCodec
-
-
-@dataclass
-class Completion:
-    req_id: str
-    prompt: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    draft_tokens_proposed: int
-    draft_tokens_accepted: int
-    mean_k: float
-    num_preemptions: int
-
-    def to_json(self) -> dict:
-        from dataclasses import asdict
-
-        return {**asdict(self), "completion_tokens": len(self.token_ids)}
-
-    @classmethod
-    def from_request(cls, req: Request, prompt: str, codec: TextCodec) -> "Completion":
-        return cls(
-            req_id=req.req_id,
-            prompt=prompt,
-            text=codec.decode_output(req.output_ids, req.sampling.stop),
-            token_ids=req.output_ids,
-            finish_reason=req.finish_reason.value if req.finish_reason else "running",
-            prompt_tokens=req.num_prompt,
-            draft_tokens_proposed=req.num_draft_proposed,
-            draft_tokens_accepted=req.num_draft_accepted,
-            mean_k=round(req.mean_k, 4),
-            num_preemptions=req.num_preemptions,
-        )
 
 
 class LLMEngine:
@@ -113,7 +79,13 @@ class LLMEngine:
 
     def take_completion(self, req_id: str) -> Completion:
         req = self.scheduler.pop_finished(req_id)
-        return Completion.from_request(req, self._prompts.pop(req_id), self.codec)
+        return Completion(
+            req_id=req.req_id, prompt=self._prompts.pop(req_id),
+            text=self.codec.decode_output(req.output_ids, req.sampling.stop),
+            token_ids=req.output_ids,
+            finish_reason=req.finish_reason.value if req.finish_reason else "running",
+            usage=usage_of(req), error=req.error,
+        )
 
     def generate(
         self, prompts: list[str], sampling: SamplingParams | list[SamplingParams],

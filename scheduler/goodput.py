@@ -24,11 +24,13 @@ from goodspec.scheduler.step_record import StepRecord
 # -- step time ----------------------------------------------------------------------------------
 # Attention gathers every request's context padded to the longest one in the batch, so its cost
 # follows (requests x longest context), not the sum of contexts.
-def draft_features(sum_k: int, max_k: int, max_context: int) -> list[float]:
-    """[1 if any draft work, passes (max k), draft tokens (sum k), sum k * longest context / 1000]."""
+def draft_features(sum_k: int, max_k: int, max_context: int, catchup: int = 0) -> list[float]:
+    """[1 if any draft work, passes (max k), draft tokens (sum k), sum k * longest context / 1000,
+    catch-up tokens / 100]. A request that has not speculated for a while makes the draft process
+    every token it missed first: that cost belongs to the decision to speculate again."""
     if sum_k == 0:
-        return [0.0, 0.0, 0.0, 0.0]
-    return [1.0, float(max_k), float(sum_k), sum_k * max_context / 1000.0]
+        return [0.0] * 5
+    return [1.0, float(max_k), float(sum_k), sum_k * max_context / 1000.0, catchup / 100.0]
 
 
 def verify_features(batch_size: int, verify_tokens: int, max_context: int) -> list[float]:
@@ -37,7 +39,7 @@ def verify_features(batch_size: int, verify_tokens: int, max_context: int) -> li
 
 
 def record_features(r: StepRecord) -> tuple[list[float], list[float]]:
-    return (draft_features(r.draft_tokens, r.max_k, r.max_context),
+    return (draft_features(r.draft_tokens, r.max_k, r.max_context, r.draft_catchup_tokens),
             verify_features(r.batch_size, r.verify_tokens, r.max_context))
 
 
@@ -45,7 +47,7 @@ def record_features(r: StepRecord) -> tuple[list[float], list[float]]:
 class LinearTimeModel:
     """t = features . coef, coef >= 0, fitted by weighted non-negative least squares."""
 
-    coef: np.ndarray = field(default_factory=lambda: np.zeros(4))
+    coef: np.ndarray = field(default_factory=lambda: np.zeros(5))
 
     def predict(self, features: Sequence[float]) -> float:
         return float(np.dot(self.coef, features))
@@ -101,9 +103,11 @@ class StepTimeModel:
     def ready(self) -> bool:
         return self.num_fitted > 0
 
-    def predict_step_time(self, ks: Sequence[int], contexts: Sequence[int]) -> float:
+    def predict_step_time(self, ks: Sequence[int], contexts: Sequence[int],
+                          catchups: Sequence[int] | None = None) -> float:
         longest = max(c + k for c, k in zip(contexts, ks)) if ks else 0
-        return self.draft.predict(draft_features(sum(ks), max(ks, default=0), longest)) + \
+        catchup = sum(c for c, k in zip(catchups, ks) if k > 0) if catchups else 0
+        return self.draft.predict(draft_features(sum(ks), max(ks, default=0), longest, catchup)) + \
             self.verify.predict(verify_features(len(ks), sum(ks) + len(ks), longest))
 
 
@@ -163,7 +167,7 @@ class AcceptanceEstimator:
 
 # -- the choice of k --------------------------------------------------------------------------
 def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int],
-            model: StepTimeModel) -> list[int]:
+            model: StepTimeModel, catchups: Sequence[int] | None = None) -> list[int]:
     """Best uniform k first (the draft call has a fixed cost that one extra token alone may not
     repay while a whole batch of them does), then per-request +1/-1 moves while goodput rises
     (SmartSpec's greedy, made two-sided). Each move is evaluated in O(1) from running sums."""
@@ -171,24 +175,30 @@ def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int
     if n == 0 or max(caps, default=0) == 0:
         return [0] * n
     cd, cv = model.draft.coef, model.verify.coef
+    catch = [c / 100.0 for c in catchups] if catchups else [0.0] * n
     longest = max(contexts)  # the few extra positions k adds are ignored here
     verify_base = cv[0] + cv[1] * n + cv[2] * n + cv[3] * n * longest / 1000.0
 
-    def step_time(sum_k: int, sum_kctx: float, max_k: int) -> float:
-        t_d = 0.0 if sum_k == 0 else cd[0] + cd[1] * max_k + cd[2] * sum_k + cd[3] * sum_k * longest / 1000.0
+    # skc carries the catch-up tokens of the requests that speculate (k > 0).
+    def step_time(sum_k: int, skc: float, max_k: int) -> float:
+        t_d = 0.0 if sum_k == 0 else cd[0] + cd[1] * max_k + cd[2] * sum_k + cd[3] * sum_k * longest / 1000.0 + cd[4] * skc
         return max(t_d + verify_base + cv[2] * sum_k, 1e-9)
 
     def totals(ks):
         e = sum(expected_tokens(a, k) for a, k in zip(alphas, ks))
-        return e, sum(ks), sum(k * c for k, c in zip(ks, contexts))
+        return e, sum(ks), sum(c for k, c in zip(ks, catch) if k > 0)
 
     best_ks_, best_g = [0] * n, n / step_time(0, 0.0, 0)
+    in_step = [c == 0 for c in catch]  # requests whose draft is up to date
     for k in range(1, max(caps) + 1):
-        ks = [min(k, c) for c in caps]
-        e, sk, skc = totals(ks)
-        g = e / step_time(sk, skc, max(ks))
-        if g > best_g:
-            best_ks_, best_g = ks, g
+        # Uniform k for everyone, and uniform k only for requests with no draft backlog.
+        for ks in ([min(k, c) for c in caps], [min(k, c) if ok else 0 for c, ok in zip(caps, in_step)]):
+            if not any(ks):
+                continue
+            e, sk, skc = totals(ks)
+            g = e / step_time(sk, skc, max(ks))
+            if g > best_g:
+                best_ks_, best_g = ks, g
 
     ks = list(best_ks_)
     e, sk, skc = totals(ks)
@@ -199,14 +209,15 @@ def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int
         mk = max(i for i, c in enumerate(hist) if c) if sk else 0
         move, move_g = None, best_g * (1 + 1e-9)
         for i in range(n):
-            k, a, c = ks[i], alphas[i], contexts[i]
+            k, a = ks[i], alphas[i]
+            c = catch[i] if k in (0, 1) else 0.0  # catch-up counts once, when k leaves or reaches 0
             if k < caps[i]:
-                g = (e + a ** (k + 1)) / step_time(sk + 1, skc + c, max(mk, k + 1))
+                g = (e + a ** (k + 1)) / step_time(sk + 1, skc + (c if k == 0 else 0.0), max(mk, k + 1))
                 if g > move_g:
                     move, move_g = (i, +1), g
             if k > 0:
                 new_mk = mk if (k < mk or hist[k] > 1) else k - 1
-                g = (e - a ** k) / step_time(sk - 1, skc - c, new_mk)
+                g = (e - a ** k) / step_time(sk - 1, skc - (c if k == 1 else 0.0), new_mk)
                 if g > move_g:
                     move, move_g = (i, -1), g
         if move is None:
@@ -218,6 +229,7 @@ def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int
         hist[k + d] += 1
         ks[i] = k + d
         sk += d
-        skc += d * contexts[i]
+        if (d > 0 and k == 0) or (d < 0 and k == 1):
+            skc += d * catch[i]
         best_g = move_g
     return ks

@@ -97,10 +97,12 @@ class GoodputPolicy(SpeculationPolicy):
             return [min(self.warmup_k, c) for c in caps]
         alphas = [self.acceptance.alpha(r.req_id) for r in requests]
         contexts = [len(r.token_ids) for r in requests]
-        ks = best_ks(alphas, contexts, caps, self.time_model)
+        # Tokens the draft would first have to catch up on (beyond the pending one).
+        catchups = [max(0, len(r.token_ids) - r.draft_len - 1) for r in requests]
+        ks = best_ks(alphas, contexts, caps, self.time_model, catchups)
         if not any(ks) and self._steps % self.explore_every == 0:
             ks = [min(1, c) for c in caps]
-        self._predicted = self.time_model.predict_step_time(ks, contexts)
+        self._predicted = self.time_model.predict_step_time(ks, contexts, catchups)
         return ks
 
     def observe(self, outcomes, record) -> None:

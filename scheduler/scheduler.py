@@ -102,6 +102,7 @@ class _Plan:
     verify: list[VerifyItem] = field(default_factory=list)
     verify_reqs: list[Request] = field(default_factory=list)
     ks: dict[str, int] = field(default_factory=dict)
+    draft_catchup: int = 0
 
 
 class Scheduler:
@@ -386,6 +387,8 @@ class Scheduler:
             row_item.proposal_row = len(items)
             start = 0 if self.draft_stateless else r.draft_len
             items.append(ProposeItem(r.req_id, start, r.token_ids[start:], k, r.sampling))
+            if not self.draft_stateless:
+                plan.draft_catchup += len(r.token_ids) - start - 1
         if not items:
             return None, 0.0
         t0 = time.perf_counter()
@@ -497,6 +500,7 @@ class Scheduler:
             num_decode=sum(1 for r in plan.verify_reqs if r.req_id in plan.ks),
             num_draft_reqs=sum(1 for k in ks if k > 0),
             draft_tokens=sum(ks),
+            draft_catchup_tokens=plan.draft_catchup,
             verify_tokens=sum(len(it.token_ids) + len(it.draft_ids) for it in items),
             context_tokens=sum(it.start_pos + len(it.token_ids) for it in items),
             max_context=max(it.start_pos + len(it.token_ids) + len(it.draft_ids) for it in items),

@@ -30,6 +30,41 @@ class Usage:
     num_preemptions: int = 0
 
 
+def usage_of(req: Request) -> Usage:
+    return Usage(
+        prompt_tokens=req.num_prompt, completion_tokens=req.num_output,
+        draft_tokens_proposed=req.num_draft_proposed, draft_tokens_accepted=req.num_draft_accepted,
+        mean_k=round(req.mean_k, 4), num_preemptions=req.num_preemptions,
+    )
+
+
+@dataclass
+class Completion:
+    """A whole request's result, in process or gathered from a stream."""
+
+    req_id: str
+    prompt: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: Usage
+    replica: int = 0
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        """The `goodspec generate --json` contract."""
+        u = self.usage
+        return {
+            "req_id": self.req_id, "prompt": self.prompt, "text": self.text,
+            "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+            "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+            "draft_tokens_proposed": u.draft_tokens_proposed,
+            "draft_tokens_accepted": u.draft_tokens_accepted, "mean_k": u.mean_k,
+            "num_preemptions": u.num_preemptions, "replica": self.replica,
+            **({"error": self.error} if self.error else {}),
+        }
+
+
 @dataclass
 class StreamChunk:
     """New output of one request since its previous chunk; `usage` is set on the final one."""
@@ -156,12 +191,7 @@ class SchedulerService:
         if out.finished:
             chunk.finish_reason = out.finish_reason.value if out.finish_reason else None
             chunk.error = req.error
-            chunk.usage = Usage(
-                prompt_tokens=req.num_prompt, completion_tokens=req.num_output,
-                draft_tokens_proposed=req.num_draft_proposed,
-                draft_tokens_accepted=req.num_draft_accepted, mean_k=round(req.mean_k, 4),
-                num_preemptions=req.num_preemptions,
-            )
+            chunk.usage = usage_of(req)
             self._streams.pop(out.req_id, None)
             self.scheduler.requests.pop(out.req_id, None)
         return stream, chunk

@@ -22,6 +22,9 @@ class StepRecord:
     verify_compute_time: float  # seconds inside the target worker
     step_time: float  # the whole step, scheduling and commit included
     ks: list[int] = field(default_factory=list)
+    # Committed tokens the draft had to catch up on beyond the one pending token per request
+    # (after steps without speculation, or after a restart): its first pass processes them too.
+    draft_catchup_tokens: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -67,10 +67,10 @@ def test_speculation_actually_proposes_and_accepts(shared_engine, sharegpt_promp
     while shared_engine.has_unfinished():
         shared_engine.step()
     done = [shared_engine.take_completion(i) for i in ids]
-    proposed = sum(c.draft_tokens_proposed for c in done)
-    accepted = sum(c.draft_tokens_accepted for c in done)
+    proposed = sum(c.usage.draft_tokens_proposed for c in done)
+    accepted = sum(c.usage.draft_tokens_accepted for c in done)
     assert proposed > 0 and 0 < accepted <= proposed
-    assert all(abs(c.mean_k - 3) < 1.01 for c in done)
+    assert all(abs(c.usage.mean_k - 3) < 1.01 for c in done)
 
 
 def _sample_tokens(engine, prompt, policy, seeds, positions=(1, 2)):
@@ -154,7 +154,7 @@ def test_small_kv_budget_preempts_and_outputs_are_unchanged(shared_engine, share
     unpressured = [c.token_ids for c in shared_engine.generate(prompts, params)]
     engine = LLMEngine(engine_config("fixed:3", target_kv_tokens=400, draft_kv_tokens=400))
     got = engine.generate(prompts, params)
-    assert sum(c.num_preemptions for c in got) > 0, "budget was meant to force preemption"
+    assert sum(c.usage.num_preemptions for c in got) > 0, "budget was meant to force preemption"
     assert [c.token_ids for c in got] == unpressured
     assert engine.target.runner.cache.num_used_blocks == 0
 
@@ -170,7 +170,7 @@ def test_cuda_speculation_matches_target_only_decoding(sharegpt_prompts, dtype):
     while engine.has_unfinished():
         engine.step()
     spec = [engine.take_completion(i) for i in ids]
-    assert sum(c.draft_tokens_accepted for c in spec) > 0
+    assert sum(c.usage.draft_tokens_accepted for c in spec) > 0
     same = sum(c.token_ids == want for c, want in zip(spec, plain))
     # float32 must match exactly; bfloat16 may flip a near-tie when batch shapes differ.
     assert same == len(prompts) if dtype == "float32" else same >= len(prompts) - 2

@@ -62,4 +62,4 @@ def test_per_request_policy_override_still_applies(goodput_engine, sharegpt_prom
     rid = goodput_engine.add_request(sharegpt_prompts[0], SamplingParams(max_new_tokens=12), policy="off")
     while goodput_engine.has_unfinished():
         goodput_engine.step()
-    assert goodput_engine.take_completion(rid).draft_tokens_proposed == 0
+    assert goodput_engine.take_completion(rid).usage.draft_tokens_proposed == 0

@@ -19,6 +19,8 @@ class TextCodec:
             if d is not None and not (Path(d) / "config.json").is_file():
                 raise FileNotFoundError(f"no Hugging Face model at {d} (config.json missing)")
         tok = AutoTokenizer.from_pretrained(target_dir, local_files_only=True)
+        # Length limits are the scheduler's job (with a clear error); silence the tokenizer's own.
+        tok.model_max_length = 1 << 40
         if draft_dir is not None:
             draft_tok = AutoTokenizer.from_pretrained(draft_dir, local_files_only=True)
             if draft_tok.get_vocab() != tok.get_vocab():

@@ -12,7 +12,8 @@ from goodspec.scheduler.goodput import (
 )
 from goodspec.scheduler.step_record import StepRecord
 
-TRUE_DRAFT = np.array([0.0015, 0.0012, 0.00008, 0.00002])  # launch, per pass, per token, per k*ctx/1000
+# launch, per pass, per token, per k*ctx/1000, per 100 catch-up tokens
+TRUE_DRAFT = np.array([0.0015, 0.0012, 0.00008, 0.00002, 0.002])
 TRUE_VERIFY = np.array([0.004, 0.0006, 0.0009, 0.0005])  # launch, per request, per token, per ctx/1000
 
 
@@ -27,7 +28,8 @@ def synthetic_records(n=400, seed=0, noise=0.0, draft=TRUE_DRAFT, verify=TRUE_VE
                        verify_tokens=b * (k + 1), context_tokens=b * ctx, max_context=ctx + k,
                        max_k=k, num_accepted=0,
                        draft_time=0.0, verify_time=0.0, draft_compute_time=0.0,
-                       verify_compute_time=0.0, step_time=0.0)
+                       verify_compute_time=0.0, step_time=0.0,
+                       draft_catchup_tokens=rng.choice([0, 0, 0, 40, 300]) if k else 0)
         d, v = record_features(r)
         r.draft_time = float(np.dot(draft, d)) * (1 + rng.gauss(0, noise))
         r.verify_time = float(np.dot(verify, v)) * (1 + rng.gauss(0, noise))
@@ -106,6 +108,13 @@ def test_k_is_monotone_in_acceptance_and_in_load():
 def test_mixed_batch_gives_more_to_requests_that_accept_more():
     ks = best_ks([0.9, 0.2, 0.6], [200] * 3, [8] * 3, fitted())
     assert ks[0] >= ks[2] >= ks[1]
+
+
+def test_a_request_whose_draft_fell_behind_is_not_restarted_for_one_token():
+    """Restarting speculation for a request makes the draft process every token it missed;
+    with a long backlog that costs more than one step of drafts can win back."""
+    ks = best_ks([0.9, 0.9], [300, 300], [4, 4], fitted(), catchups=[0, 2000])
+    assert ks[0] > 0 and ks[1] == 0
 
 
 def test_caps_are_respected():
