@@ -11,7 +11,7 @@ import itertools
 import logging
 import os
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import ray
@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from goodspec.cluster.engine_actor import EngineActor
 from goodspec.cluster.worker_actor import WorkerActor
-from goodspec.config import ClusterConfig, EngineConfig, GoodspecConfig
+from goodspec.config import ClusterConfig, GoodspecConfig
 from goodspec.scheduler.service import Completion, StreamChunk, Usage
 from goodspec.workers.model_runner import RunnerConfig
 from goodspec.workers.sampling import SamplingParams

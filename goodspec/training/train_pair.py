@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from goodspec.sharegpt import Conversation, exchanges, iter_conversations
+from goodspec.sharegpt import exchanges, iter_conversations
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 

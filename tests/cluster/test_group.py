@@ -86,7 +86,6 @@ def test_actor_overhead_share_of_step_time_is_small_at_batch_8(group, sharegpt_p
 
 
 async def _records(group):
-    import ray
 
     return await group.engines[0].actor.step_records.remote(200)
 

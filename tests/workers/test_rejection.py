@@ -1,6 +1,5 @@
 """The verifier's math against exactly computed distributions."""
 
-import pytest
 import torch
 
 from goodspec.workers.rejection import rejection_sample
