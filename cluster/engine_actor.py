@@ -87,7 +87,7 @@ class EngineActor:
     def stats(self) -> dict:
         """Counters for operators and tests (read under the service lock)."""
         svc = self.service
-        with svc._lock:
+        with svc.locked():
             s = svc.scheduler
             records = s.step_records[-512:]
             step = sum(r.step_time for r in records)
@@ -107,7 +107,7 @@ class EngineActor:
             }
 
     def step_records(self, last: int = 0) -> list[dict]:
-        with self.service._lock:
+        with self.service.locked():
             return [r.to_dict() for r in self.service.scheduler.step_records[-last:]]
 
     def worker_pids(self) -> dict:

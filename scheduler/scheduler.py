@@ -462,9 +462,14 @@ class Scheduler:
         if self._failures[which] < self.config.max_worker_failures:
             return []
         self.unhealthy = f"the {which} worker failed {self._failures[which]} times in a row: {err}"
+        return self.fail_all(self.unhealthy)
+
+    def fail_all(self, why: str) -> list[RequestOutput]:
+        """End every unfinished request with an error that says why (caches are not freed: the
+        engine is giving up, and a dead worker has nothing to free)."""
         outputs = []
         for r in list(self.running) + list(self.waiting):
-            r.error = self.unhealthy
+            r.error = why
             self._finish(r, FinishReason.ERROR, free=False)
             outputs.append(RequestOutput(r.req_id, [], True, FinishReason.ERROR))
         return outputs

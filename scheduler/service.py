@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from goodspec.scheduler.policy import SpeculationPolicy
-from goodspec.scheduler.request import FinishReason, Request
+from goodspec.scheduler.request import Request
 from goodspec.scheduler.scheduler import Scheduler
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.tokenizer import IncrementalDetokenizer, TextCodec
@@ -143,6 +143,10 @@ class SchedulerService:
                 for r in list(s.running) + list(s.waiting)
             )
 
+    def locked(self) -> threading.Lock:
+        """Hold this to read the scheduler's state consistently from another thread."""
+        return self._lock
+
     def num_unfinished(self) -> int:
         with self._lock:
             return len(self.scheduler.running) + len(self.scheduler.waiting)
@@ -157,7 +161,7 @@ class SchedulerService:
                         outputs = self.scheduler.step()
                     except Exception:  # a bug, not a worker failure: fail loudly, stay up
                         self.loop_error = "scheduler step failed:\n" + traceback.format_exc()
-                        outputs = self._fail_everything(self.loop_error)
+                        outputs = self.scheduler.fail_all(self.loop_error)
                     chunks = [self._chunk(o) for o in outputs]
             if busy:
                 for stream, chunk in chunks:
@@ -168,17 +172,6 @@ class SchedulerService:
                 continue
             self._wake.wait(self._idle_wait_s)
             self._wake.clear()
-
-    def _fail_everything(self, why: str):
-        from goodspec.scheduler.scheduler import RequestOutput
-
-        s = self.scheduler
-        outs = []
-        for r in list(s.running) + list(s.waiting):
-            r.error = why
-            s._finish(r, FinishReason.ERROR, free=False)
-            outs.append(RequestOutput(r.req_id, [], True, FinishReason.ERROR))
-        return outs
 
     def _chunk(self, out) -> tuple[_Stream | None, StreamChunk]:
         """Called under the lock."""
@@ -193,5 +186,5 @@ class SchedulerService:
             chunk.error = req.error
             chunk.usage = usage_of(req)
             self._streams.pop(out.req_id, None)
-            self.scheduler.requests.pop(out.req_id, None)
+            self.scheduler.pop_finished(out.req_id)
         return stream, chunk
