@@ -4,12 +4,11 @@ exposed as an async Ray actor whose `generate` streams StreamChunks."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 
 from goodspec.cluster.remote_worker import RemoteWorker
 from goodspec.config import EngineConfig
-from goodspec.scheduler.policy import parse_policy
-from goodspec.scheduler.scheduler import KVBudget, Scheduler
+from goodspec.engine import build_scheduler
+from goodspec.scheduler.scheduler import KVBudget
 from goodspec.scheduler.service import SchedulerService, StreamChunk
 from goodspec.scheduler.stats import speculation_stats
 from goodspec.workers.sampling import SamplingParams
@@ -32,25 +31,12 @@ class EngineActor:
         t_info = ray.get(target_handle.info.remote(), timeout=startup_timeout_s)
         d_info = ray.get(draft_handle.info.remote(), timeout=startup_timeout_s) if draft_handle else None
         self.worker_info = {"target": t_info, "draft": d_info}
-        sched_cfg = replace(
-            config.scheduler,
-            max_context=min(config.scheduler.max_context, t_info.max_context,
-                            *([d_info.max_context] if d_info else [])),
-            eos_token_id=self.codec.eos_token_id,
+        scheduler = build_scheduler(
+            config, self.codec, self.target, KVBudget(t_info.num_blocks, t_info.block_size),
+            t_info.max_context, self.draft,
+            KVBudget(d_info.num_blocks, d_info.block_size) if d_info else None,
+            d_info.max_context if d_info else None, device_key=[t_info.device, t_info.dtype, "ray"],
         )
-        scheduler = Scheduler(
-            sched_cfg,
-            target=self.target, target_kv=KVBudget(t_info.num_blocks, t_info.block_size),
-            draft=self.draft,
-            draft_kv=KVBudget(d_info.num_blocks, d_info.block_size) if d_info else None,
-            policy=parse_policy(config.policy), stop_checker=self.codec.find_stop,
-        )
-        if scheduler.goodput_policies():
-            from goodspec.scheduler.profiler import warm_up_goodput
-
-            warm_up_goodput(scheduler, t_info.num_blocks * t_info.block_size,
-                            [config.target_dir, config.draft_dir, config.proposer, t_info.device,
-                             t_info.dtype, config.threads, "ray"])
         self.service = SchedulerService(scheduler, self.codec)
         self.service.start()
 

@@ -24,7 +24,7 @@ from goodspec.workers.tokenizer import TextCodec
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        policy = parse_policy(config.policy)
+        parse_policy(config.policy)  # fail on a bad policy before loading models
         self.codec = TextCodec.load(config.target_dir, config.draft_dir)
         self.target = TargetWorker(self._runner_config(config.target_dir, config.target_kv_tokens))
         self.draft = None
@@ -33,25 +33,12 @@ class LLMEngine:
         elif config.draft_dir is not None:
             self.draft = DraftWorker(self._runner_config(config.draft_dir, config.draft_kv_tokens))
         draft_runner = getattr(self.draft, "runner", None)
-        sched_cfg = replace(
-            config.scheduler,
-            max_context=min(config.scheduler.max_context, self.target.runner.max_context,
-                            *([draft_runner.max_context] if draft_runner else [])),
-            eos_token_id=self.codec.eos_token_id,
+        self.scheduler = build_scheduler(
+            config, self.codec, self.target, _budget(self.target.runner), self.target.runner.max_context,
+            self.draft, _budget(draft_runner) if draft_runner else None,
+            draft_runner.max_context if draft_runner else None,
+            device_key=[str(self.target.runner.device), str(self.target.runner.dtype), "in-process"],
         )
-        self.scheduler = Scheduler(
-            sched_cfg,
-            target=self.target,
-            target_kv=_budget(self.target),
-            draft=self.draft,
-            draft_kv=_budget(self.draft) if draft_runner else None,
-            policy=policy,
-            stop_checker=self.codec.find_stop,
-        )
-        from goodspec.scheduler.profiler import warm_up_goodput
-
-        if self.scheduler.goodput_policies():
-            warm_up_goodput(self.scheduler, config.target_kv_tokens, _profile_key_parts(config))
         self._ids = itertools.count()
         self._prompts: dict[str, str] = {}
 
@@ -108,13 +95,33 @@ class LLMEngine:
         return [self.take_completion(i) for i in ids]
 
 
-def _profile_key_parts(config: EngineConfig) -> list[object]:
-    import torch
+def build_scheduler(
+    config: EngineConfig, codec: TextCodec, target, target_kv: KVBudget, target_context: int,
+    draft=None, draft_kv: KVBudget | None = None, draft_context: int | None = None,
+    device_key: list[object] = (),
+) -> Scheduler:
+    """The one way an engine's Scheduler is made, in process or in the Ray scheduler actor:
+    context capped by both models, EOS and stop strings from the tokenizer, and goodput policies
+    seeded from the (cached) profiling sweep before the first request."""
+    from goodspec.scheduler.profiler import warm_up_goodput
 
-    return [config.target_dir, config.draft_dir, config.proposer, config.device, config.dtype,
-            config.threads, torch.__version__, "in-process"]
+    sched_cfg = replace(
+        config.scheduler,
+        max_context=min(config.scheduler.max_context, target_context,
+                        *([draft_context] if draft_context else [])),
+        eos_token_id=codec.eos_token_id,
+    )
+    scheduler = Scheduler(sched_cfg, target=target, target_kv=target_kv, draft=draft, draft_kv=draft_kv,
+                          policy=parse_policy(config.policy), stop_checker=codec.find_stop)
+    if scheduler.goodput_policies():
+        import torch
+
+        warm_up_goodput(scheduler, target_kv.tokens,
+                        [config.target_dir, config.draft_dir, config.proposer, config.threads,
+                         torch.__version__, *device_key])
+    return scheduler
 
 
-def _budget(worker) -> KVBudget:
-    spec = worker.runner.cache.spec
+def _budget(runner) -> KVBudget:
+    spec = runner.cache.spec
     return KVBudget(spec.num_blocks, spec.block_size)
