@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import os
 import uuid
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ from goodspec.workers.model_runner import RunnerConfig
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.tokenizer import TextCodec
 
-log = logging.getLogger("goodspec.cluster")
 
 
 class PlacementError(RuntimeError):

@@ -70,9 +70,8 @@ class TargetWorker:
                                      (per_slot.temperature, per_slot.top_k, per_slot.top_p)),
         )  # [rows, max_k + 1, vocab]
 
-        draft_ids = torch.zeros(num_rows, max_k, dtype=torch.long)
-        for r, it in enumerate(items):
-            draft_ids[r, : len(it.draft_ids)] = torch.tensor(it.draft_ids, dtype=torch.long)
+        draft_ids = torch.tensor([it.draft_ids + [0] * (max_k - len(it.draft_ids)) for it in items],
+                                 dtype=torch.long).view(num_rows, max_k)
         # q: the proposal's rows where it kept them, else the one-hot of the (greedy) draft token.
         draft_ids = draft_ids.to(dev)
         draft_probs = torch.zeros(num_rows, max_k, vocab, device=dev).scatter_(
