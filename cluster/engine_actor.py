@@ -17,13 +17,14 @@ from goodspec.workers.tokenizer import TextCodec
 
 class EngineActor:
     def __init__(self, config: EngineConfig, target_handle, draft_handle, call_timeout_s: float,
-                 startup_timeout_s: float, replica: int = 0) -> None:
+                 startup_timeout_s: float, channel_token: str, replica: int = 0) -> None:
         import ray
 
         self.replica = replica
         self.codec = TextCodec.load(config.target_dir, config.draft_dir)
-        self.target = RemoteWorker(target_handle, f"target[{replica}]", call_timeout_s)
-        self.draft = RemoteWorker(draft_handle, f"draft[{replica}]", call_timeout_s) if draft_handle else None
+        self.target = RemoteWorker(target_handle, f"target[{replica}]", call_timeout_s, channel_token)
+        self.draft = (RemoteWorker(draft_handle, f"draft[{replica}]", call_timeout_s, channel_token)
+                      if draft_handle else None)
         if config.proposer == "ngram":
             from goodspec.workers.ngram_proposer import NgramProposer
 

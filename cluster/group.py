@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
+import secrets
 import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -104,17 +104,22 @@ class EngineGroup:
                 **kw,
             )
 
-        threads = cfg.threads or (os.cpu_count() or 1)
+        # One thread per worker: each actor holds one CPU of the bundle. More threads made every
+        # step slower on 2 cores (threads of the idle worker spin while the other computes).
+        threads = cfg.threads or 1
         device = cfg.device if gpus or cfg.device != "auto" else "cpu"
+        token = secrets.token_hex(16)  # the workers' channels accept only this engine's scheduler
         worker_cls = ray.remote(WorkerActor)
         target = worker_cls.options(**opts(1, gpus, max_restarts=cl.max_restarts, max_task_retries=0)).remote(
-            "target", RunnerConfig(cfg.target_dir, device, cfg.dtype, cfg.target_kv_tokens, cfg.block_size, threads))
+            "target", RunnerConfig(cfg.target_dir, device, cfg.dtype, cfg.target_kv_tokens, cfg.block_size, threads),
+            token)
         draft = None
         if cfg.draft_dir:
             draft = worker_cls.options(**opts(2, gpus, max_restarts=cl.max_restarts, max_task_retries=0)).remote(
-                "draft", RunnerConfig(cfg.draft_dir, device, cfg.dtype, cfg.draft_kv_tokens, cfg.block_size, threads))
+                "draft", RunnerConfig(cfg.draft_dir, device, cfg.dtype, cfg.draft_kv_tokens, cfg.block_size, threads),
+                token)
         actor = ray.remote(EngineActor).options(**opts(0), max_concurrency=10_000).remote(
-            cfg, target, draft, cl.call_timeout_s, cl.placement_timeout_s + 300, index)
+            cfg, target, draft, cl.call_timeout_s, cl.placement_timeout_s + 300, token, index)
         return _Engine(index, actor, target, draft, pg)
 
     # -- requests ------------------------------------------------------------------------------

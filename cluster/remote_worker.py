@@ -1,5 +1,6 @@
-"""The scheduler's side of a worker actor: every Ray call has a timeout, and every way a call
-can fail because the worker is gone becomes WorkerLost, which the scheduler knows how to handle."""
+"""The scheduler's side of a worker actor: the per-step calls go over the worker's direct channel,
+the rest through Ray; every call has a timeout, and every way a call can fail because the worker
+is gone becomes WorkerLost, which the scheduler knows how to handle."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from goodspec.cluster.channel import ChannelClient
 from goodspec.scheduler.scheduler import WorkerLost
 from goodspec.workers.kv_cache import UnknownSequenceError
 from goodspec.workers.messages import ProposeBatch, Proposal, VerifyBatch, VerifyResult
@@ -19,26 +21,55 @@ except ImportError:  # pragma: no cover
 
 
 class RemoteWorker:
-    def __init__(self, handle, name: str, timeout_s: float) -> None:
+    def __init__(self, handle, name: str, timeout_s: float, channel_token: str) -> None:
         self.handle = handle
         self.name = name
         self.timeout_s = timeout_s
+        self._token = channel_token
+        self._channel: ChannelClient | None = None  # (re)connected lazily, after every failure
 
-    def _call(self, method: str, *args):
+    def _ray_call(self, method: str, *args):
         try:
             return ray.get(getattr(self.handle, method).remote(*args), timeout=self.timeout_s)
         except GetTimeoutError as e:
-            # A hung worker is as good as dead: restart it so the next call finds a live one.
-            ray.kill(self.handle, no_restart=False)
+            self._restart()
             raise WorkerLost(f"{self.name}.{method} timed out after {self.timeout_s}s") from e
         except (RayActorError, ActorUnavailableError) as e:
-            back = self._wait_until_back()
-            state = "restarted" if back else f"not back after {self.timeout_s}s"
-            raise WorkerLost(f"{self.name} actor died during {method} ({type(e).__name__}); {state}") from e
+            raise self._died(method, e) from e
         except RayTaskError as e:
-            if isinstance(e.cause, UnknownSequenceError):
-                raise WorkerLost(f"{self.name} lost its KV cache (restarted): {e.cause}") from e
             raise e.cause from e
+
+    def _connect(self) -> ChannelClient:
+        if self._channel is None:
+            address = tuple(self._ray_call("info").channel)
+            try:
+                self._channel = ChannelClient(address, self._token, self.timeout_s)
+            except OSError as e:
+                raise self._died("connect", e) from e
+        return self._channel
+
+    def _call(self, method: str, *args):
+        channel = self._connect()
+        try:
+            return channel.call(method, *args)
+        except TimeoutError as e:
+            self._channel = None
+            self._restart()
+            raise WorkerLost(f"{self.name}.{method} timed out after {self.timeout_s}s") from e
+        except OSError as e:  # connection reset or closed: the process is gone
+            self._channel = None
+            raise self._died(method, e) from e
+        except UnknownSequenceError as e:
+            raise WorkerLost(f"{self.name} lost its KV cache (restarted): {e}") from e
+
+    def _restart(self) -> None:
+        # A hung worker is as good as dead: restart it so the next call finds a live one.
+        ray.kill(self.handle, no_restart=False)
+
+    def _died(self, method: str, e: BaseException) -> WorkerLost:
+        back = self._wait_until_back()
+        state = "restarted" if back else f"not back after {self.timeout_s}s"
+        return WorkerLost(f"{self.name} actor died during {method} ({type(e).__name__}); {state}")
 
     def _wait_until_back(self) -> bool:
         """Ray restarts a dead actor by itself; wait (bounded) until it answers again, so one
@@ -61,11 +92,17 @@ class RemoteWorker:
         return self._call("verify", batch)
 
     def free(self, req_ids: list[str]) -> None:
-        # Fire and forget: actor calls run in order, so a later propose/verify sees it done.
-        self.handle.free.remote(req_ids)
+        # Fire and forget: the channel is ordered, so a later propose/verify sees it done. With no
+        # live connection the worker is restarting and holds no caches to free.
+        if self._channel is None:
+            return
+        try:
+            self._channel.send("free", req_ids)
+        except OSError:
+            self._channel = None
 
     def info(self):
-        return self._call("info")
+        return self._ray_call("info")
 
     def used_blocks(self) -> int:
-        return self._call("used_blocks")
+        return self._ray_call("used_blocks")

@@ -1,8 +1,13 @@
-"""The worker process: a DraftWorker or TargetWorker behind a thin Ray actor."""
+"""The worker process: a DraftWorker or TargetWorker behind a thin Ray actor.
+
+Ray owns the process (placement, restarts); the scheduler's per-step calls arrive over a
+ChannelServer (goodspec.cluster.channel), whose address the actor reports in `info()`.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 from goodspec.workers.draft_worker import DraftWorker
@@ -22,33 +27,49 @@ class WorkerInfo:
     max_context: int
     vocab_size: int
     model_dir: str
+    channel: tuple[str, int]  # where the scheduler connects for propose/verify/free
 
 
 class WorkerActor:
     """Plain class; goodspec.cluster.group turns it into a Ray actor with restarts."""
 
-    def __init__(self, kind: str, config: RunnerConfig) -> None:
+    def __init__(self, kind: str, config: RunnerConfig, channel_token: str, host: str | None = None) -> None:
+        from goodspec.cluster.channel import ChannelServer
+
         if kind not in ("draft", "target"):
             raise ValueError(f"worker kind must be draft or target; got {kind!r}")
         self.kind = kind
         self.worker = DraftWorker(config) if kind == "draft" else TargetWorker(config)
+        # Channel calls run on the channel's thread, Ray calls (info, used_blocks) on Ray's.
+        self._lock = threading.Lock()
+        step_call = {"propose": self.propose} if kind == "draft" else {"verify": self.verify}
+        methods = {"free": self.free, **step_call}
+        if host is None:
+            import ray
+
+            host = ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
+        self.channel = ChannelServer(methods, channel_token, host)
         runner = self.worker.runner
         spec = runner.cache.spec
         self._info = WorkerInfo(kind, os.getpid(), str(runner.device), str(runner.dtype).replace("torch.", ""),
                                 spec.num_blocks, spec.block_size, runner.max_context,
-                                runner.vocab_size, config.model_dir)
+                                runner.vocab_size, config.model_dir, self.channel.address)
 
     def info(self) -> WorkerInfo:
         return self._info
 
     def propose(self, batch: ProposeBatch) -> Proposal:
-        return self.worker.propose(batch)
+        with self._lock:
+            return self.worker.propose(batch)
 
     def verify(self, batch: VerifyBatch) -> VerifyResult:
-        return self.worker.verify(batch)
+        with self._lock:
+            return self.worker.verify(batch)
 
     def free(self, req_ids: list[str]) -> None:
-        self.worker.free(req_ids)
+        with self._lock:
+            self.worker.free(req_ids)
 
     def used_blocks(self) -> int:
-        return self.worker.runner.cache.num_used_blocks
+        with self._lock:
+            return self.worker.runner.cache.num_used_blocks
