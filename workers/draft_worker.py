@@ -43,13 +43,15 @@ class DraftWorker:
         inputs = [it.token_ids for it in items]
         for j in range(max_k):
             logits = self.runner.forward(seq_ids, starts, inputs, [1] * len(seq_ids))  # [active, V]
-            sub = params.select(active)
-            probs = logits_to_probs(logits, sub.temperature, sub.top_k, sub.top_p)
             pos = next_pos[active] + j
-            tokens = sample_from_probs(probs, hash_uniform(sub.seeds, pos, STREAM_DRAFT))
-            draft[active, j] = tokens
-            if probs_out is not None:
+            if probs_out is None:  # all greedy: q is the one-hot of the argmax, never built
+                tokens = logits.argmax(-1)
+            else:
+                sub = params.select(active)
+                probs = logits_to_probs(logits, sub.temperature, sub.top_k, sub.top_p)
+                tokens = sample_from_probs(probs, hash_uniform(sub.seeds, pos, STREAM_DRAFT))
                 probs_out[active, j] = probs
+            draft[active, j] = tokens
             still = num_draft[active] > j + 1
             if not bool(still.any()):
                 break

@@ -57,3 +57,19 @@ def rejection_sample(
     out[:, :max_k] = torch.where(accepted.long().cumprod(dim=1).bool(), draft_ids, -1)
     out[rows, num_accepted] = new_token
     return num_accepted, out
+
+
+def greedy_verify(
+    target_ids: torch.Tensor,  # [num_reqs, max_k + 1] the target's argmax at each slot
+    draft_ids: torch.Tensor,  # [num_reqs, max_k]
+    num_draft: torch.Tensor,  # [num_reqs]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rejection_sample` for rows whose p and q are both one-hot (greedy), without building any
+    [.., vocab] tensor: a draft token is accepted iff it is the target's argmax, and every emitted
+    token (accepted, recovered or bonus) is the target's argmax at its slot. Same outputs."""
+    max_k = draft_ids.shape[1]
+    slot = torch.arange(max_k + 1, device=target_ids.device)
+    match = (draft_ids == target_ids[:, :max_k]) & (slot[None, :max_k] < num_draft[:, None])
+    num_accepted = match.long().cumprod(dim=1).sum(dim=1)
+    out = target_ids.masked_fill(slot[None, :] > num_accepted[:, None], -1)
+    return num_accepted, out

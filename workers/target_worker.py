@@ -8,7 +8,7 @@ import torch
 
 from goodspec.workers.messages import VerifyBatch, VerifyResult
 from goodspec.workers.model_runner import ModelRunner, RunnerConfig
-from goodspec.workers.rejection import rejection_sample
+from goodspec.workers.rejection import greedy_verify, rejection_sample
 from goodspec.workers.sampling import STREAM_ACCEPT, STREAM_TARGET, hash_uniform, logits_to_probs
 from goodspec.workers.sampling_tensors import SamplingTensors
 
@@ -63,17 +63,19 @@ class TargetWorker:
         slot = torch.arange(max_k + 1)
         index = first[:, None] + torch.minimum(slot[None, :], num_draft[:, None])
         params = SamplingTensors.from_params([it.sampling for it in items])
-        per_slot = params.expand(max_k + 1)
         dev = logits.device
+        draft_ids = torch.tensor([it.draft_ids + [0] * (max_k - len(it.draft_ids)) for it in items],
+                                 dtype=torch.long).view(num_rows, max_k).to(dev)
+        if params.all_greedy:
+            num_accepted, out = greedy_verify(logits[index.to(dev)].argmax(-1), draft_ids, num_draft.to(dev))
+            return num_accepted.tolist(), out.tolist()
+        per_slot = params.expand(max_k + 1)
         target_probs = logits_to_probs(
             logits[index.to(dev)], *(t.to(dev) for t in
                                      (per_slot.temperature, per_slot.top_k, per_slot.top_p)),
         )  # [rows, max_k + 1, vocab]
 
-        draft_ids = torch.tensor([it.draft_ids + [0] * (max_k - len(it.draft_ids)) for it in items],
-                                 dtype=torch.long).view(num_rows, max_k)
         # q: the proposal's rows where it kept them, else the one-hot of the (greedy) draft token.
-        draft_ids = draft_ids.to(dev)
         draft_probs = torch.zeros(num_rows, max_k, vocab, device=dev).scatter_(
             -1, draft_ids.unsqueeze(-1), 1.0
         )

@@ -130,3 +130,23 @@ def test_inverse_cdf_sampling_never_picks_zero_probability_tokens():
     tokens = sample_from_probs(probs, _grid(1000))
     assert set(tokens.tolist()) == {1, 3}
     assert (tokens == 1).sum().item() == 500
+
+
+def test_greedy_verify_equals_rejection_sample_on_one_hot_rows():
+    """The verifier's greedy fast path must emit exactly what the general sampler emits for
+    one-hot p and q, for every mix of agreeing and disagreeing drafts and of k_i."""
+    from goodspec.workers.rejection import greedy_verify
+
+    gen = torch.Generator().manual_seed(0)
+    rows, max_k, vocab = 64, 4, 3  # a small vocab makes agreement frequent
+    target_ids = torch.randint(0, vocab, (rows, max_k + 1), generator=gen)
+    draft_ids = torch.randint(0, vocab, (rows, max_k), generator=gen)
+    num_draft = torch.randint(0, max_k + 1, (rows,), generator=gen)
+    p = torch.nn.functional.one_hot(target_ids, vocab).float()
+    q = torch.nn.functional.one_hot(draft_ids, vocab).float()
+    u_a, u_s = torch.rand(rows, max_k, generator=gen), torch.rand(rows, max_k + 1, generator=gen)
+    want_acc, want_out = rejection_sample(p, q, draft_ids, num_draft, u_a, u_s)
+    got_acc, got_out = greedy_verify(target_ids, draft_ids, num_draft)
+    assert torch.equal(got_acc, want_acc)
+    assert torch.equal(got_out, want_out)
+    assert 0 < int((got_acc > 0).sum()) < rows  # both outcomes were exercised
