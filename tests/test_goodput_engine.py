@@ -38,7 +38,7 @@ def test_step_time_model_predicts_held_out_real_steps_within_15_percent(goodput_
     policy = engine.scheduler.policy
     start = len(engine.scheduler.step_records)
     policy.prediction_log.clear()
-    engine.generate(sharegpt_prompts[:24], SamplingParams(max_new_tokens=40, ignore_eos=True))
+    engine.generate(sharegpt_prompts[:24], SamplingParams(max_new_tokens=96, ignore_eos=True))
     live = [r for r in engine.scheduler.step_records[start:] if r.num_decode == r.batch_size]
     assert len(live) >= 40
     model = StepTimeModel()

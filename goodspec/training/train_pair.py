@@ -5,7 +5,9 @@
 Steps (seeded, so a rerun on the same machine gives the same weights):
   1. a byte-level BPE tokenizer on training conversations (held-out ones never seen);
   2. the target, a 6-layer Llama, trained from scratch (warm-up + cosine learning rate);
-  3. the draft, a 1-layer Llama, distilled from the target (KL to the target's distribution);
+  3. the draft, a 1-layer Llama, distilled from the target (KL to the target's distribution),
+     first on ShareGPT text, then on the target's own greedy continuations of training prompts
+     ("on-policy": the text the draft must predict when it speculates);
   4. an evaluation on held-out ShareGPT: target perplexity and the draft's greedy per-token
      acceptance against the target, written to `<out>/report.json`.
 Weights are stored in float16 to keep the pair small; the engine loads them in float32 on the CPU.
@@ -43,6 +45,11 @@ class TrainConfig:
     warmup_steps: int = 40
     draft_steps: int = 500
     draft_lr: float = 4e-3
+    onpolicy_prompts: int = 3072  # training prompts the target continues for on-policy distillation
+    onpolicy_prompt_tokens: int = 128  # each prompt's first tokens
+    onpolicy_new_tokens: int = 128  # greedy target tokens generated after each
+    onpolicy_steps: int = 3000
+    onpolicy_lr: float = 2e-3
     eval_docs: int = 64
     eval_prompts: int = 64
     eval_new_tokens: int = 32
@@ -209,6 +216,58 @@ def distill_draft(cfg: TrainConfig, tokenizer, target: torch.nn.Module) -> torch
 
 
 @torch.no_grad()
+def onpolicy_data(cfg: TrainConfig, tokenizer, target) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The target's greedy continuations of training prompts, with its log-probabilities at every
+    generated position (from generate's own logits: no second target pass).
+    Returns ids [n, P + N] (prompts left-padded to P), attention mask [n, P + N], and the target's
+    log-probs [n, N, vocab] in float16 for positions P..P+N-1."""
+    from goodspec.sharegpt import first_turn_prompts
+
+    P, N, bs = cfg.onpolicy_prompt_tokens, cfg.onpolicy_new_tokens, 32
+    prompts = [p for p, _ in first_turn_prompts(held_out=False, limit=cfg.onpolicy_prompts)]
+    tokenizer.padding_side = "left"
+    ids_out, mask_out, logp_out = [], [], []
+    for i in tqdm(range(0, len(prompts), bs), desc="on-policy data", unit="batch"):
+        enc = tokenizer(prompts[i:i + bs], return_tensors="pt", padding="max_length", truncation=True,
+                        max_length=P)
+        out = target.generate(**enc, max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                              output_logits=True, return_dict_in_generate=True,
+                              pad_token_id=tokenizer.pad_token_id)
+        ids_out.append(out.sequences)
+        mask_out.append(torch.cat([enc["attention_mask"], torch.ones(len(out.sequences), N, dtype=torch.long)], 1))
+        logp_out.append(F.log_softmax(torch.stack(out.logits, 1).float(), -1).half())
+    return torch.cat(ids_out), torch.cat(mask_out), torch.cat(logp_out)
+
+
+def distill_draft_on_policy(cfg: TrainConfig, tokenizer, target, draft) -> torch.nn.Module:
+    """Continue distilling the draft on the target's own outputs: KL(target || draft) only at the
+    generated positions, where acceptance is decided."""
+    ids, mask, teacher = onpolicy_data(cfg, tokenizer, target)
+    P, N = cfg.onpolicy_prompt_tokens, cfg.onpolicy_new_tokens
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as the engine numbers a left-unpadded prompt
+    opt = torch.optim.AdamW(draft.parameters(), lr=cfg.onpolicy_lr, betas=(0.9, 0.95), weight_decay=0.0)
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    draft.train()
+    bar = tqdm(range(cfg.onpolicy_steps), desc="draft on-policy", unit="step")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg.onpolicy_steps, cfg.onpolicy_lr, cfg.warmup_steps)
+        rows = torch.randint(0, len(ids), (cfg.batch_size,), generator=gen)
+        logits = draft(input_ids=ids[rows, :-1], attention_mask=mask[rows, :-1],
+                       position_ids=positions[rows, :-1]).logits[:, P - 1:]  # predicts P..P+N-1
+        student = F.log_softmax(logits, dim=-1)
+        loss = F.kl_div(student.flatten(0, 1), teacher[rows].float().flatten(0, 1), log_target=True,
+                        reduction="batchmean")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(kl=f"{loss.item():.3f}")
+    draft.eval()
+    return draft
+
+
+@torch.no_grad()
 def evaluate(cfg: TrainConfig, tokenizer, target, draft) -> dict:
     """Held-out perplexity of both models and the draft's greedy acceptance against the target."""
     stream = token_stream(tokenizer, True, cfg.seed)
@@ -253,23 +312,41 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "models")
     ap.add_argument("--target-steps", type=int, default=TrainConfig.target_steps)
     ap.add_argument("--draft-steps", type=int, default=TrainConfig.draft_steps)
+    ap.add_argument("--onpolicy-steps", type=int, default=TrainConfig.onpolicy_steps)
     ap.add_argument("--seed", type=int, default=TrainConfig.seed)
+    ap.add_argument("--draft-on-policy-only", action="store_true",
+                    help="keep the tokenizer, target and draft in --out; only run the draft's "
+                         "on-policy distillation (step 3's second half) and re-evaluate")
     args = ap.parse_args(argv)
-    cfg = TrainConfig(seed=args.seed, target_steps=args.target_steps, draft_steps=args.draft_steps)
+    cfg = TrainConfig(seed=args.seed, target_steps=args.target_steps, draft_steps=args.draft_steps,
+                      onpolicy_steps=args.onpolicy_steps)
     torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     out: Path = args.out
     t0 = time.time()
-    tokenizer = train_tokenizer(cfg, out)
-    target = train_target(cfg, tokenizer)
-    target.to(torch.float16).save_pretrained(out / "target")
-    target.float()
-    draft = distill_draft(cfg, tokenizer, target)
+    previous = json.loads((out / "report.json").read_text()) if (out / "report.json").is_file() else {}
+    if args.draft_on_policy_only:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(out / "target")
+        target = AutoModelForCausalLM.from_pretrained(out / "target", dtype=torch.float32).eval()
+        draft = AutoModelForCausalLM.from_pretrained(out / "draft", dtype=torch.float32)
+    else:
+        tokenizer = train_tokenizer(cfg, out)
+        target = train_target(cfg, tokenizer)
+        target.to(torch.float16).save_pretrained(out / "target")
+        target.float()
+        draft = distill_draft(cfg, tokenizer, target)
+    draft = distill_draft_on_policy(cfg, tokenizer, target, draft)
     draft.to(torch.float16).save_pretrained(out / "draft")
     draft.float()
     report = evaluate(cfg, tokenizer, target, draft)
     report["train_config"] = asdict(cfg)
     report["wall_seconds"] = round(time.time() - t0, 1)
+    if args.draft_on_policy_only:
+        report["wall_seconds"] += previous.get("wall_seconds", 0.0)
+        report["before_on_policy"] = {k: previous[k] for k in ("greedy_acceptance", "draft_heldout_ppl")
+                                      if k in previous}
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
