@@ -36,6 +36,7 @@ class RequestRecord:
     draft_tokens_accepted: int = 0
     mean_k: float = 0.0
     error: str | None = None
+    repeat: int = 0
 
 
 @dataclass
@@ -55,6 +56,7 @@ class RunSummary:
     accepted_draft_tokens_per_s: float
     acceptance_rate: float | None
     k_histogram: dict = field(default_factory=dict)
+    repeat_mean_latencies_s: list = field(default_factory=list)  # one per repeat of the trace
 
 
 # -- workload ---------------------------------------------------------------------------------
@@ -130,9 +132,14 @@ def _pct(xs: list[float], q: float) -> float:
 
 
 def summarise(records: list[RequestRecord], k_hist: dict) -> RunSummary:
+    """Latencies pooled over every repeat; rates (req/s, tok/s) per trace replay."""
     ok = [r for r in records if r.error is None]
     lat = [r.latency_s for r in ok]
-    span = max((r.arrival_s + r.latency_s for r in ok), default=0.0) or 1e-9
+    repeats = sorted({r.repeat for r in records})
+    per_repeat = [statistics.mean(r.latency_s for r in ok if r.repeat == i)
+                  for i in repeats if any(r.repeat == i for r in ok)]
+    span = sum(max((r.arrival_s + r.latency_s for r in ok if r.repeat == i), default=0.0)
+               for i in repeats) or 1e-9
     tpot = [(r.latency_s - r.ttft_s) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     proposed = sum(r.draft_tokens_proposed for r in ok)
     accepted = sum(r.draft_tokens_accepted for r in ok)
@@ -146,6 +153,7 @@ def summarise(records: list[RequestRecord], k_hist: dict) -> RunSummary:
         requests_per_s=len(ok) / span, tokens_per_s=sum(r.output_tokens for r in ok) / span,
         accepted_draft_tokens_per_s=accepted / span,
         acceptance_rate=accepted / proposed if proposed else None, k_histogram=k_hist,
+        repeat_mean_latencies_s=per_repeat,
     )
 
 
@@ -160,13 +168,15 @@ def _k_histogram(address: str, token: str | None) -> dict[int, int]:
 
 def run_benchmark(address: str, rates: list[float], policies: list[str], num_requests: int,
                   seed: int, warmup: int, codec, max_output_tokens: int, progress: bool = True,
-                  token: str | None = None) -> tuple[list[RequestRecord], list[RunSummary]]:
+                  token: str | None = None, repeats: int = 1) -> tuple[list[RequestRecord], list[RunSummary]]:
+    """Every policy replays the identical trace at each rate, `repeats` times, the policies'
+    order rotating between repeats so slow drifts of a shared machine hit every policy alike."""
     workload = sharegpt_workload(codec, num_requests, seed, max_output_tokens=max_output_tokens)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(rates) * len(policies) * len(workload), desc="bench", unit="req")
+        bar = tqdm(total=len(rates) * len(policies) * len(workload) * repeats, desc="bench", unit="req")
     if warmup:
         # Warm every policy's path (the goodput model starts fitting on live steps here).
         for policy in policies:
@@ -176,14 +186,23 @@ def run_benchmark(address: str, rates: list[float], policies: list[str], num_req
     summaries: list[RunSummary] = []
     for rate in rates:
         trace = poisson_trace(workload, rate, seed)  # identical for every policy at this rate
+        recs: dict[str, list[RequestRecord]] = {p: [] for p in policies}
+        hists: dict[str, dict[int, int]] = {p: {} for p in policies}
+        for rep in range(repeats):
+            shift = rep % len(policies)
+            for policy in policies[shift:] + policies[:shift]:
+                before = _k_histogram(address, token)
+                run = asyncio.run(run_trace(address, trace, policy, rate, bar, token))
+                after = _k_histogram(address, token)
+                for r in run:
+                    r.repeat = rep
+                recs[policy] += run
+                for k in after:
+                    if after[k] - before.get(k, 0) > 0:
+                        hists[policy][k] = hists[policy].get(k, 0) + after[k] - before.get(k, 0)
         for policy in policies:
-            before = _k_histogram(address, token)
-            recs = asyncio.run(run_trace(address, trace, policy, rate, bar, token))
-            after = _k_histogram(address, token)
-            hist = {k: after.get(k, 0) - before.get(k, 0) for k in sorted(after)
-                    if after.get(k, 0) - before.get(k, 0) > 0}
-            records += recs
-            summaries.append(summarise(recs, hist))
+            records += recs[policy]
+            summaries.append(summarise(recs[policy], dict(sorted(hists[policy].items()))))
     if bar is not None:
         bar.close()
     return records, summaries
@@ -210,14 +229,17 @@ def ratios(summaries: list[RunSummary]) -> list[dict]:
 
 
 def markdown_table(summaries: list[RunSummary]) -> str:
-    head = ("| rate (req/s) | policy | mean lat (s) | p50 | p90 | p99 | TTFT (s) | TPOT (ms) | req/s | "
+    head = ("| rate (req/s) | policy | mean lat (s) (repeats' range) | p50 | p90 | p99 | TTFT (s) | TPOT (ms) | req/s | "
             "tok/s | accepted draft tok/s | acceptance | k histogram | errors |")
     lines = [head, "|" + "---|" * 14]
     for s in summaries:
         acc = f"{s.acceptance_rate:.2f}" if s.acceptance_rate is not None else "-"
         hist = " ".join(f"{k}:{n}" for k, n in s.k_histogram.items()) or "-"
+        mean = f"{s.mean_latency_s:.2f}"
+        if len(s.repeat_mean_latencies_s) > 1:  # the spread between replays of the same trace
+            mean += f" ({min(s.repeat_mean_latencies_s):.2f}-{max(s.repeat_mean_latencies_s):.2f})"
         lines.append(
-            f"| {s.rate:g} | {s.policy} | {s.mean_latency_s:.2f} | {s.p50_latency_s:.2f} | "
+            f"| {s.rate:g} | {s.policy} | {mean} | {s.p50_latency_s:.2f} | "
             f"{s.p90_latency_s:.2f} | {s.p99_latency_s:.2f} | {s.mean_ttft_s:.3f} | "
             f"{s.mean_tpot_s * 1e3:.1f} | {s.requests_per_s:.2f} | {s.tokens_per_s:.1f} | "
             f"{s.accepted_draft_tokens_per_s:.1f} | {acc} | {hist} | {s.errors} |")

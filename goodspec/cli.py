@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-requests", type=int, default=32, help="requests per rate and policy")
     bench.add_argument("--max-output-tokens", type=int, default=128, help="cap on each reply length")
     bench.add_argument("--warmup", type=int, default=4, help="warm-up requests per policy (not measured)")
+    bench.add_argument("--repeats", type=int, default=1,
+                       help="replays of each rate's trace per policy, policy order rotated (pooled)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", default="bench-results", help="folder for results.json/.md and latency.png")
     bench.add_argument("--peers", action="store_true",
@@ -232,7 +234,7 @@ def cmd_bench(args) -> int:
         codec = TextCodec.load(config.engine.target_dir)
         records, summaries = bench.run_benchmark(address, rates, policies, args.num_requests, args.seed,
                                                  args.warmup, codec, args.max_output_tokens,
-                                                 progress=True, token=args.token)
+                                                 progress=True, token=args.token, repeats=args.repeats)
         peers = None
         if args.peers:
             prompts = [p for p, _ in bench.sharegpt_workload(codec, args.peer_requests, args.seed + 1)]
@@ -245,7 +247,7 @@ def cmd_bench(args) -> int:
             peers["hf generate_batch (no spec)"] = bench_peers.hf_continuous_batching(
                 config.engine.target_dir, prompts, n, codec)
         meta = {"command": "goodspec " + " ".join(sys.argv[1:]), "rates": rates, "policies": policies,
-                "num_requests": args.num_requests, "seed": args.seed, "machine": platform.platform(),
+                "num_requests": args.num_requests, "repeats": args.repeats, "seed": args.seed, "machine": platform.platform(),
                 "cpus": __import__("os").cpu_count(), "device": config.engine.device}
         bench.write_results(Path(args.out), records, summaries, meta, peers)
     finally:

@@ -1,4 +1,5 @@
-"""`goodspec bench` end to end on a tiny trace: embedded server, two rates, two policies."""
+"""`goodspec bench` end to end on a tiny trace: embedded server, two rates, two policies, two
+repeats of each trace."""
 
 import json
 import subprocess
@@ -9,27 +10,32 @@ def test_bench_writes_consistent_json_table_and_plot(tmp_path):
     out = tmp_path / "bench"
     res = subprocess.run(
         [sys.executable, "-m", "goodspec.cli", "bench", "--rates", "2,8", "--policies", "off,goodput",
-         "--num-requests", "4", "--max-output-tokens", "16", "--warmup", "1", "--out", str(out),
+         "--num-requests", "3", "--repeats", "2", "--max-output-tokens", "16", "--warmup", "1",
+         "--out", str(out),
          "--num-cpus", "4", "--device", "cpu", "--threads", "1"],
         capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     assert {(s["rate"], s["policy"]) for s in data["summaries"]} == {(2.0, "off"), (2.0, "goodput"),
                                                                       (8.0, "off"), (8.0, "goodput")}
-    assert len(data["records"]) == 4 * 4 and all(r["error"] is None for r in data["records"])
+    assert len(data["records"]) == 4 * 3 * 2 and all(r["error"] is None for r in data["records"])
     for s in data["summaries"]:
         recs = [r for r in data["records"] if r["rate"] == s["rate"] and r["policy"] == s["policy"]]
         assert abs(s["mean_latency_s"] - sum(r["latency_s"] for r in recs) / len(recs)) < 1e-9
         assert s["errors"] == 0 and s["tokens_per_s"] > 0
+        assert len(s["repeat_mean_latencies_s"]) == 2
+        for rep, mean in enumerate(s["repeat_mean_latencies_s"]):
+            lat = [r["latency_s"] for r in recs if r["repeat"] == rep]
+            assert len(lat) == 3 and abs(mean - sum(lat) / 3) < 1e-9
     off = [r for r in data["records"] if r["policy"] == "off"]
     assert all(r["draft_tokens_proposed"] == 0 for r in off)
-    # The same trace for both policies: same prompts (by index) and arrival times.
+    # The same trace for both policies and both repeats: same prompts (by index) and arrivals.
     for rate in (2.0, 8.0):
         a = sorted((r["index"], r["arrival_s"], r["output_tokens"]) for r in data["records"]
                    if r["rate"] == rate and r["policy"] == "off")
         b = sorted((r["index"], r["arrival_s"], r["output_tokens"]) for r in data["records"]
                    if r["rate"] == rate and r["policy"] == "goodput")
-        assert a == b
+        assert a == b and a[0::2] == a[1::2]  # each (index, arrival) twice: once per repeat
     assert [r["rate"] for r in data["ratios"]] == [2.0, 8.0]
     table = (out / "results.md").read_text()
     assert table.count("| goodput |") == 2 and "goodput / off" in table
