@@ -143,6 +143,13 @@ class AcceptanceEstimator:
 
     def observe(self, req_id: str, num_draft: int, num_accepted: int) -> None:
         if num_draft <= 0:
+            # No evidence this step: let the request's own record fade towards the global rate,
+            # so a request judged poor is retried later instead of being written off for good
+            # (acceptance comes in bursts; a k = 0 request would otherwise never be re-measured).
+            s = self._per_request.get(req_id)
+            if s is not None:
+                s[0] *= self.decay
+                s[1] *= self.decay
             return
         fail = 1.0 if num_accepted < num_draft else 0.0
         s = self._per_request.setdefault(req_id, [0.0, 0.0])
@@ -168,68 +175,62 @@ class AcceptanceEstimator:
 # -- the choice of k --------------------------------------------------------------------------
 def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int],
             model: StepTimeModel, catchups: Sequence[int] | None = None) -> list[int]:
-    """Best uniform k first (the draft call has a fixed cost that one extra token alone may not
-    repay while a whole batch of them does), then per-request +1/-1 moves while goodput rises
-    (SmartSpec's greedy, made two-sided). Each move is evaluated in O(1) from running sums."""
+    """The k_i that maximise predicted goodput sum_i E_i(k_i) / T(k).
+
+    T has one cost shared by the whole batch that depends on the deepest k, the draft's passes
+    (max k); everything else is per request: each draft token adds verify and draft work, and a
+    request whose draft fell behind pays its catch-up once it speculates. So for each pass count
+    m the problem separates per request, and the ratio is maximised exactly by Dinkelbach's
+    method: at a goodput level G, request i takes the largest k <= min(m, cap_i) whose last token
+    still pays, alpha_i^k > G * (cost of one draft token), or 0 when its catch-up is not repaid;
+    G is then updated to the new ratio until the choice stops changing. The best m wins.
+    (Request-by-request +1 moves cannot get here: the first request to go one deeper pays a whole
+    extra draft pass alone, so a batch of requests that would all gain stays shallow.)"""
     n = len(alphas)
     if n == 0 or max(caps, default=0) == 0:
         return [0] * n
     cd, cv = model.draft.coef, model.verify.coef
-    catch = [c / 100.0 for c in catchups] if catchups else [0.0] * n
     longest = max(contexts)  # the few extra positions k adds are ignored here
+    alpha = np.asarray(alphas, dtype=float)
+    cap = np.asarray(caps, dtype=int)
+    catch = np.asarray(catchups, dtype=float) / 100.0 if catchups is not None else np.zeros(n)
     verify_base = cv[0] + cv[1] * n + cv[2] * n + cv[3] * n * longest / 1000.0
+    per_token = cv[2] + cd[2] + cd[3] * longest / 1000.0  # one more draft token: verified and drafted
+    kmax = int(cap.max())
+    ks_grid = np.arange(kmax + 1)
+    # E_i(k) for k = 0..kmax: 1 + alpha + ... + alpha^k
+    gains = np.cumsum(alpha[:, None] ** ks_grid[None, :], axis=1)  # [n, kmax + 1]
 
-    # skc carries the catch-up tokens of the requests that speculate (k > 0).
-    def step_time(sum_k: int, skc: float, max_k: int) -> float:
-        t_d = 0.0 if sum_k == 0 else cd[0] + cd[1] * max_k + cd[2] * sum_k + cd[3] * sum_k * longest / 1000.0 + cd[4] * skc
-        return max(t_d + verify_base + cv[2] * sum_k, 1e-9)
+    def step_time(ks: np.ndarray) -> float:
+        if not ks.any():
+            return max(verify_base, 1e-9)
+        draft = cd[0] + cd[1] * ks.max() + per_token * ks.sum() - cv[2] * ks.sum() + cd[4] * catch[ks > 0].sum()
+        return max(verify_base + cv[2] * ks.sum() + draft, 1e-9)
 
-    def totals(ks):
-        e = sum(expected_tokens(a, k) for a, k in zip(alphas, ks))
-        return e, sum(ks), sum(c for k, c in zip(ks, catch) if k > 0)
+    def goodput(ks: np.ndarray) -> float:
+        return float(gains[np.arange(n), ks].sum()) / step_time(ks)
 
-    best_ks_, best_g = [0] * n, n / step_time(0, 0.0, 0)
-    in_step = [c == 0 for c in catch]  # requests whose draft is up to date
-    for k in range(1, max(caps) + 1):
-        # Uniform k for everyone, and uniform k only for requests with no draft backlog.
-        for ks in ([min(k, c) for c in caps], [min(k, c) if ok else 0 for c, ok in zip(caps, in_step)]):
-            if not any(ks):
-                continue
-            e, sk, skc = totals(ks)
-            g = e / step_time(sk, skc, max(ks))
-            if g > best_g:
-                best_ks_, best_g = ks, g
-
-    ks = list(best_ks_)
-    e, sk, skc = totals(ks)
-    hist = [0] * (max(caps) + 2)  # how many requests have each k: max_k after a -1 move
-    for k in ks:
-        hist[k] += 1
-    for _ in range(4 * n * (max(caps) + 1)):
-        mk = max(i for i, c in enumerate(hist) if c) if sk else 0
-        move, move_g = None, best_g * (1 + 1e-9)
-        for i in range(n):
-            k, a = ks[i], alphas[i]
-            c = catch[i] if k in (0, 1) else 0.0  # catch-up counts once, when k leaves or reaches 0
-            if k < caps[i]:
-                g = (e + a ** (k + 1)) / step_time(sk + 1, skc + (c if k == 0 else 0.0), max(mk, k + 1))
-                if g > move_g:
-                    move, move_g = (i, +1), g
-            if k > 0:
-                new_mk = mk if (k < mk or hist[k] > 1) else k - 1
-                g = (e - a ** k) / step_time(sk - 1, skc - (c if k == 1 else 0.0), new_mk)
-                if g > move_g:
-                    move, move_g = (i, -1), g
-        if move is None:
-            break
-        i, d = move
-        k = ks[i]
-        e += alphas[i] ** (k + 1) if d > 0 else -(alphas[i] ** k)
-        hist[k] -= 1
-        hist[k + d] += 1
-        ks[i] = k + d
-        sk += d
-        if (d > 0 and k == 0) or (d < 0 and k == 1):
-            skc += d * catch[i]
-        best_g = move_g
-    return ks
+    best = np.zeros(n, dtype=int)
+    best_g = goodput(best)
+    for m in range(1, kmax + 1):
+        limit = np.minimum(cap, m)
+        allowed = ks_grid[None, :] <= limit[:, None]  # [n, kmax + 1]
+        g = best_g
+        ks = None
+        for _ in range(20):
+            # Value of each k for each request at level g: E_i(k) - g * (its own cost).
+            value = gains - g * (per_token * ks_grid[None, :] + cd[4] * catch[:, None] * (ks_grid[None, :] > 0))
+            value = np.where(allowed, value, -np.inf)
+            choice = value.argmax(axis=1)
+            if ks is not None and np.array_equal(choice, ks):
+                break
+            ks = choice
+            g_new = goodput(ks)
+            if g_new <= g * (1 + 1e-12):
+                break
+            g = g_new
+        if ks is not None:
+            g_ks = goodput(ks)
+            if g_ks > best_g * (1 + 1e-9):
+                best, best_g = ks, g_ks
+    return [int(k) for k in best]
