@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--k", type=int, default=4, help="draft tokens verified per sequence")
     prof.add_argument("--context", type=int, default=200)
     prof.add_argument("--repeats", type=int, default=15)
+
+    ovh = sub.add_parser("overhead", help="share of step time spent outside the models, on the Ray runtime")
+    ovh.add_argument("--batch-size", type=int, default=8)
+    ovh.add_argument("--policies", default="fixed:3,off")
+    ovh.add_argument("--max-new-tokens", type=int, default=96)
+    ovh.add_argument("--repeats", type=int, default=2, help="runs per policy, policies alternating")
+    add_config_flags(ovh)
     return ap
 
 
@@ -281,6 +288,28 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_overhead(args) -> int:
+    from goodspec.cluster.group import EngineGroup
+    from goodspec.cluster.overhead import measure_overhead
+    from goodspec.sharegpt import first_turn_prompts
+    from goodspec.workers.sampling import SamplingParams
+
+    config = build_config(args)
+    max_prompt_tokens = 256  # short enough that every prompt of 4 x batch ShareGPT ones fits
+    group = EngineGroup(config)
+    try:
+        prompts = [p for p, _ in first_turn_prompts(held_out=True, limit=4 * args.batch_size)
+                   if len(group.codec.encode(p)) <= max_prompt_tokens][: args.batch_size]
+        policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        group.complete_all(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm up
+        for _ in range(args.repeats):
+            for policy in policies:
+                print(measure_overhead(group, prompts, policy, args.max_new_tokens).line(), flush=True)
+    finally:
+        group.shutdown()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -290,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_profile(args)
         if args.command == "bench":
             return cmd_bench(args)
+        if args.command == "overhead":
+            return cmd_overhead(args)
         if args.command == "serve":
             return cmd_serve(args)
         if args.command == "complete":

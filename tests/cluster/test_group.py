@@ -74,20 +74,16 @@ def test_32_concurrent_mixed_requests_match_target_only_greedy(group, sharegpt_p
 
 def test_actor_overhead_share_of_step_time_is_small_at_batch_8(group, sharegpt_prompts):
     """Report: the share of scheduler-side step time spent outside the two models' forwards
-    (Ray calls, serialisation, scheduling). Asserted loosely here; the figure is in the note."""
-    group.complete_all(sharegpt_prompts[:8], SamplingParams(max_new_tokens=32, ignore_eos=True))
-    records = [r for r in asyncio.run(_records(group)) if r["batch_size"] == 8 and r["num_decode"] == 8]
-    assert len(records) >= 5
-    step = sum(r["step_time"] for r in records)
-    compute = sum(r["draft_compute_time"] + r["verify_compute_time"] for r in records)
-    share = 1 - compute / step
-    print(f"\noverhead share at batch 8: {share:.3f} over {len(records)} steps")
-    assert share < 0.5
+    (worker channel calls, serialisation, scheduling), as `goodspec overhead` measures it.
+    Asserted loosely here (a timing on a shared machine); the figure is in the README."""
+    from goodspec.cluster.overhead import measure_overhead
 
-
-async def _records(group):
-
-    return await group.engines[0].actor.step_records.remote(200)
+    report = measure_overhead(group, sharegpt_prompts[:8], "fixed:3", max_new_tokens=32)
+    print("\n" + report.line())
+    assert report.batch_size == 8 and report.steps >= 3
+    assert report.draft_compute_ms > 0 and report.verify_compute_ms > 0
+    assert report.step_ms >= report.draft_call_ms + report.verify_call_ms
+    assert report.share < 0.5
 
 
 @pytest.mark.parametrize("which", ["target", "draft"])
