@@ -6,9 +6,9 @@ goodput(k_1..k_n) = sum_i E_i(k_i) / (T_draft(k) + T_verify(k))
   request whose draft tokens are each accepted with probability alpha_i (the bonus included).
 - T_draft and T_verify are linear in features of the step (below), fitted online by weighted
   least squares on the scheduler's StepRecords, recent steps weighing more.
-- k is chosen greedily (SmartSpec's marginal increase, made two-sided, from the best uniform k):
-  see best_ks. All-zero means no draft call at all, which is how the system falls back to plain
-  decoding under load.
+- k is chosen to maximise that ratio exactly for each number of draft passes (SmartSpec's
+  marginal-gain rule, applied per request at the optimum's goodput level): see best_ks.
+  All-zero means no draft call at all, which is how the system falls back to plain decoding.
 """
 
 from __future__ import annotations
