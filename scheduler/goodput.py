@@ -195,7 +195,8 @@ def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int
     cap = np.asarray(caps, dtype=int)
     catch = np.asarray(catchups, dtype=float) / 100.0 if catchups is not None else np.zeros(n)
     verify_base = cv[0] + cv[1] * n + cv[2] * n + cv[3] * n * longest / 1000.0
-    per_token = cv[2] + cd[2] + cd[3] * longest / 1000.0  # one more draft token: verified and drafted
+    draft_per_token = cd[2] + cd[3] * longest / 1000.0
+    per_token = cv[2] + draft_per_token  # one more draft token: drafted and verified
     kmax = int(cap.max())
     ks_grid = np.arange(kmax + 1)
     # E_i(k) for k = 0..kmax: 1 + alpha + ... + alpha^k
@@ -204,7 +205,7 @@ def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int
     def step_time(ks: np.ndarray) -> float:
         if not ks.any():
             return max(verify_base, 1e-9)
-        draft = cd[0] + cd[1] * ks.max() + per_token * ks.sum() - cv[2] * ks.sum() + cd[4] * catch[ks > 0].sum()
+        draft = cd[0] + cd[1] * ks.max() + draft_per_token * ks.sum() + cd[4] * catch[ks > 0].sum()
         return max(verify_base + cv[2] * ks.sum() + draft, 1e-9)
 
     def goodput(ks: np.ndarray) -> float:
