@@ -158,30 +158,41 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def optimise(model: torch.nn.Module, loss_at_step, steps: int, peak_lr: float, warmup: int,
+             weight_decay: float, desc: str, metric: str) -> torch.nn.Module:
+    """AdamW with warm-up + cosine learning rate and gradient clipping; `loss_at_step()` returns
+    the next batch's loss. Leaves the model in eval mode."""
+    opt = torch.optim.AdamW(model.parameters(), lr=peak_lr, betas=(0.9, 0.95), weight_decay=weight_decay)
+    model.train()
+    bar = tqdm(range(steps), desc=desc, unit="step")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, peak_lr, warmup)
+        loss = loss_at_step()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix({metric: f"{loss.item():.3f}"})
+    model.eval()
+    return model
+
+
 def train_target(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(target_config(len(tokenizer), tokenizer.bos_token_id,
                                            tokenizer.eos_token_id, tokenizer.pad_token_id))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.target_lr, betas=(0.9, 0.95),
-                            weight_decay=0.1)
     data = batches(token_stream(tokenizer, False, cfg.seed), cfg.batch_size, cfg.seq_len)
-    model.train()
-    bar = tqdm(range(cfg.target_steps), desc="target", unit="step")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.target_steps, cfg.target_lr, cfg.warmup_steps)
+
+    def loss_at_step() -> torch.Tensor:
         x = next(data)
         logits = model(input_ids=x[:, :-1]).logits
-        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    return model
+        return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+
+    return optimise(model, loss_at_step, cfg.target_steps, cfg.target_lr, cfg.warmup_steps, 0.1,
+                    "target", "loss")
 
 
 def distill_draft(cfg: TrainConfig, tokenizer, target: torch.nn.Module) -> torch.nn.Module:
@@ -190,29 +201,20 @@ def distill_draft(cfg: TrainConfig, tokenizer, target: torch.nn.Module) -> torch
     torch.manual_seed(cfg.seed + 1)
     draft = LlamaForCausalLM(draft_config(len(tokenizer), tokenizer.bos_token_id,
                                           tokenizer.eos_token_id, tokenizer.pad_token_id))
-    opt = torch.optim.AdamW(draft.parameters(), lr=cfg.draft_lr, betas=(0.9, 0.95),
-                            weight_decay=0.0)
     data = batches(token_stream(tokenizer, False, cfg.seed + 1), cfg.batch_size, cfg.seq_len)
-    draft.train()
-    bar = tqdm(range(cfg.draft_steps), desc="draft", unit="step")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.draft_steps, cfg.draft_lr, cfg.warmup_steps)
+
+    def loss_at_step() -> torch.Tensor:
         x = next(data)[:, :-1]
         with torch.no_grad():
             teacher = F.log_softmax(target(input_ids=x).logits, dim=-1)
         student = F.log_softmax(draft(input_ids=x).logits, dim=-1)
         # KL(target || draft): the draft learns to put mass where the target does, which is
         # what raises the acceptance probability min(1, p/q).
-        loss = F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True,
+        return F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True,
                         reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
-        opt.step()
-        bar.set_postfix(kl=f"{loss.item():.3f}")
-    draft.eval()
-    return draft
+
+    return optimise(draft, loss_at_step, cfg.draft_steps, cfg.draft_lr, cfg.warmup_steps, 0.0,
+                    "draft", "kl")
 
 
 @torch.no_grad()
@@ -245,26 +247,18 @@ def distill_draft_on_policy(cfg: TrainConfig, tokenizer, target, draft) -> torch
     ids, mask, teacher = onpolicy_data(cfg, tokenizer, target)
     P, N = cfg.onpolicy_prompt_tokens, cfg.onpolicy_new_tokens
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as the engine numbers a left-unpadded prompt
-    opt = torch.optim.AdamW(draft.parameters(), lr=cfg.onpolicy_lr, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed + 2)
-    draft.train()
-    bar = tqdm(range(cfg.onpolicy_steps), desc="draft on-policy", unit="step")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.onpolicy_steps, cfg.onpolicy_lr, cfg.warmup_steps)
+
+    def loss_at_step() -> torch.Tensor:
         rows = torch.randint(0, len(ids), (cfg.batch_size,), generator=gen)
         logits = draft(input_ids=ids[rows, :-1], attention_mask=mask[rows, :-1],
                        position_ids=positions[rows, :-1]).logits[:, P - 1:]  # predicts P..P+N-1
         student = F.log_softmax(logits, dim=-1)
-        loss = F.kl_div(student.flatten(0, 1), teacher[rows].float().flatten(0, 1), log_target=True,
+        return F.kl_div(student.flatten(0, 1), teacher[rows].float().flatten(0, 1), log_target=True,
                         reduction="batchmean")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
-        opt.step()
-        bar.set_postfix(kl=f"{loss.item():.3f}")
-    draft.eval()
-    return draft
+
+    return optimise(draft, loss_at_step, cfg.onpolicy_steps, cfg.onpolicy_lr, cfg.warmup_steps, 0.0,
+                    "draft on-policy", "kl")
 
 
 @torch.no_grad()
