@@ -174,7 +174,8 @@ class AcceptanceEstimator:
 
 # -- the choice of k --------------------------------------------------------------------------
 def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int],
-            model: StepTimeModel, catchups: Sequence[int] | None = None) -> list[int]:
+            model: StepTimeModel, catchups: Sequence[int] | None = None,
+            prefill: tuple[int, int] = (0, 0)) -> list[int]:
     """The k_i that maximise predicted goodput sum_i E_i(k_i) / T(k).
 
     T has one cost shared by the whole batch that depends on the deepest k, the draft's passes
@@ -194,7 +195,8 @@ def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int
     alpha = np.asarray(alphas, dtype=float)
     cap = np.asarray(caps, dtype=int)
     catch = np.asarray(catchups, dtype=float) / 100.0 if catchups is not None else np.zeros(n)
-    verify_base = cv[0] + cv[1] * n + cv[2] * n + cv[3] * n * longest / 1000.0
+    seqs = n + prefill[0]  # prompt chunks (prefill = (sequences, tokens)) share the forward
+    verify_base = cv[0] + cv[1] * seqs + cv[2] * (n + prefill[1]) + cv[3] * seqs * longest / 1000.0
     draft_per_token = cd[2] + cd[3] * longest / 1000.0
     per_token = cv[2] + draft_per_token  # one more draft token: drafted and verified
     kmax = int(cap.max())

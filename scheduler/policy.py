@@ -15,8 +15,11 @@ class SpeculationPolicy(ABC):
     name: str
 
     @abstractmethod
-    def choose(self, requests: Sequence[Request], caps: Sequence[int]) -> list[int]:
-        """k for each request, each in 0..caps[i]."""
+    def choose(self, requests: Sequence[Request], caps: Sequence[int],
+               prefill: tuple[int, int] = (0, 0)) -> list[int]:
+        """k for each request, each in 0..caps[i]. `prefill` = (sequences, tokens) of prompt
+        chunks that will share the step's target forward (an estimate made before the chunks
+        are cut: they get the token budget the decodes leave)."""
 
     def observe(self, outcomes: Sequence[tuple[str, int, int]], record) -> None:
         """After each step: (req_id, k, accepted) per decoding request and the StepRecord."""
@@ -28,7 +31,8 @@ class SpeculationPolicy(ABC):
 class OffPolicy(SpeculationPolicy):
     name = "off"
 
-    def choose(self, requests: Sequence[Request], caps: Sequence[int]) -> list[int]:
+    def choose(self, requests: Sequence[Request], caps: Sequence[int],
+               prefill: tuple[int, int] = (0, 0)) -> list[int]:
         return [0] * len(requests)
 
 
@@ -39,7 +43,8 @@ class FixedPolicy(SpeculationPolicy):
         self.k = k
         self.name = f"fixed:{k}"
 
-    def choose(self, requests: Sequence[Request], caps: Sequence[int]) -> list[int]:
+    def choose(self, requests: Sequence[Request], caps: Sequence[int],
+               prefill: tuple[int, int] = (0, 0)) -> list[int]:
         return [min(self.k, c) for c in caps]
 
 
@@ -89,7 +94,8 @@ class GoodputPolicy(SpeculationPolicy):
         self._profile = list(records)
         self.time_model.fit(self._records, prior=self._profile)
 
-    def choose(self, requests: Sequence[Request], caps: Sequence[int]) -> list[int]:
+    def choose(self, requests: Sequence[Request], caps: Sequence[int],
+               prefill: tuple[int, int] = (0, 0)) -> list[int]:
         from goodspec.scheduler.goodput import best_ks, expected_tokens
 
         self._steps += 1
@@ -106,8 +112,11 @@ class GoodputPolicy(SpeculationPolicy):
         # grew the backlog: requests locked into k = 0 while fixed:3 was 13% faster than off).
         horizons = [max(1.0, (r.sampling.max_new_tokens - r.num_output) / expected_tokens(a, c))
                     for r, a, c in zip(requests, alphas, caps)]
+        # Prompt chunks in the same forward make the step longer without emitting tokens: left
+        # out, they made goodput look higher than it is and so every draft token look too costly
+        # (shallow k whenever requests arrive, i.e. all the time near saturation).
         ks = best_ks(alphas, contexts, caps, self.time_model,
-                     [c / h for c, h in zip(catchups, horizons)])
+                     [c / h for c, h in zip(catchups, horizons)], prefill)
         if not any(ks) and self._steps % self.explore_every == 0:
             ks = [min(1, c) for c in caps]
         self._predicted = self.time_model.predict_step_time(ks, contexts, catchups)

@@ -263,7 +263,9 @@ class Scheduler:
         decode = [r for r in self.running if r.in_decode]
         prefill = [r for r in self.running if not r.in_decode]
         caps = [self._k_cap(r) for r in decode]
-        ks = self._choose_k(decode, caps)
+        room = max(0, cfg.max_num_batched_tokens - len(decode))
+        prefill_tokens = min(room, sum(r.num_pending for r in prefill))
+        ks = self._choose_k(decode, caps, (len(prefill) if prefill_tokens else 0, prefill_tokens))
         budget = cfg.max_num_batched_tokens - sum(1 + k for k in ks)
         chunks: dict[str, int] = {}
         for r in prefill:
@@ -323,14 +325,15 @@ class Scheduler:
         # A step emits up to k + 1 tokens; the target may not run past its context.
         return max(0, min(cap, remaining - 1, self.config.max_context - len(r.token_ids)))
 
-    def _choose_k(self, decode: Sequence[Request], caps: Sequence[int]) -> list[int]:
+    def _choose_k(self, decode: Sequence[Request], caps: Sequence[int],
+                  prefill: tuple[int, int]) -> list[int]:
         ks = [0] * len(decode)
         groups: dict[int, tuple[SpeculationPolicy, list[int]]] = {}
         for i, r in enumerate(decode):
             policy = r.policy or self.policy
             groups.setdefault(id(policy), (policy, []))[1].append(i)
         for policy, idx in groups.values():
-            chosen = policy.choose([decode[i] for i in idx], [caps[i] for i in idx])
+            chosen = policy.choose([decode[i] for i in idx], [caps[i] for i in idx], prefill)
             for i, k in zip(idx, chosen):
                 ks[i] = max(0, min(int(k), caps[i]))
         return ks

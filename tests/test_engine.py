@@ -22,7 +22,7 @@ class MixedKPolicy(SpeculationPolicy):
     def __init__(self) -> None:
         self.calls = 0
 
-    def choose(self, requests, caps):
+    def choose(self, requests, caps, prefill=(0, 0)):
         self.calls += 1
         return [min(c, (self.calls + int(r.req_id.split("-")[-1])) % 6) for r, c in zip(requests, caps)]
 
