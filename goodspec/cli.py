@@ -289,17 +289,22 @@ def cmd_profile(args) -> int:
 
 
 def cmd_overhead(args) -> int:
+    import itertools
+
     from goodspec.cluster.group import EngineGroup
     from goodspec.cluster.overhead import measure_overhead
     from goodspec.sharegpt import first_turn_prompts
     from goodspec.workers.sampling import SamplingParams
 
     config = build_config(args)
-    max_prompt_tokens = 256  # short enough that every prompt of 4 x batch ShareGPT ones fits
+    max_prompt_tokens = 256  # keeps the batch's contexts, and so its steps, comparable
     group = EngineGroup(config)
     try:
-        prompts = [p for p, _ in first_turn_prompts(held_out=True, limit=4 * args.batch_size)
-                   if len(group.codec.encode(p)) <= max_prompt_tokens][: args.batch_size]
+        fitting = (p for p, _ in first_turn_prompts(held_out=True)
+                   if len(group.codec.encode(p)) <= max_prompt_tokens)
+        prompts = list(itertools.islice(fitting, args.batch_size))
+        if len(prompts) < args.batch_size:
+            raise ValueError(f"only {len(prompts)} held-out prompts of <= {max_prompt_tokens} tokens")
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
         group.complete_all(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm up
         for _ in range(args.repeats):

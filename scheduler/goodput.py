@@ -219,21 +219,14 @@ def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int
         limit = np.minimum(cap, m)
         allowed = ks_grid[None, :] <= limit[:, None]  # [n, kmax + 1]
         g = best_g
-        ks = None
         for _ in range(20):
             # Value of each k for each request at level g: E_i(k) - g * (its own cost).
             value = gains - g * (per_token * ks_grid[None, :] + cd[4] * catch[:, None] * (ks_grid[None, :] > 0))
-            value = np.where(allowed, value, -np.inf)
-            choice = value.argmax(axis=1)
-            if ks is not None and np.array_equal(choice, ks):
-                break
-            ks = choice
+            ks = np.where(allowed, value, -np.inf).argmax(axis=1)
             g_new = goodput(ks)
-            if g_new <= g * (1 + 1e-12):
+            if g_new <= g * (1 + 1e-12):  # no better level: the choice has converged
                 break
             g = g_new
-        if ks is not None:
-            g_ks = goodput(ks)
-            if g_ks > best_g * (1 + 1e-9):
-                best, best_g = ks, g_ks
+        if goodput(ks) > best_g * (1 + 1e-9):
+            best, best_g = ks, goodput(ks)
     return [int(k) for k in best]
