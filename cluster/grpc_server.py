@@ -4,6 +4,7 @@ bearer-token auth, TLS/mTLS, a bounded admission queue and SIGTERM draining."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -54,26 +55,29 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             self.rejected += 1
             await context.abort(*status_of(e))
         self.in_flight += 1
-        finished = False
+        finished = failed = False
+        stream = self.group.generate(
+            inp.prompt, inp.sampling, req_id=inp.request_id or f"req-{uuid.uuid4().hex[:12]}",
+            policy=inp.policy, max_k=inp.max_k,
+        )
         try:
-            async for _, chunk in self.group.generate(
-                inp.prompt, inp.sampling, req_id=inp.request_id or f"req-{uuid.uuid4().hex[:12]}",
-                policy=inp.policy, max_k=inp.max_k,
-            ):
-                if chunk.finished and chunk.finish_reason == "error":
-                    raise EngineFailed(chunk.error or "the engine failed this request")
-                finished = chunk.finished
-                yield chunk
-        except asyncio.CancelledError:
-            self.cancelled += 1  # client cancel or deadline: group.generate aborted and freed it
-            raise
+            # aclosing: a client cancel can land while grpc awaits a write (GeneratorExit at our
+            # yield, not CancelledError), so close the engine stream here, not whenever GC does.
+            async with contextlib.aclosing(stream):
+                async for _, chunk in stream:
+                    if chunk.finished and chunk.finish_reason == "error":
+                        raise EngineFailed(chunk.error or "the engine failed this request")
+                    finished = chunk.finished
+                    yield chunk
         except Exception as e:  # noqa: BLE001
+            failed = True
             if isinstance(e, ValueError):
                 self.rejected += 1
             await context.abort(*status_of(e))
         finally:
             self.in_flight -= 1
-            if not finished and context.cancelled():
+            if not finished and not failed:
+                self.cancelled += 1  # client cancel or deadline; the engine stream aborted and freed it
                 log.info("request cancelled by the client")
 
     async def Generate(self, request, context):

@@ -112,10 +112,12 @@ def test_client_cancel_frees_the_request_cache_at_once(client):
 
 
 def test_deadline_aborts_the_request_and_frees_its_cache(client):
+    before = client.server_stats().requests_cancelled
     with pytest.raises(grpc.RpcError) as err:
         client.complete("Write a very long essay.", max_new_tokens=800, ignore_eos=True, timeout=0.5)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert wait_idle(client), client.server_stats()
+    assert client.server_stats().requests_cancelled > before
 
 
 def test_overload_is_resource_exhausted(group):
