@@ -7,6 +7,7 @@ submissions and aborts with steps, so the scheduler itself stays single-threaded
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import traceback
@@ -86,12 +87,45 @@ class _Stream:
     submitted: float = field(default_factory=time.monotonic)
 
 
+class _StepLock:
+    """The scheduler's lock. The step loop takes it for a whole step and retakes it at once, and
+    a plain Lock is not fair: a submit waiting on another thread could sit out several steps (at
+    8 req/s, tens of ms of time-to-first-token). Callers from other threads are let in first at
+    the next step boundary."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._callers = 0
+        self._no_callers = threading.Event()
+        self._no_callers.set()
+
+    def __enter__(self) -> None:
+        with self._count_lock:
+            self._callers += 1
+            self._no_callers.clear()
+        self._lock.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+        with self._count_lock:
+            self._callers -= 1
+            if self._callers == 0:
+                self._no_callers.set()
+
+    @contextlib.contextmanager
+    def for_step(self):
+        self._no_callers.wait()
+        with self._lock:
+            yield
+
+
 class SchedulerService:
     def __init__(self, scheduler: Scheduler, codec: TextCodec, idle_wait_s: float = 0.05) -> None:
         self.scheduler = scheduler
         self.codec = codec
         self._streams: dict[str, _Stream] = {}
-        self._lock = threading.Lock()
+        self._lock = _StepLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._idle_wait_s = idle_wait_s
@@ -143,10 +177,9 @@ class SchedulerService:
                 for r in list(s.running) + list(s.waiting)
             )
 
-    def locked(self) -> threading.Lock:
+    def locked(self):
         """Hold this to read the scheduler's state consistently from another thread."""
         return self._lock
-
     def num_unfinished(self) -> int:
         with self._lock:
             return len(self.scheduler.running) + len(self.scheduler.waiting)
@@ -154,7 +187,7 @@ class SchedulerService:
     # -- the loop -------------------------------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
-            with self._lock:
+            with self._lock.for_step():
                 busy = self.scheduler.has_work()
                 if busy:
                     try:
