@@ -13,6 +13,7 @@ goodput(k_1..k_n) = sum_i E_i(k_i) / (T_draft(k) + T_verify(k))
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -133,13 +134,23 @@ def expected_tokens(alpha: float, k: int) -> float:
 @dataclass
 class AcceptanceEstimator:
     """Per-request acceptance probability: decayed counts of accepted draft tokens (successes)
-    and first rejections (failures), shrunk towards the running global rate."""
+    and first rejections (failures), shrunk towards the running global rate.
+
+    How hard to shrink (`prior_weight`, in pseudo-trials) is learned from finished requests,
+    empirical-Bayes style: if requests really differ, their own counts are trusted early; if
+    they differ little, a few unlucky rejections no longer halve a new request's estimate (with
+    a fixed weight of 1, one early rejection cut a good request's k for much of its life)."""
 
     decay: float = 0.9  # about the last 10 verifications of the request count
-    prior_weight: float = 1.0
+    prior_weight: float = 4.0  # until enough requests have finished to measure it
+    min_prior_weight: float = 1.0
+    max_prior_weight: float = 64.0
+    min_finished: int = 16
     global_success: float = 1.0
     global_failure: float = 1.0
     _per_request: dict[str, list[float]] = field(default_factory=dict)
+    _totals: dict[str, list[float]] = field(default_factory=dict)  # undecayed, for the prior
+    _finished: deque = field(default_factory=lambda: deque(maxlen=256))
 
     def observe(self, req_id: str, num_draft: int, num_accepted: int) -> None:
         if num_draft <= 0:
@@ -155,6 +166,9 @@ class AcceptanceEstimator:
         s = self._per_request.setdefault(req_id, [0.0, 0.0])
         s[0] = s[0] * self.decay + num_accepted
         s[1] = s[1] * self.decay + fail
+        t = self._totals.setdefault(req_id, [0.0, 0.0])
+        t[0] += num_accepted
+        t[1] += fail
         self.global_success = self.global_success * 0.999 + num_accepted
         self.global_failure = self.global_failure * 0.999 + fail
 
@@ -170,6 +184,24 @@ class AcceptanceEstimator:
 
     def forget(self, req_id: str) -> None:
         self._per_request.pop(req_id, None)
+        t = self._totals.pop(req_id, None)
+        if t is not None and t[0] + t[1] >= 4:
+            self._finished.append(t)
+            if len(self._finished) >= self.min_finished:
+                self.prior_weight = self._fit_prior_weight()
+
+    def _fit_prior_weight(self) -> float:
+        """Method of moments for a Beta prior over requests' acceptance rates: the spread of the
+        finished requests' rates, less what their finite counts alone would produce, is the
+        spread between requests; a Beta(m w, (1 - m) w) has variance m (1 - m) / (w + 1)."""
+        t = np.asarray(self._finished)
+        n = t.sum(axis=1)
+        rates = t[:, 0] / n
+        m = t[:, 0].sum() / n.sum()
+        between = rates.var() - m * (1 - m) * np.mean(1.0 / n)
+        if between <= 0:
+            return self.max_prior_weight
+        return float(np.clip(m * (1 - m) / between - 1.0, self.min_prior_weight, self.max_prior_weight))
 
 
 # -- the choice of k --------------------------------------------------------------------------

@@ -74,8 +74,34 @@ def test_acceptance_estimate_starts_from_global_and_follows_the_request():
     for _ in range(50):
         est.observe("good", 4, 4)
         est.observe("bad", 4, 0)
-    assert est.alpha("good") > 0.9 and est.alpha("bad") < 0.15
+    assert est.alpha("good") > 0.9 and est.alpha("bad") < 0.25
     assert 0.3 < est.alpha("new") < 0.9  # a new request starts near the running global rate
+
+
+def finish_requests(est: AcceptanceEstimator, alphas, rng, steps: int = 30, k: int = 4) -> None:
+    for i, a in enumerate(alphas):
+        for _ in range(steps):
+            accepted = 0
+            while accepted < k and rng.random() < a:
+                accepted += 1
+            est.observe(f"r{i}", k, accepted)
+        est.forget(f"r{i}")
+
+
+def test_prior_weight_is_learned_from_how_much_requests_differ():
+    rng = np.random.default_rng(0)
+    alike = AcceptanceEstimator()
+    finish_requests(alike, [0.8] * 40, rng)
+    apart = AcceptanceEstimator()
+    finish_requests(apart, [0.95, 0.3] * 20, rng)
+    # Requests that differ only by chance: one unlucky step must barely move a new estimate.
+    assert alike.prior_weight >= 20
+    # Requests that really differ: their own evidence must count after a step or two.
+    assert apart.prior_weight <= 3
+    for est in (alike, apart):
+        est.observe("new", 4, 0)
+    assert alike.alpha("new") > 0.95 * alike.global_alpha
+    assert apart.alpha("new") < 0.8 * apart.global_alpha
 
 
 def ks_for(alpha, batch, model, cap=8, ctx=200):
