@@ -148,8 +148,11 @@ class AcceptanceEstimator:
     min_finished: int = 16
     global_success: float = 1.0
     global_failure: float = 1.0
+    depth_prior: float = 4.0  # pseudo-trials pulling a rarely reached depth to the pooled rate
     _per_request: dict[str, list[float]] = field(default_factory=dict)
     _totals: dict[str, list[float]] = field(default_factory=dict)  # undecayed, for the prior
+    # Decayed successes / failures at each draft position, given all before it were accepted.
+    _depth: np.ndarray = field(default_factory=lambda: np.zeros((2, 0)))
     _finished: deque = field(default_factory=lambda: deque(maxlen=256))
 
     def observe(self, req_id: str, num_draft: int, num_accepted: int) -> None:
@@ -171,6 +174,12 @@ class AcceptanceEstimator:
         t[1] += fail
         self.global_success = self.global_success * 0.999 + num_accepted
         self.global_failure = self.global_failure * 0.999 + fail
+        if self._depth.shape[1] < num_draft:
+            self._depth = np.pad(self._depth, ((0, 0), (0, num_draft - self._depth.shape[1])))
+        self._depth *= 0.999
+        self._depth[0, :num_accepted] += 1.0
+        if num_accepted < num_draft:
+            self._depth[1, num_accepted] += 1.0
 
     @property
     def global_alpha(self) -> float:
@@ -181,6 +190,26 @@ class AcceptanceEstimator:
         s, f = self._per_request.get(req_id, (0.0, 0.0))
         a = (s + self.prior_weight * g) / (s + f + self.prior_weight)
         return min(a, 0.99)
+
+    def depth_rates(self, kmax: int) -> np.ndarray:
+        """Global acceptance at draft positions 1..kmax, each given the ones before it accepted.
+        Not one constant: a prompt-lookup proposer's first token is a coin flip but once it
+        matches it runs on (0.48 at position 1, 0.6-0.9 after, on the shipped target), so a
+        single rate made its deep tokens look worth half what they are."""
+        g = self.global_alpha
+        d = np.zeros((2, kmax))
+        m = min(kmax, self._depth.shape[1])
+        d[:, :m] = self._depth[:, :m]
+        return (d[0] + self.depth_prior * g) / (d[0] + d[1] + self.depth_prior)
+
+    def expected_tokens(self, req_ids: Sequence[str], kmax: int) -> np.ndarray:
+        """[requests, kmax + 1]: E_i(k), the tokens a verification of k draft tokens emits
+        (bonus included). Each position's global rate is scaled by how the request's own rate
+        compares with the global one."""
+        rates = self.depth_rates(kmax)[None, :]
+        scale = np.array([self.alpha(r) for r in req_ids])[:, None] / self.global_alpha
+        per_position = np.minimum(rates * scale, 0.99)
+        return np.concatenate([np.ones((len(req_ids), 1)), 1.0 + np.cumsum(np.cumprod(per_position, axis=1), axis=1)], axis=1)
 
     def forget(self, req_id: str) -> None:
         self._per_request.pop(req_id, None)
@@ -207,15 +236,16 @@ class AcceptanceEstimator:
 # -- the choice of k --------------------------------------------------------------------------
 def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int],
             model: StepTimeModel, catchups: Sequence[int] | None = None,
-            prefill: tuple[int, int] = (0, 0)) -> list[int]:
-    """The k_i that maximise predicted goodput sum_i E_i(k_i) / T(k).
+            prefill: tuple[int, int] = (0, 0), gains: np.ndarray | None = None) -> list[int]:
+    """The k_i that maximise predicted goodput sum_i E_i(k_i) / T(k). E_i(k) is `gains[i, k]`
+    when given (AcceptanceEstimator.expected_tokens), else geometric in alphas[i].
 
     T has one cost shared by the whole batch that depends on the deepest k, the draft's passes
     (max k); everything else is per request: each draft token adds verify and draft work, and a
     request whose draft fell behind pays its catch-up once it speculates. So for each pass count
     m the problem separates per request, and the ratio is maximised exactly by Dinkelbach's
-    method: at a goodput level G, request i takes the largest k <= min(m, cap_i) whose last token
-    still pays, alpha_i^k > G * (cost of one draft token), or 0 when its catch-up is not repaid;
+    method: at a goodput level G, request i takes the k <= min(m, cap_i) that maximises
+    E_i(k) - G * (its draft tokens' cost), or 0 when its catch-up is not repaid;
     G is then updated to the new ratio until the choice stops changing. The best m wins.
     (Request-by-request +1 moves cannot get here: the first request to go one deeper pays a whole
     extra draft pass alone, so a batch of requests that would all gain stays shallow.)"""
@@ -233,8 +263,10 @@ def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int
     per_token = cv[2] + draft_per_token  # one more draft token: drafted and verified
     kmax = int(cap.max())
     ks_grid = np.arange(kmax + 1)
-    # E_i(k) for k = 0..kmax: 1 + alpha + ... + alpha^k
-    gains = np.cumsum(alpha[:, None] ** ks_grid[None, :], axis=1)  # [n, kmax + 1]
+    if gains is None:  # E_i(k) for k = 0..kmax: 1 + alpha + ... + alpha^k
+        gains = np.cumsum(alpha[:, None] ** ks_grid[None, :], axis=1)  # [n, kmax + 1]
+    else:
+        gains = np.asarray(gains, dtype=float)[:, : kmax + 1]
 
     def step_time(ks: np.ndarray) -> float:
         if not ks.any():

@@ -96,12 +96,14 @@ class GoodputPolicy(SpeculationPolicy):
 
     def choose(self, requests: Sequence[Request], caps: Sequence[int],
                prefill: tuple[int, int] = (0, 0)) -> list[int]:
-        from goodspec.scheduler.goodput import best_ks, expected_tokens
+        from goodspec.scheduler.goodput import best_ks
 
         self._steps += 1
         if not self.time_model.ready:
             return [min(self.warmup_k, c) for c in caps]
-        alphas = [self.acceptance.alpha(r.req_id) for r in requests]
+        ids = [r.req_id for r in requests]
+        alphas = [self.acceptance.alpha(i) for i in ids]
+        gains = self.acceptance.expected_tokens(ids, max(caps, default=0))
         contexts = [len(r.token_ids) for r in requests]
         # Tokens the draft would first have to catch up on (beyond the pending one): the whole
         # prompt for a new request, the tokens decoded without speculation after a k = 0 stretch.
@@ -110,13 +112,13 @@ class GoodputPolicy(SpeculationPolicy):
         # the choice charges it spread over the steps that remain when speculating (charged in
         # full, a new request's prompt made k = 0 look best at high load, and every k = 0 step
         # grew the backlog: requests locked into k = 0 while fixed:3 was 13% faster than off).
-        horizons = [max(1.0, (r.sampling.max_new_tokens - r.num_output) / expected_tokens(a, c))
-                    for r, a, c in zip(requests, alphas, caps)]
+        horizons = [max(1.0, (r.sampling.max_new_tokens - r.num_output) / gains[i, c])
+                    for i, (r, c) in enumerate(zip(requests, caps))]
         # Prompt chunks in the same forward make the step longer without emitting tokens: left
         # out, they made goodput look higher than it is and so every draft token look too costly
         # (shallow k whenever requests arrive, i.e. all the time near saturation).
         ks = best_ks(alphas, contexts, caps, self.time_model,
-                     [c / h for c, h in zip(catchups, horizons)], prefill)
+                     [c / h for c, h in zip(catchups, horizons)], prefill, gains)
         if not any(ks) and self._steps % self.explore_every == 0:
             ks = [min(1, c) for c in caps]
         self._predicted = self.time_model.predict_step_time(ks, contexts, catchups)

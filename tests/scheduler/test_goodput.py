@@ -161,3 +161,23 @@ def test_greedy_is_close_to_brute_force_on_small_batches():
 
         brute = max(g(ks) for ks in itertools.product(range(6), repeat=3))
         assert g(best_ks(alphas, ctx, [5] * 3, m)) >= 0.97 * brute
+
+
+def test_expected_tokens_follow_the_measured_acceptance_at_each_draft_position():
+    """A proposer whose first token is a coin flip but which runs on once it matches (prompt
+    lookup): a single pooled rate would value its deep tokens at a fraction of their worth."""
+    rng = np.random.default_rng(1)
+    est = AcceptanceEstimator()
+    for step in range(3000):
+        accepted = 0
+        while accepted < 8 and rng.random() < (0.5 if accepted == 0 else 0.9):
+            accepted += 1
+        est.observe(f"r{step % 30}", 8, accepted)
+    rates = est.depth_rates(8)
+    assert abs(rates[0] - 0.5) < 0.05 and np.all(np.abs(rates[1:] - 0.9) < 0.05)
+    gains = est.expected_tokens(["new"], 8)[0]
+    assert gains[0] == 1.0
+    want = 1.0 + np.cumsum(0.5 * 0.9 ** np.arange(8))
+    assert np.allclose(gains[1:], want, rtol=0.08)
+    pooled = est.global_alpha  # what the geometric model would use at every position
+    assert gains[8] - gains[7] > 1.4 * pooled ** 8  # true 0.24 vs 0.14
