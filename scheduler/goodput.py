@@ -208,8 +208,8 @@ class AcceptanceEstimator:
         compares with the global one."""
         rates = self.depth_rates(kmax)[None, :]
         scale = np.array([self.alpha(r) for r in req_ids])[:, None] / self.global_alpha
-        per_position = np.minimum(rates * scale, 0.99)
-        return np.concatenate([np.ones((len(req_ids), 1)), 1.0 + np.cumsum(np.cumprod(per_position, axis=1), axis=1)], axis=1)
+        reach = np.cumprod(np.minimum(rates * scale, 0.99), axis=1)  # P(positions 1..j accepted)
+        return np.concatenate([np.ones((len(req_ids), 1)), 1.0 + np.cumsum(reach, axis=1)], axis=1)
 
     def forget(self, req_id: str) -> None:
         self._per_request.pop(req_id, None)
