@@ -153,6 +153,9 @@ class AcceptanceEstimator:
     _totals: dict[str, list[float]] = field(default_factory=dict)  # undecayed, for the prior
     # Decayed successes / failures at each draft position, given all before it were accepted.
     _depth: np.ndarray = field(default_factory=lambda: np.zeros((2, 0)))
+    # Per request, decayed: accepted draft tokens, and what the global per-position rates
+    # predicted for the same verifications (same k), so the two compare like with like.
+    _vs_global: dict[str, list[float]] = field(default_factory=dict)
     _finished: deque = field(default_factory=lambda: deque(maxlen=256))
 
     def observe(self, req_id: str, num_draft: int, num_accepted: int) -> None:
@@ -160,11 +163,14 @@ class AcceptanceEstimator:
             # No evidence this step: let the request's own record fade towards the global rate,
             # so a request judged poor is retried later instead of being written off for good
             # (acceptance comes in bursts; a k = 0 request would otherwise never be re-measured).
-            s = self._per_request.get(req_id)
-            if s is not None:
-                s[0] *= self.decay
-                s[1] *= self.decay
+            for s in (self._per_request.get(req_id), self._vs_global.get(req_id)):
+                if s is not None:
+                    s[0] *= self.decay
+                    s[1] *= self.decay
             return
+        v = self._vs_global.setdefault(req_id, [0.0, 0.0])
+        v[0] = v[0] * self.decay + num_accepted
+        v[1] = v[1] * self.decay + float(self.global_reach(num_draft).sum())
         fail = 1.0 if num_accepted < num_draft else 0.0
         s = self._per_request.setdefault(req_id, [0.0, 0.0])
         s[0] = s[0] * self.decay + num_accepted
@@ -202,17 +208,30 @@ class AcceptanceEstimator:
         d[:, :m] = self._depth[:, :m]
         return (d[0] + self.depth_prior * g) / (d[0] + d[1] + self.depth_prior)
 
+    def global_reach(self, kmax: int) -> np.ndarray:
+        """P(draft positions 1..j all accepted), j = 1..kmax, at the global rates."""
+        return np.cumprod(self.depth_rates(kmax))
+
+    def scale(self, req_id: str) -> float:
+        """The request's accepted tokens over what the global rates predicted for the same
+        verifications, shrunk towards 1. (Its pooled rate against the global pooled rate was
+        biased: a request tried only shallow is measured at the hard first positions, looked
+        worse than the global mix, was kept shallow — prompt lookup's accepted tokens came out
+        30-40% above prediction at every k.)"""
+        w = self.prior_weight * self.global_alpha  # prior pseudo-trials, in accepted tokens
+        accepted, predicted = self._vs_global.get(req_id, (0.0, 0.0))
+        return (accepted + w) / (predicted + w)
+
     def expected_tokens(self, req_ids: Sequence[str], kmax: int) -> np.ndarray:
         """[requests, kmax + 1]: E_i(k), the tokens a verification of k draft tokens emits
-        (bonus included). Each position's global rate is scaled by how the request's own rate
-        compares with the global one."""
-        rates = self.depth_rates(kmax)[None, :]
-        scale = np.array([self.alpha(r) for r in req_ids])[:, None] / self.global_alpha
-        reach = np.cumprod(np.minimum(rates * scale, 0.99), axis=1)  # P(positions 1..j accepted)
+        (bonus included): 1 + scale_i * (global reach of positions 1..k), each reach <= 0.99."""
+        scale = np.array([self.scale(r) for r in req_ids])[:, None]
+        reach = np.minimum(self.global_reach(kmax)[None, :] * scale, 0.99)
         return np.concatenate([np.ones((len(req_ids), 1)), 1.0 + np.cumsum(reach, axis=1)], axis=1)
 
     def forget(self, req_id: str) -> None:
         self._per_request.pop(req_id, None)
+        self._vs_global.pop(req_id, None)
         t = self._totals.pop(req_id, None)
         if t is not None and t[0] + t[1] >= 4:
             self._finished.append(t)

@@ -181,3 +181,23 @@ def test_expected_tokens_follow_the_measured_acceptance_at_each_draft_position()
     assert np.allclose(gains[1:], want, rtol=0.08)
     pooled = est.global_alpha  # what the geometric model would use at every position
     assert gains[8] - gains[7] > 1.4 * pooled ** 8  # true 0.24 vs 0.14
+
+
+def test_a_request_tried_only_shallow_is_compared_at_the_same_positions():
+    """Acceptance 0.5 at the first position and 0.9 after: a request that has only been given
+    k = 1 and accepts half its tokens is exactly average, not worse than the global mix."""
+    rng = np.random.default_rng(2)
+    est = AcceptanceEstimator()
+
+    def verify(req_id, k):
+        accepted = 0
+        while accepted < k and rng.random() < (0.5 if accepted == 0 else 0.9):
+            accepted += 1
+        est.observe(req_id, k, accepted)
+
+    for step in range(2000):
+        verify(f"deep{step % 20}", 8)
+    for _ in range(60):
+        verify("shallow", 1)
+    assert est.alpha("shallow") < 0.8 * est.global_alpha  # its pooled rate looks poor...
+    assert 0.8 < est.scale("shallow") < 1.2  # ...but at the positions it was tried it is average
