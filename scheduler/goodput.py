@@ -192,6 +192,9 @@ class AcceptanceEstimator:
         return self.global_success / (self.global_success + self.global_failure)
 
     def alpha(self, req_id: str) -> float:
+        """The request's pooled per-token rate, shrunk towards the global one: a readable summary
+        (and the geometric model's input); the policy prices k with expected_tokens, which
+        compares a request with the global rates at the positions it was actually tried."""
         g = self.global_alpha
         s, f = self._per_request.get(req_id, (0.0, 0.0))
         a = (s + self.prior_weight * g) / (s + f + self.prior_weight)
@@ -253,11 +256,12 @@ class AcceptanceEstimator:
 
 
 # -- the choice of k --------------------------------------------------------------------------
-def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int],
+def best_ks(alphas: Sequence[float] | None, contexts: Sequence[int], caps: Sequence[int],
             model: StepTimeModel, catchups: Sequence[int] | None = None,
             prefill: tuple[int, int] = (0, 0), gains: np.ndarray | None = None) -> list[int]:
     """The k_i that maximise predicted goodput sum_i E_i(k_i) / T(k). E_i(k) is `gains[i, k]`
-    when given (AcceptanceEstimator.expected_tokens), else geometric in alphas[i].
+    when given (AcceptanceEstimator.expected_tokens; alphas may then be None), else geometric
+    in alphas[i].
 
     T has one cost shared by the whole batch that depends on the deepest k, the draft's passes
     (max k); everything else is per request: each draft token adds verify and draft work, and a
@@ -268,12 +272,11 @@ def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int
     G is then updated to the new ratio until the choice stops changing. The best m wins.
     (Request-by-request +1 moves cannot get here: the first request to go one deeper pays a whole
     extra draft pass alone, so a batch of requests that would all gain stays shallow.)"""
-    n = len(alphas)
+    n = len(caps)
     if n == 0 or max(caps, default=0) == 0:
         return [0] * n
     cd, cv = model.draft.coef, model.verify.coef
     longest = max(contexts)  # the few extra positions k adds are ignored here
-    alpha = np.asarray(alphas, dtype=float)
     cap = np.asarray(caps, dtype=int)
     catch = np.asarray(catchups, dtype=float) / 100.0 if catchups is not None else np.zeros(n)
     seqs = n + prefill[0]  # prompt chunks (prefill = (sequences, tokens)) share the forward
@@ -283,6 +286,7 @@ def best_ks(alphas: Sequence[float], contexts: Sequence[int], caps: Sequence[int
     kmax = int(cap.max())
     ks_grid = np.arange(kmax + 1)
     if gains is None:  # E_i(k) for k = 0..kmax: 1 + alpha + ... + alpha^k
+        alpha = np.asarray(alphas, dtype=float)
         gains = np.cumsum(alpha[:, None] ** ks_grid[None, :], axis=1)  # [n, kmax + 1]
     else:
         gains = np.asarray(gains, dtype=float)[:, : kmax + 1]

@@ -102,7 +102,6 @@ class GoodputPolicy(SpeculationPolicy):
         if not self.time_model.ready:
             return [min(self.warmup_k, c) for c in caps]
         ids = [r.req_id for r in requests]
-        alphas = [self.acceptance.alpha(i) for i in ids]
         gains = self.acceptance.expected_tokens(ids, max(caps, default=0))
         contexts = [len(r.token_ids) for r in requests]
         # Tokens the draft would first have to catch up on (beyond the pending one): the whole
@@ -117,7 +116,7 @@ class GoodputPolicy(SpeculationPolicy):
         # Prompt chunks in the same forward make the step longer without emitting tokens: left
         # out, they made goodput look higher than it is and so every draft token look too costly
         # (shallow k whenever requests arrive, i.e. all the time near saturation).
-        ks = best_ks(alphas, contexts, caps, self.time_model,
+        ks = best_ks(None, contexts, caps, self.time_model,
                      [c / h for c, h in zip(catchups, horizons)], prefill, gains)
         if not any(ks) and self._steps % self.explore_every == 0:
             ks = [min(1, c) for c in caps]

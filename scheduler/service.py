@@ -177,9 +177,10 @@ class SchedulerService:
                 for r in list(s.running) + list(s.waiting)
             )
 
-    def locked(self):
+    def locked(self) -> _StepLock:
         """Hold this to read the scheduler's state consistently from another thread."""
         return self._lock
+
     def num_unfinished(self) -> int:
         with self._lock:
             return len(self.scheduler.running) + len(self.scheduler.waiting)
