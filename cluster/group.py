@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 import ray
-from ray.exceptions import GetTimeoutError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from goodspec.cluster.engine_actor import EngineActor
 from goodspec.cluster.worker_actor import WorkerActor
 from goodspec.config import ClusterConfig, GoodspecConfig
+from goodspec.scheduler.scheduler import EngineUnhealthy
 from goodspec.scheduler.service import Completion, StreamChunk, Usage
 from goodspec.workers.model_runner import RunnerConfig
 from goodspec.workers.sampling import SamplingParams
@@ -40,6 +41,7 @@ class _Engine:
     draft: object | None
     pg: object
     outstanding: int = 0  # router's own count of tokens it sent and not yet seen finish
+    unhealthy: str | None = None  # why the router stopped sending it requests (None: it is fine)
 
 
 def init_ray(cluster: ClusterConfig) -> bool:
@@ -124,7 +126,11 @@ class EngineGroup:
 
     # -- requests ------------------------------------------------------------------------------
     def _pick(self) -> _Engine:
-        return min(self.engines, key=lambda e: (e.outstanding, e.index))
+        live = [e for e in self.engines if e.unhealthy is None]
+        if not live:
+            raise EngineUnhealthy("no healthy engine: " + "; ".join(
+                f"engine {e.index}: {e.unhealthy}" for e in self.engines))
+        return min(live, key=lambda e: (e.outstanding, e.index))
 
     def model_info(self) -> dict:
         r = self._ready[0]
@@ -159,7 +165,12 @@ class EngineGroup:
                 try:
                     chunk: StreamChunk = await ref
                 except RayTaskError as e:
+                    if isinstance(e.cause, EngineUnhealthy):
+                        engine.unhealthy = str(e.cause)
                     raise e.cause from None
+                except RayActorError as e:
+                    engine.unhealthy = f"its scheduler actor died ({type(e).__name__})"
+                    raise EngineUnhealthy(f"engine {engine.index}: {engine.unhealthy}") from e
                 finished = chunk.finished
                 yield engine.index, chunk
         finally:
@@ -204,7 +215,32 @@ class EngineGroup:
 
     # -- operations ----------------------------------------------------------------------------
     def stats(self) -> list[dict]:
-        return ray.get([e.actor.stats.remote() for e in self.engines], timeout=60)
+        """One row per engine; an engine whose scheduler actor does not answer gets a row that
+        says so (zero counters) rather than failing the whole call."""
+        refs = [e.actor.stats.remote() for e in self.engines]
+        rows = []
+        for e, ref in zip(self.engines, refs):
+            try:
+                rows.append(ray.get(ref, timeout=60))
+            except (RayActorError, GetTimeoutError) as exc:
+                rows.append(_silent_engine_row(e.index, f"scheduler actor does not answer ({type(exc).__name__})"))
+        return rows
+
+    async def check_health(self) -> bool:
+        """Ask every engine how it is, record the answer for the router, and say whether any
+        engine can still serve. An engine that does not answer within a worker call's timeout
+        (a step never takes longer) counts as unhealthy until it answers again."""
+        timeout = self.config.cluster.call_timeout_s
+
+        async def one(e: _Engine) -> None:
+            try:
+                s = await asyncio.wait_for(asyncio.wrap_future(e.actor.stats.remote().future()), timeout)
+                e.unhealthy = s["unhealthy"] or None
+            except Exception as exc:  # noqa: BLE001 - whatever the reason, it cannot serve now
+                e.unhealthy = f"scheduler actor does not answer ({type(exc).__name__})"
+
+        await asyncio.gather(*(one(e) for e in self.engines))
+        return any(e.unhealthy is None for e in self.engines)
 
     def worker_blocks_used(self) -> list[dict]:
         """What the workers themselves report holding (not the scheduler's mirror)."""
@@ -217,10 +253,8 @@ class EngineGroup:
         return out
 
     def healthy(self) -> bool:
-        try:
-            return not any(s["unhealthy"] for s in self.stats())
-        except Exception:
-            return False
+        """Every engine can serve."""
+        return not any(s["unhealthy"] for s in self.stats())
 
     def shutdown(self) -> None:
         for e in self.engines:
@@ -238,3 +272,10 @@ class EngineGroup:
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
             self._owns_ray = False
+
+
+def _silent_engine_row(index: int, why: str) -> dict:
+    return {"replica": index, "running": 0, "waiting": 0, "num_steps": 0, "target_blocks_used": 0,
+            "draft_blocks_used": 0, "worker_failures": 0, "unhealthy": why, "overhead_share": 0.0,
+            "policy": "", "mean_k": 0.0, "acceptance_rate": None, "k_histogram": {},
+            "draft_tokens_proposed": 0, "draft_tokens_accepted": 0}

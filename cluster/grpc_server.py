@@ -165,6 +165,7 @@ class GoodspecServer:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {address}")
+        self._watcher: asyncio.Task | None = None
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -185,10 +186,30 @@ class GoodspecServer:
         warm = SamplingParams(max_new_tokens=2)
         await asyncio.gather(*(self.group.complete_on(i, "Hello", warm) for i in range(len(self.group.engines))))
         await self._set_health(True)
+        if self.config.health_check_s > 0:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_health())
+
+    async def _watch_health(self) -> None:
+        """Health follows the engines: NOT_SERVING while none can serve (a worker Ray will not
+        restart, a dead scheduler actor), SERVING again once one can; the router skips the
+        unhealthy ones meanwhile."""
+        serving = True
+        while not self.servicer.draining:
+            await asyncio.sleep(self.config.health_check_s)
+            ok = await self.group.check_health()
+            if self.servicer.draining:
+                return
+            if ok != serving:
+                why = "; ".join(f"engine {e.index}: {e.unhealthy}" for e in self.group.engines if e.unhealthy)
+                log.warning("health: %s%s", "SERVING" if ok else "NOT_SERVING", f" ({why})" if why else "")
+                await self._set_health(ok)
+                serving = ok
 
     async def begin_drain(self) -> None:
         """Stop admitting: new requests get UNAVAILABLE and health says NOT_SERVING."""
         self.servicer.draining = True
+        if self._watcher is not None:
+            self._watcher.cancel()
         await self._set_health(False)
 
     async def drain(self) -> None:
@@ -240,5 +261,6 @@ class BackgroundServer:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def stop(self) -> None:
+        self.call(self.server.begin_drain())
         self.call(self.server.server.stop(grace=0))
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -7,10 +7,10 @@ from __future__ import annotations
 import time
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
 from goodspec.cluster.channel import ChannelClient
-from goodspec.scheduler.scheduler import WorkerLost
+from goodspec.scheduler.scheduler import WorkerGone, WorkerLost
 from goodspec.workers.kv_cache import UnknownSequenceError
 from goodspec.workers.messages import ProposeBatch, Proposal, VerifyBatch, VerifyResult
 
@@ -18,6 +18,11 @@ try:  # newer Ray raises this while an actor is restarting
     from ray.exceptions import ActorUnavailableError
 except ImportError:  # pragma: no cover
     ActorUnavailableError = RayActorError
+
+# Ray answers a call to an actor it is restarting with ActorUnavailableError (or holds it until
+# the actor is back) and one to an actor it has given up on with ActorDiedError. Right after a
+# death the two can briefly overlap, so only ActorDiedError for this long means "gone for good".
+GONE_AFTER_S = 3.0
 
 
 class RemoteWorker:
@@ -67,23 +72,33 @@ class RemoteWorker:
         ray.kill(self.handle, no_restart=False)
 
     def _died(self, method: str, e: BaseException) -> WorkerLost:
-        back = self._wait_until_back()
-        state = "restarted" if back else f"not back after {self.timeout_s}s"
-        return WorkerLost(f"{self.name} actor died during {method} ({type(e).__name__}); {state}")
+        state = self._wait_until_back()
+        if state == "gone":
+            return WorkerGone(f"{self.name} actor died during {method} ({type(e).__name__}) and Ray "
+                              f"will not restart it (its restarts are used up)")
+        detail = "restarted" if state == "back" else f"not back after {self.timeout_s}s"
+        return WorkerLost(f"{self.name} actor died during {method} ({type(e).__name__}); {detail}")
 
-    def _wait_until_back(self) -> bool:
+    def _wait_until_back(self) -> str:
         """Ray restarts a dead actor by itself; wait (bounded) until it answers again, so one
-        death costs one failed step rather than a burst of failures while it reloads."""
+        death costs one failed step rather than a burst of failures while it reloads.
+        Returns "back", "gone" (Ray gave up on it) or "timeout"."""
         deadline = time.monotonic() + self.timeout_s
+        dead_since = None
         while time.monotonic() < deadline:
             try:
                 ray.get(self.handle.info.remote(), timeout=max(0.1, deadline - time.monotonic()))
-                return True
+                return "back"
             except GetTimeoutError:
-                return False
+                return "timeout"
+            except ActorDiedError:
+                dead_since = dead_since or time.monotonic()
+                if time.monotonic() - dead_since >= GONE_AFTER_S:
+                    return "gone"
             except (RayActorError, ActorUnavailableError):
-                time.sleep(0.2)
-        return False
+                dead_since = None
+            time.sleep(0.2)
+        return "timeout"
 
     def propose(self, batch: ProposeBatch) -> Proposal:
         return self._call("propose", batch)

@@ -91,6 +91,8 @@ class ServerConfig:
     tls_key: str | None = _f(None, "PEM private key for tls_cert")
     tls_client_ca: str | None = _f(None, "PEM CA bundle: require and verify client certificates (mTLS)")
     drain_grace_s: float = _f(30.0, "on SIGTERM: seconds to let in-flight requests finish")
+    health_check_s: float = _f(2.0, "seconds between engine health checks; health says NOT_SERVING "
+                                    "while no engine can serve (0 = never check)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -99,6 +101,8 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.health_check_s < 0:
+            raise ValueError(f"health_check_s must be >= 0; got {self.health_check_s}")
         if self.max_queued_requests < 1:
             raise ValueError(f"max_queued_requests must be >= 1; got {self.max_queued_requests}")
 

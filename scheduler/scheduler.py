@@ -44,6 +44,10 @@ class WorkerLost(RuntimeError):
     without the caches it had (restarted). Raised by the transport in goodspec.cluster."""
 
 
+class WorkerGone(WorkerLost):
+    """The worker died and will not come back (its restarts are used up): no point retrying."""
+
+
 class EngineUnhealthy(RuntimeError):
     """A worker kept failing and could not be brought back; the engine serves nothing more."""
 
@@ -462,9 +466,12 @@ class Scheduler:
                 r.draft_len = min(r.draft_len, len(r.token_ids) - 1)
             else:
                 r.draft_len = 0
-        if self._failures[which] < self.config.max_worker_failures:
+        if isinstance(err, WorkerGone):
+            self.unhealthy = f"the {which} worker is gone for good: {err}"
+        elif self._failures[which] < self.config.max_worker_failures:
             return []
-        self.unhealthy = f"the {which} worker failed {self._failures[which]} times in a row: {err}"
+        else:
+            self.unhealthy = f"the {which} worker failed {self._failures[which]} times in a row: {err}"
         return self.fail_all(self.unhealthy)
 
     def fail_all(self, why: str) -> list[RequestOutput]:

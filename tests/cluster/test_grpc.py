@@ -273,3 +273,62 @@ def test_goodspec_serve_drains_on_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def _wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_worker_ray_will_not_restart_fails_its_requests_and_health_follows_the_engines(ray_session):
+    """max_restarts=0 and two replicas: killing replica 0's target fails the request it was
+    serving (UNAVAILABLE, saying why) while replica 1 keeps serving and health stays SERVING;
+    once replica 1's target is gone too, health goes NOT_SERVING and new requests are refused
+    at once, clearly."""
+    import os
+    import signal
+
+    import ray
+
+    g = make_group(cluster__replicas=2, cluster__max_restarts=0)
+    s = ServerThread(g, health_check_s=0.3)
+    try:
+        with GenerationClient(s.address) as c:
+            pids = [ray.get(e.actor.worker_pids.remote(), timeout=60)["target"] for e in g.engines]
+            stream = c.generate("Tell me a long story about the sea.", max_new_tokens=400, ignore_eos=True)
+            next(stream)
+            assert [e.running for e in c.server_stats().engines] == [1, 0]  # idle router: replica 0
+            t0 = time.monotonic()
+            os.kill(pids[0], signal.SIGKILL)
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in stream:
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "target" in err.value.details() and "will not restart" in err.value.details()
+            assert time.monotonic() - t0 < 20, "a worker that is gone for good must not be waited on for long"
+            assert "gone for good" in c.server_stats().engines[0].unhealthy
+            time.sleep(1.0)  # a health check has run: the router knows
+            assert c.health() == "SERVING"
+            for _ in range(3):  # all to replica 1, all served
+                assert len(c.complete("Hello", max_new_tokens=4, ignore_eos=True).token_ids) == 4
+
+            stream = c.generate("Tell me a long story about the sea.", max_new_tokens=400, ignore_eos=True)
+            next(stream)
+            os.kill(pids[1], signal.SIGKILL)
+            with pytest.raises(grpc.RpcError):
+                for _ in stream:
+                    pass
+            assert _wait_for(lambda: c.health() == "NOT_SERVING", 10)
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                c.complete("Hello", max_new_tokens=4)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no healthy engine" in err.value.details()
+            assert time.monotonic() - t0 < 2
+            assert all(e.unhealthy for e in c.server_stats().engines)
+    finally:
+        s.stop()
+        g.shutdown()

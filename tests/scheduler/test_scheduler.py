@@ -13,7 +13,7 @@ import pytest
 from goodspec.scheduler.policy import FixedPolicy, OffPolicy
 from goodspec.scheduler.request import FinishReason
 from goodspec.scheduler.scheduler import (
-    EngineUnhealthy, KVBudget, RequestRejected, Scheduler, SchedulerConfig, WorkerLost,
+    EngineUnhealthy, KVBudget, RequestRejected, Scheduler, SchedulerConfig, WorkerGone, WorkerLost,
 )
 from goodspec.workers.messages import Proposal, VerifyResult
 from goodspec.workers.sampling import SamplingParams
@@ -262,8 +262,9 @@ class CrashingWorker:
     """Wraps a fake worker; its calls number `crash_on` fail as if the process died, and the
     worker comes back empty (a restarted actor)."""
 
-    def __init__(self, inner, method, crash_on):
+    def __init__(self, inner, method, crash_on, error=WorkerLost):
         self.inner, self.method, self.crash_on, self.n = inner, method, set(crash_on), 0
+        self.error = error
 
     def __getattr__(self, name):
         attr = getattr(self.inner, name)
@@ -274,7 +275,7 @@ class CrashingWorker:
             self.n += 1
             if self.n in self.crash_on:
                 self.inner.cache.clear()
-                raise WorkerLost(f"{self.method}: actor died")
+                raise self.error(f"{self.method}: actor died")
             return attr(batch)
 
         return call
@@ -308,3 +309,16 @@ def test_worker_that_keeps_failing_fails_requests_clearly_and_engine_reports_unh
         assert req.finish_reason == FinishReason.ERROR and "target worker failed" in req.error
     with pytest.raises(EngineUnhealthy):
         s.add_request("late", [3, 4], SamplingParams())
+
+
+def test_worker_gone_for_good_fails_requests_at_its_first_failure():
+    """No retries for a worker Ray will not restart: the first failure ends the engine."""
+    draft = CrashingWorker(FakeDraft(wrong_every=3), "propose", crash_on={3}, error=WorkerGone)
+    s, _, _ = make(FixedPolicy(2), draft=draft)
+    for rid, p in PROMPTS.items():
+        s.add_request(rid, p, SamplingParams(max_new_tokens=25))
+    run(s)
+    assert s.num_worker_failures == 1 and "draft worker is gone for good" in s.unhealthy
+    for rid in PROMPTS:
+        req = s.pop_finished(rid)
+        assert req.finish_reason == FinishReason.ERROR and "gone for good" in req.error
