@@ -41,15 +41,16 @@ class EngineActor:
         )
         self.service = SchedulerService(scheduler, self.codec)
         self.service.start()
+        self._polled: dict[str, asyncio.Queue] = {}  # req_id -> chunks, for Ray Client drivers
 
     def ready(self) -> dict:
         return {"replica": self.replica, "target": self.worker_info["target"],
                 "draft": self.worker_info["draft"]}
 
-    async def generate(self, req_id: str, prompt: str, sampling: SamplingParams,
-                       policy: str | None = None, max_k: int | None = None):
-        """Async generator of StreamChunks; errors in the request raise before the first chunk.
-        If the consumer goes away (cancel, deadline), the request is aborted and freed."""
+    async def _open(self, req_id: str, prompt: str, sampling: SamplingParams, policy: str | None,
+                    max_k: int | None) -> asyncio.Queue:
+        """Submit a request; its StreamChunks arrive on the returned queue. Errors in the
+        request raise here. A cancel that lands while submitting aborts once submit returns."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamChunk] = asyncio.Queue()
         # submit and abort wait for the scheduler's lock, held for a whole step: run on the
@@ -63,6 +64,13 @@ class EngineActor:
         except asyncio.CancelledError:
             submitted.add_done_callback(lambda f: f.exception() is None and self._abort_soon(req_id))
             raise
+        return queue
+
+    async def generate(self, req_id: str, prompt: str, sampling: SamplingParams,
+                       policy: str | None = None, max_k: int | None = None):
+        """Async generator of StreamChunks; errors in the request raise before the first chunk.
+        If the consumer goes away (cancel, deadline), the request is aborted and freed."""
+        queue = await self._open(req_id, prompt, sampling, policy, max_k)
         finished = False
         try:
             while not finished:
@@ -72,6 +80,30 @@ class EngineActor:
         finally:
             if not finished:
                 self._abort_soon(req_id)
+
+    # Ray Client (ray://) cannot carry streaming actor methods, so a driver connected that way
+    # opens a request, long-polls its chunks and closes it: one round trip per batch of chunks.
+    async def open(self, req_id: str, prompt: str, sampling: SamplingParams,
+                   policy: str | None = None, max_k: int | None = None) -> None:
+        self._polled[req_id] = await self._open(req_id, prompt, sampling, policy, max_k)
+
+    async def poll(self, req_id: str, wait_s: float) -> list[StreamChunk]:
+        """Every chunk ready for the request, waiting up to wait_s for the first one."""
+        queue = self._polled[req_id]
+        try:
+            chunks = [await asyncio.wait_for(queue.get(), wait_s)]
+        except asyncio.TimeoutError:
+            return []
+        while not queue.empty():
+            chunks.append(queue.get_nowait())
+        if chunks[-1].finished:
+            del self._polled[req_id]
+        return chunks
+
+    async def close(self, req_id: str) -> None:
+        """The consumer is done: abort the request if it has not finished."""
+        if self._polled.pop(req_id, None) is not None:
+            self._abort_soon(req_id)
 
     def _abort_soon(self, req_id: str) -> None:
         """Abort off the event loop (it waits for the step in progress to end)."""

@@ -7,13 +7,16 @@ This module and the others in goodspec.cluster are the only ones that import ray
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import secrets
+import socket
 import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 import ray
+from ray.util.client import ray as ray_client
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -44,16 +47,40 @@ class _Engine:
     unhealthy: str | None = None  # why the router stopped sending it requests (None: it is fine)
 
 
+class ClusterUnreachable(RuntimeError):
+    """The Ray cluster named by ray_address does not answer."""
+
+
 def init_ray(cluster: ClusterConfig) -> bool:
     """Join or start Ray; returns True when this call started a local Ray (we own its shutdown)."""
     if ray.is_initialized():
         return False
     if cluster.ray_address:
-        ray.init(address=cluster.ray_address, include_dashboard=False, log_to_driver=False)
+        address = cluster.ray_address
+        if address != "auto" and "://" not in address:
+            _probe(address, cluster.connect_timeout_s)  # ray.init would retry a dead GCS for minutes
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except ConnectionError as e:
+            raise ClusterUnreachable(f"cannot join the Ray cluster at {address!r}: {e}") from e
         return True
     num_cpus = cluster.num_cpus or 3 * cluster.replicas
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    # "local": a new Ray of our own even when `ray start` left a cluster on this machine (a
+    # bare init would join that one and refuse num_cpus).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return True
+
+
+def _probe(address: str, timeout_s: float) -> None:
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"ray_address must be auto, ray://HOST:PORT or HOST:PORT; got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ClusterUnreachable(
+            f"no Ray cluster answers at {address} ({e}); start one with `ray start --head "
+            f"--port {port}` or check ray_address") from None
 
 
 class EngineGroup:
@@ -61,6 +88,7 @@ class EngineGroup:
         self.config = config
         self.codec = TextCodec.load(config.engine.target_dir, config.engine.draft_dir)
         self._owns_ray = init_ray(config.cluster)
+        self._client_mode = ray_client.is_connected()  # ray://: no streaming actor methods
         self.engines: list[_Engine] = []
         self._ids = itertools.count()
         try:
@@ -157,26 +185,47 @@ class EngineGroup:
         engine = engine or self._pick()
         cost = len(self.codec.encode(prompt)) + sampling.max_new_tokens
         engine.outstanding += cost
-        gen = engine.actor.generate.options(num_returns="streaming").remote(
-            req_id, prompt, sampling, policy, max_k)
+        chunks = (self._polled if self._client_mode else self._streamed)(
+            engine, req_id, prompt, sampling, policy, max_k)
+        try:
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    yield engine.index, chunk
+        except RayTaskError as e:
+            if isinstance(e.cause, EngineUnhealthy):
+                engine.unhealthy = str(e.cause)
+            raise e.cause from None
+        except RayActorError as e:
+            engine.unhealthy = f"its scheduler actor died ({type(e).__name__})"
+            raise EngineUnhealthy(f"engine {engine.index}: {engine.unhealthy}") from e
+        finally:
+            engine.outstanding -= cost
+
+    @staticmethod
+    async def _streamed(engine: _Engine, req_id: str, *args) -> AsyncIterator[StreamChunk]:
+        gen = engine.actor.generate.options(num_returns="streaming").remote(req_id, *args)
         finished = False
         try:
             async for ref in gen:
-                try:
-                    chunk: StreamChunk = await ref
-                except RayTaskError as e:
-                    if isinstance(e.cause, EngineUnhealthy):
-                        engine.unhealthy = str(e.cause)
-                    raise e.cause from None
-                except RayActorError as e:
-                    engine.unhealthy = f"its scheduler actor died ({type(e).__name__})"
-                    raise EngineUnhealthy(f"engine {engine.index}: {engine.unhealthy}") from e
+                chunk: StreamChunk = await ref
                 finished = chunk.finished
-                yield engine.index, chunk
+                yield chunk
         finally:
-            engine.outstanding -= cost
             if not finished:
                 ray.cancel(gen)  # the actor's generator aborts the request and frees its cache
+
+    @staticmethod
+    async def _polled(engine: _Engine, req_id: str, *args) -> AsyncIterator[StreamChunk]:
+        await engine.actor.open.remote(req_id, *args)
+        finished = False
+        try:
+            while not finished:
+                for chunk in await engine.actor.poll.remote(req_id, 1.0):
+                    finished = chunk.finished
+                    yield chunk
+        finally:
+            if not finished:
+                engine.actor.close.remote(req_id)  # aborts the request and frees its cache
 
     async def complete(self, prompt: str, sampling: SamplingParams, **kw) -> Completion:
         text, ids, last, replica = [], [], None, 0

@@ -63,7 +63,9 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    ray_address: str | None = _f(None, "Ray cluster to join (auto | ray://host:10001); unset = start a local Ray")
+    ray_address: str | None = _f(None, "Ray cluster to join (auto | HOST:6379 | ray://HOST:10001); "
+                                       "unset = start a local Ray")
+    connect_timeout_s: float = _f(15.0, "seconds to wait for the cluster at ray_address to answer")
     num_cpus: int | None = _f(None, "CPUs for the local Ray (unset = 3 per replica)")
     replicas: int = _f(1, "engines (scheduler + draft + target each), data parallel")
     worker_gpus: float | None = _f(None, "GPUs per worker actor (unset = 1 when CUDA is present, else 0)")

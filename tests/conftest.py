@@ -80,7 +80,7 @@ def ray_session():
     """One local Ray for the whole test session, always shut down."""
     import ray
 
-    ray.init(num_cpus=12, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=12, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
