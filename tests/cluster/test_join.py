@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,53 @@ def test_unreachable_cluster_is_a_clear_error_not_a_hang():
     assert res.returncode == 2
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in res.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_serve_over_ray_client_with_the_deploy_config(ray_head, tmp_path, sharegpt_prompts, greedy_reference):
+    """The front door as deploy/kuberay runs it (its ConfigMap, `goodspec serve` joined through
+    Ray Client), on the CPU: greedy output unchanged, a cancelled stream frees its cache, health
+    SERVING once warm, SIGTERM drains and exits 0."""
+    import signal
+
+    import grpc
+    import yaml
+
+    from goodspec.client import GenerationClient
+    from tests.cluster.test_grpc import wait_idle
+
+    env, _, client_address = ray_head
+    docs = {d["kind"]: d for d in yaml.safe_load_all(
+        (Path(__file__).resolve().parents[2] / "deploy" / "kuberay" / "goodspec-server.yaml").read_text())}
+    cfg = yaml.safe_load(docs["ConfigMap"]["data"]["goodspec.yaml"])
+    port = _free_port()
+    cfg["engine"].update(device="cpu", dtype="float32", threads=1)
+    cfg["cluster"].update(ray_address=client_address, replicas=1, worker_gpus=0.0)
+    cfg["server"].update(host="127.0.0.1", port=port)
+    (tmp_path / "goodspec.yaml").write_text(yaml.safe_dump(cfg))
+    proc = subprocess.Popen([sys.executable, "-m", "goodspec.cli", "serve", "--config", str(tmp_path / "goodspec.yaml")],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with GenerationClient(f"127.0.0.1:{port}") as c:
+            deadline = time.monotonic() + 240
+            while True:
+                try:
+                    if c.health() == "SERVING":
+                        break
+                except grpc.RpcError:
+                    pass
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
+                time.sleep(0.5)
+            prompt = sharegpt_prompts[1]
+            n, want = greedy_reference[prompt]
+            got = [t for m in c.generate(prompt, max_new_tokens=n, policy="fixed:3") for t in m.token_ids]
+            assert got == want
+            call = c.generate("Tell me a long story about the sea.", max_new_tokens=500, ignore_eos=True)
+            for _ in range(3):
+                next(call)
+            call.cancel()
+            assert wait_idle(c, timeout=20), c.server_stats()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
