@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import secrets
 import socket
 import uuid
@@ -30,6 +31,9 @@ from goodspec.workers.model_runner import RunnerConfig
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.tokenizer import TextCodec
 
+
+
+log = logging.getLogger("goodspec.cluster")
 
 
 class PlacementError(RuntimeError):
@@ -57,12 +61,22 @@ def init_ray(cluster: ClusterConfig) -> bool:
         return False
     if cluster.ray_address:
         address = cluster.ray_address
-        if address != "auto" and "://" not in address:
-            _probe(address, cluster.connect_timeout_s)  # ray.init would retry a dead GCS for minutes
-        try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        except ConnectionError as e:
-            raise ClusterUnreachable(f"cannot join the Ray cluster at {address!r}: {e}") from e
+        if address != "auto":
+            # ray.init would retry a dead GCS for minutes, and a dead Ray Client port for 30 s.
+            _probe(address.removeprefix("ray://"), cluster.connect_timeout_s)
+        # Ray Client's server forks one process per client and, now and then, that process
+        # hangs at start (seen here on a fresh `ray start` head: about 1 connection in 10); a
+        # second connection is served normally.
+        attempts = 3 if address.startswith("ray://") else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
+                break
+            except ConnectionError as e:
+                ray.shutdown()
+                if attempt == attempts:
+                    raise ClusterUnreachable(f"cannot join the Ray cluster at {address!r}: {e}") from e
+                log.warning("joining %s failed (%s); trying again", address, e)
         return True
     num_cpus = cluster.num_cpus or 3 * cluster.replicas
     # "local": a new Ray of our own even when `ray start` left a cluster on this machine (a
