@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from typing import Callable
 
 from goodspec.cluster.remote_worker import RemoteWorker
 from goodspec.config import EngineConfig
@@ -41,36 +42,39 @@ class EngineActor:
         )
         self.service = SchedulerService(scheduler, self.codec)
         self.service.start()
-        self._polled: dict[str, asyncio.Queue] = {}  # req_id -> chunks, for Ray Client drivers
+        # For Ray Client drivers: the requests they opened, and chunks not yet polled.
+        self._polled: set[str] = set()
+        self._outbox: list[StreamChunk] = []
+        self._outbox_ready = asyncio.Event()
 
     def ready(self) -> dict:
         return {"replica": self.replica, "target": self.worker_info["target"],
                 "draft": self.worker_info["draft"]}
 
-    async def _open(self, req_id: str, prompt: str, sampling: SamplingParams, policy: str | None,
-                    max_k: int | None) -> asyncio.Queue:
-        """Submit a request; its StreamChunks arrive on the returned queue. Errors in the
-        request raise here. A cancel that lands while submitting aborts once submit returns."""
+    async def _submit(self, req_id: str, prompt: str, sampling: SamplingParams, policy: str | None,
+                      max_k: int | None, sink: Callable[[StreamChunk], None]) -> None:
+        """Submit a request whose StreamChunks are handed to `sink` on this event loop. Errors
+        in the request raise here. A cancel that lands while submitting aborts once submit
+        returns."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[StreamChunk] = asyncio.Queue()
         # submit and abort wait for the scheduler's lock, held for a whole step: run on the
         # event loop, each arrival froze every other stream's delivery for up to a step (at
         # 8 req/s that added ~50 ms to time-to-first-token, more the longer the steps).
         submitted = loop.run_in_executor(None, functools.partial(
             self.service.submit, req_id, prompt, sampling,
-            lambda c: loop.call_soon_threadsafe(queue.put_nowait, c), policy=policy, max_k=max_k))
+            lambda c: loop.call_soon_threadsafe(sink, c), policy=policy, max_k=max_k))
         try:
             await asyncio.shield(submitted)
         except asyncio.CancelledError:
             submitted.add_done_callback(lambda f: f.exception() is None and self._abort_soon(req_id))
             raise
-        return queue
 
     async def generate(self, req_id: str, prompt: str, sampling: SamplingParams,
                        policy: str | None = None, max_k: int | None = None):
         """Async generator of StreamChunks; errors in the request raise before the first chunk.
         If the consumer goes away (cancel, deadline), the request is aborted and freed."""
-        queue = await self._open(req_id, prompt, sampling, policy, max_k)
+        queue: asyncio.Queue[StreamChunk] = asyncio.Queue()
+        await self._submit(req_id, prompt, sampling, policy, max_k, queue.put_nowait)
         finished = False
         try:
             while not finished:
@@ -81,28 +85,39 @@ class EngineActor:
             if not finished:
                 self._abort_soon(req_id)
 
-    # Ray Client (ray://) cannot carry streaming actor methods, so a driver connected that way
-    # opens a request, long-polls its chunks and closes it: one round trip per batch of chunks.
+    # Ray Client (ray://) cannot carry streaming actor methods. A driver connected that way
+    # opens requests and long-polls the chunks of all of them: one call through the client
+    # proxy per step, not one per request per step.
     async def open(self, req_id: str, prompt: str, sampling: SamplingParams,
                    policy: str | None = None, max_k: int | None = None) -> None:
-        self._polled[req_id] = await self._open(req_id, prompt, sampling, policy, max_k)
-
-    async def poll(self, req_id: str, wait_s: float) -> list[StreamChunk]:
-        """Every chunk ready for the request, waiting up to wait_s for the first one."""
-        queue = self._polled[req_id]
+        self._polled.add(req_id)
         try:
-            chunks = [await asyncio.wait_for(queue.get(), wait_s)]
-        except asyncio.TimeoutError:
-            return []
-        while not queue.empty():
-            chunks.append(queue.get_nowait())
-        if chunks[-1].finished:
-            del self._polled[req_id]
+            await self._submit(req_id, prompt, sampling, policy, max_k, self._to_outbox)
+        except BaseException:
+            self._polled.discard(req_id)
+            raise
+
+    def _to_outbox(self, chunk: StreamChunk) -> None:
+        self._outbox.append(chunk)
+        self._outbox_ready.set()
+        if chunk.finished:
+            self._polled.discard(chunk.req_id)
+
+    async def poll(self, wait_s: float) -> list[StreamChunk]:
+        """Every chunk of every opened request that is ready, waiting up to wait_s for one."""
+        if not self._outbox:
+            self._outbox_ready.clear()
+            try:
+                await asyncio.wait_for(self._outbox_ready.wait(), wait_s)
+            except asyncio.TimeoutError:
+                return []
+        chunks, self._outbox = self._outbox, []
         return chunks
 
     async def close(self, req_id: str) -> None:
         """The consumer is done: abort the request if it has not finished."""
-        if self._polled.pop(req_id, None) is not None:
+        if req_id in self._polled:
+            self._polled.discard(req_id)
             self._abort_soon(req_id)
 
     def _abort_soon(self, req_id: str) -> None:

@@ -103,6 +103,7 @@ class EngineGroup:
         self.codec = TextCodec.load(config.engine.target_dir, config.engine.draft_dir)
         self._owns_ray = init_ray(config.cluster)
         self._client_mode = ray_client.is_connected()  # ray://: no streaming actor methods
+        self._pollers: dict[int, _ChunkPoller] = {}
         self.engines: list[_Engine] = []
         self._ids = itertools.count()
         try:
@@ -228,16 +229,20 @@ class EngineGroup:
             if not finished:
                 ray.cancel(gen)  # the actor's generator aborts the request and frees its cache
 
-    @staticmethod
-    async def _polled(engine: _Engine, req_id: str, *args) -> AsyncIterator[StreamChunk]:
-        await engine.actor.open.remote(req_id, *args)
+    async def _polled(self, engine: _Engine, req_id: str, *args) -> AsyncIterator[StreamChunk]:
+        poller = self._pollers.setdefault(engine.index, _ChunkPoller(engine.actor))
+        queue = poller.register(req_id)  # before open: the first chunks may come at once
         finished = False
         try:
+            await engine.actor.open.remote(req_id, *args)
             while not finished:
-                for chunk in await engine.actor.poll.remote(req_id, 1.0):
-                    finished = chunk.finished
-                    yield chunk
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
         finally:
+            poller.unregister(req_id)
             if not finished:
                 engine.actor.close.remote(req_id)  # aborts the request and frees its cache
 
@@ -335,6 +340,39 @@ class EngineGroup:
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
             self._owns_ray = False
+
+
+class _ChunkPoller:
+    """Ray Client mode: one long-poll loop per engine, on the event loop of the requests it
+    serves, handing each chunk to its request's queue (an error to all of them)."""
+
+    def __init__(self, actor) -> None:
+        self.actor = actor
+        self.queues: dict[str, asyncio.Queue] = {}
+        self.task: asyncio.Task | None = None
+
+    def register(self, req_id: str) -> asyncio.Queue:
+        loop = asyncio.get_running_loop()
+        self.queues[req_id] = queue = asyncio.Queue()
+        if self.task is None or self.task.done() or self.task.get_loop() is not loop:
+            self.task = loop.create_task(self._run())
+        return queue
+
+    def unregister(self, req_id: str) -> None:
+        self.queues.pop(req_id, None)
+
+    async def _run(self) -> None:
+        while self.queues:  # ends when the last request is done; register starts it again
+            try:
+                chunks = await self.actor.poll.remote(1.0)
+            except Exception as e:  # noqa: BLE001 - every waiting request gets it, as its own stream would
+                for q in self.queues.values():
+                    q.put_nowait(e)
+                return
+            for chunk in chunks:
+                queue = self.queues.get(chunk.req_id)
+                if queue is not None:  # else: a request its consumer already closed
+                    queue.put_nowait(chunk)
 
 
 def _silent_engine_row(index: int, why: str) -> dict:
