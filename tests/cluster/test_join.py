@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -92,8 +93,8 @@ def test_unreachable_cluster_is_a_clear_error_not_a_hang():
 
 def test_serve_over_ray_client_with_the_deploy_config(ray_head, tmp_path, sharegpt_prompts, greedy_reference):
     """The front door as deploy/kuberay runs it (its ConfigMap, `goodspec serve` joined through
-    Ray Client), on the CPU: greedy output unchanged, a cancelled stream frees its cache, health
-    SERVING once warm, SIGTERM drains and exits 0."""
+    Ray Client), on the CPU: greedy output of concurrent streams unchanged, a cancelled stream
+    frees its cache, health SERVING once warm, SIGTERM drains and exits 0."""
     import signal
 
     import grpc
@@ -124,10 +125,16 @@ def test_serve_over_ray_client_with_the_deploy_config(ray_head, tmp_path, shareg
                     pass
                 assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
                 time.sleep(0.5)
-            prompt = sharegpt_prompts[1]
-            n, want = greedy_reference[prompt]
-            got = [t for m in c.generate(prompt, max_new_tokens=n, policy="fixed:3") for t in m.token_ids]
-            assert got == want
+            prompts = sharegpt_prompts[1:7]  # concurrent: one engine poll carries all their chunks
+
+            def one(p):
+                with GenerationClient(f"127.0.0.1:{port}") as own:
+                    n = greedy_reference[p][0]
+                    return [t for m in own.generate(p, max_new_tokens=n, policy="fixed:3") for t in m.token_ids]
+
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                got = list(pool.map(one, prompts))
+            assert got == [greedy_reference[p][1] for p in prompts]
             call = c.generate("Tell me a long story about the sea.", max_new_tokens=500, ignore_eos=True)
             for _ in range(3):
                 next(call)
