@@ -44,7 +44,8 @@ class EngineActor:
         self.service.start()
         # For Ray Client drivers: the requests they opened, and chunks not yet polled.
         self._polled: set[str] = set()
-        self._outbox: list[StreamChunk] = []
+        self._outbox: list[tuple[int, StreamChunk]] = []  # (number, chunk), numbered from 1
+        self._sent = 0
         self._outbox_ready = asyncio.Event()
 
     def ready(self) -> dict:
@@ -98,21 +99,28 @@ class EngineActor:
             raise
 
     def _to_outbox(self, chunk: StreamChunk) -> None:
-        self._outbox.append(chunk)
+        self._sent += 1
+        self._outbox.append((self._sent, chunk))
         self._outbox_ready.set()
         if chunk.finished:
             self._polled.discard(chunk.req_id)
 
-    async def poll(self, wait_s: float) -> list[StreamChunk]:
-        """Every chunk of every opened request that is ready, waiting up to wait_s for one."""
+    async def poll(self, acked: int, wait_s: float) -> tuple[int, list[StreamChunk]]:
+        """Every chunk after number `acked` (the last one the driver handled), waiting up to
+        wait_s for one; returns the number of the last chunk too. Chunks stay until a later
+        poll acknowledges them: a poll whose answer the driver never read (its event loop
+        ended mid-call) then loses nothing."""
+        done = 0
+        while done < len(self._outbox) and self._outbox[done][0] <= acked:
+            done += 1
+        del self._outbox[:done]
         if not self._outbox:
             self._outbox_ready.clear()
             try:
                 await asyncio.wait_for(self._outbox_ready.wait(), wait_s)
             except asyncio.TimeoutError:
-                return []
-        chunks, self._outbox = self._outbox, []
-        return chunks
+                return acked, []
+        return self._outbox[-1][0], [chunk for _, chunk in self._outbox]
 
     async def close(self, req_id: str) -> None:
         """The consumer is done: abort the request if it has not finished."""

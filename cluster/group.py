@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 import ray
-from ray.util.client import ray as ray_client
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.client import ray as ray_client
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -30,8 +30,6 @@ from goodspec.scheduler.service import Completion, StreamChunk, Usage
 from goodspec.workers.model_runner import RunnerConfig
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.tokenizer import TextCodec
-
-
 
 log = logging.getLogger("goodspec.cluster")
 
@@ -350,6 +348,7 @@ class _ChunkPoller:
         self.actor = actor
         self.queues: dict[str, asyncio.Queue] = {}
         self.task: asyncio.Task | None = None
+        self.acked = 0  # number of the last chunk handed on (the actor keeps the rest)
 
     def register(self, req_id: str) -> asyncio.Queue:
         loop = asyncio.get_running_loop()
@@ -364,7 +363,7 @@ class _ChunkPoller:
     async def _run(self) -> None:
         while self.queues:  # ends when the last request is done; register starts it again
             try:
-                chunks = await self.actor.poll.remote(1.0)
+                last, chunks = await self.actor.poll.remote(self.acked, 1.0)
             except Exception as e:  # noqa: BLE001 - every waiting request gets it, as its own stream would
                 for q in self.queues.values():
                     q.put_nowait(e)
@@ -373,6 +372,7 @@ class _ChunkPoller:
                 queue = self.queues.get(chunk.req_id)
                 if queue is not None:  # else: a request its consumer already closed
                     queue.put_nowait(chunk)
+            self.acked = last
 
 
 def _silent_engine_row(index: int, why: str) -> dict:

@@ -145,3 +145,33 @@ def test_serve_over_ray_client_with_the_deploy_config(ray_head, tmp_path, shareg
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+DRIVER = """
+import json, sys
+from goodspec.cluster.group import EngineGroup
+from goodspec.config import build_config
+from goodspec.workers.sampling import SamplingParams
+
+prompts = json.loads(sys.argv[2])
+g = EngineGroup(build_config(cluster__ray_address=sys.argv[1], engine__device="cpu",
+                             engine__dtype="float32", engine__threads=1))
+try:
+    for _ in range(4):  # back to back: each call is a new event loop over the same engine
+        print(json.dumps([c.token_ids for c in g.complete_all(prompts, SamplingParams(max_new_tokens=6))]), flush=True)
+finally:
+    g.shutdown()
+"""
+
+
+def test_ray_client_driver_runs_one_batch_after_another(ray_head, sharegpt_prompts):
+    """Each complete_all is its own event loop; the previous loop's long poll may still be
+    waiting in the engine when the next batch starts, and must not swallow its tokens."""
+    env, _, client = ray_head
+    prompts = sharegpt_prompts[:4]
+    res = subprocess.run([sys.executable, "-c", DRIVER, client, json.dumps(prompts)],
+                         capture_output=True, text=True, timeout=240, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    batches = [json.loads(line) for line in res.stdout.splitlines()]
+    assert len(batches) == 4 and all(b == batches[0] for b in batches)
+    assert all(len(ids) == 6 for ids in batches[0])
