@@ -50,6 +50,19 @@ def wait_idle(client, timeout=10.0):
     return False
 
 
+def wait_serving(client, proc, timeout: float = 240) -> None:
+    """Until the `goodspec serve` process `proc` says SERVING; fails with its output if it dies."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if client.health() == "SERVING":
+                return
+        except grpc.RpcError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.5)
+
+
 def test_streaming_and_unary_match_target_only_greedy(client, sharegpt_prompts, greedy_reference):
     for p in sharegpt_prompts[:6]:
         n, want = greedy_reference[p]
@@ -250,15 +263,7 @@ def test_goodspec_serve_drains_on_sigterm(tmp_path):
     address = f"127.0.0.1:{port}"
     try:
         with GenerationClient(address) as c:
-            deadline = time.monotonic() + 240
-            while True:
-                try:
-                    if c.health() == "SERVING":
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()
-                time.sleep(0.5)
+            wait_serving(c, proc)
             stream = c.generate("Tell me about the sea.", max_new_tokens=120, ignore_eos=True)
             first = next(stream)
             os.kill(proc.pid, signal.SIGTERM)

@@ -97,11 +97,10 @@ def test_serve_over_ray_client_with_the_deploy_config(ray_head, tmp_path, shareg
     frees its cache, health SERVING once warm, SIGTERM drains and exits 0."""
     import signal
 
-    import grpc
     import yaml
 
     from goodspec.client import GenerationClient
-    from tests.cluster.test_grpc import wait_idle
+    from tests.cluster.test_grpc import wait_idle, wait_serving
 
     env, _, client_address = ray_head
     docs = {d["kind"]: d for d in yaml.safe_load_all(
@@ -116,15 +115,7 @@ def test_serve_over_ray_client_with_the_deploy_config(ray_head, tmp_path, shareg
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         with GenerationClient(f"127.0.0.1:{port}") as c:
-            deadline = time.monotonic() + 240
-            while True:
-                try:
-                    if c.health() == "SERVING":
-                        break
-                except grpc.RpcError:
-                    pass
-                assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
-                time.sleep(0.5)
+            wait_serving(c, proc)
             prompts = sharegpt_prompts[1:7]  # concurrent: one engine poll carries all their chunks
 
             def one(p):
