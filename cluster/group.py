@@ -47,6 +47,7 @@ class _Engine:
     pg: object
     outstanding: int = 0  # router's own count of tokens it sent and not yet seen finish
     unhealthy: str | None = None  # why the router stopped sending it requests (None: it is fine)
+    broken: bool = False  # it will never serve again (not merely slow to answer): replace it
 
 
 class ClusterUnreachable(RuntimeError):
@@ -206,10 +207,10 @@ class EngineGroup:
                     yield engine.index, chunk
         except RayTaskError as e:
             if isinstance(e.cause, EngineUnhealthy):
-                engine.unhealthy = str(e.cause)
+                engine.unhealthy, engine.broken = str(e.cause), True
             raise e.cause from None
         except RayActorError as e:
-            engine.unhealthy = f"its scheduler actor died ({type(e).__name__})"
+            engine.unhealthy, engine.broken = f"its scheduler actor died ({type(e).__name__})", True
             raise EngineUnhealthy(f"engine {engine.index}: {engine.unhealthy}") from e
         finally:
             engine.outstanding -= cost
@@ -302,6 +303,9 @@ class EngineGroup:
             try:
                 s = await asyncio.wait_for(asyncio.wrap_future(e.actor.stats.remote().future()), timeout)
                 e.unhealthy = s["unhealthy"] or None
+                e.broken = e.unhealthy is not None  # an engine that gave up does not come back
+            except RayActorError as exc:
+                e.unhealthy, e.broken = f"its scheduler actor died ({type(exc).__name__})", True
             except Exception as exc:  # noqa: BLE001 - whatever the reason, it cannot serve now
                 e.unhealthy = f"scheduler actor does not answer ({type(exc).__name__})"
 
@@ -322,18 +326,31 @@ class EngineGroup:
         """Every engine can serve."""
         return not any(s["unhealthy"] for s in self.stats())
 
+    async def replace_engine(self, index: int) -> None:
+        """Put a fresh engine (new actors, new placement group) in place of engine `index`,
+        which can no longer serve. Its requests have already failed; the router sends new ones
+        elsewhere until the new engine is ready."""
+        old = self.engines[index]
+        _stop_engine(old)
+        starting = asyncio.ensure_future(asyncio.to_thread(self._start_engine, index))  # blocks until placed
+        try:
+            new = await asyncio.shield(starting)
+        except asyncio.CancelledError:  # shutting down: stop the engine once it exists
+            starting.add_done_callback(lambda f: f.cancelled() or f.exception() or _stop_engine(f.result()))
+            raise
+        try:
+            timeout = self.config.cluster.placement_timeout_s + 300
+            ready = await asyncio.wait_for(asyncio.wrap_future(new.actor.ready.remote().future()), timeout)
+        except BaseException:
+            _stop_engine(new)
+            raise
+        self._ready[index] = ready
+        self._pollers.pop(index, None)
+        self.engines[index] = new
+
     def shutdown(self) -> None:
         for e in self.engines:
-            for handle in (e.actor, e.draft, e.target):
-                if handle is not None:
-                    try:
-                        ray.kill(handle, no_restart=True)
-                    except Exception:  # already gone
-                        pass
-            try:
-                remove_placement_group(e.pg)
-            except Exception:
-                pass
+            _stop_engine(e)
         self.engines = []
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
@@ -373,6 +390,19 @@ class _ChunkPoller:
                 if queue is not None:  # else: a request its consumer already closed
                     queue.put_nowait(chunk)
             self.acked = last
+
+
+def _stop_engine(e: _Engine) -> None:
+    for handle in (e.actor, e.draft, e.target):
+        if handle is not None:
+            try:
+                ray.kill(handle, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+    try:
+        remove_placement_group(e.pg)
+    except Exception:  # noqa: BLE001 - already removed
+        pass
 
 
 def _silent_engine_row(index: int, why: str) -> dict:

@@ -25,6 +25,7 @@ from goodspec.workers.sampling import SamplingParams
 log = logging.getLogger("goodspec.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 HEALTH_EXEMPT = "/grpc.health.v1.Health/"
+REPLACE_BACKOFF_S = 30.0
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
@@ -166,6 +167,8 @@ class GoodspecServer:
         if self.port == 0:
             raise OSError(f"cannot bind {address}")
         self._watcher: asyncio.Task | None = None
+        self._replacing: dict[int, asyncio.Task] = {}
+        self._replace_failed_at: dict[int, float] = {}
 
     async def _set_health(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -199,17 +202,41 @@ class GoodspecServer:
             ok = await self.group.check_health()
             if self.servicer.draining:
                 return
+            if self.group.config.cluster.replace_broken_engines:
+                self._replace_broken()
             if ok != serving:
                 why = "; ".join(f"engine {e.index}: {e.unhealthy}" for e in self.group.engines if e.unhealthy)
                 log.warning("health: %s%s", "SERVING" if ok else "NOT_SERVING", f" ({why})" if why else "")
                 await self._set_health(ok)
                 serving = ok
 
+    def _replace_broken(self) -> None:
+        """One replacement at a time per engine, and no sooner than REPLACE_BACKOFF_S after a
+        failed one (a cluster that cannot place it now may later)."""
+        now = asyncio.get_running_loop().time()
+        for e in self.group.engines:
+            task = self._replacing.get(e.index)
+            if not e.broken or (task is not None and not task.done()):
+                continue
+            if now - self._replace_failed_at.get(e.index, -REPLACE_BACKOFF_S) < REPLACE_BACKOFF_S:
+                continue
+            log.warning("engine %d cannot serve (%s): starting a fresh one", e.index, e.unhealthy)
+            self._replacing[e.index] = asyncio.get_running_loop().create_task(self._replace(e.index))
+
+    async def _replace(self, index: int) -> None:
+        try:
+            await self.group.replace_engine(index)
+            log.warning("engine %d replaced", index)
+        except Exception as exc:  # noqa: BLE001 - logged; tried again after the back-off
+            self._replace_failed_at[index] = asyncio.get_running_loop().time()
+            log.warning("replacing engine %d failed: %s", index, exc)
+
     async def begin_drain(self) -> None:
         """Stop admitting: new requests get UNAVAILABLE and health says NOT_SERVING."""
         self.servicer.draining = True
-        if self._watcher is not None:
-            self._watcher.cancel()
+        for task in [self._watcher, *self._replacing.values()]:
+            if task is not None:
+                task.cancel()
         await self._set_health(False)
 
     async def drain(self) -> None:

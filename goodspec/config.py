@@ -73,6 +73,8 @@ class ClusterConfig:
     placement_timeout_s: float = _f(60.0, "seconds to wait for an engine's placement group")
     call_timeout_s: float = _f(60.0, "seconds a worker call may take before the worker is restarted")
     max_restarts: int = _f(3, "times Ray restarts a dead worker actor before the engine gives up")
+    replace_broken_engines: bool = _f(True, "goodspec serve: start a fresh engine in place of one that "
+                                            "can no longer serve (a worker Ray gave up on, a dead scheduler actor)")
 
     def __post_init__(self) -> None:
         if self.replicas < 1:

@@ -299,7 +299,7 @@ def test_worker_ray_will_not_restart_fails_its_requests_and_health_follows_the_e
 
     import ray
 
-    g = make_group(cluster__replicas=2, cluster__max_restarts=0)
+    g = make_group(cluster__replicas=2, cluster__max_restarts=0, cluster__replace_broken_engines=False)
     s = ServerThread(g, health_check_s=0.3)
     try:
         with GenerationClient(s.address) as c:
@@ -334,6 +334,37 @@ def test_worker_ray_will_not_restart_fails_its_requests_and_health_follows_the_e
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "no healthy engine" in err.value.details()
             assert time.monotonic() - t0 < 2
             assert all(e.unhealthy for e in c.server_stats().engines)
+    finally:
+        s.stop()
+        g.shutdown()
+
+
+def test_server_replaces_an_engine_whose_worker_ray_gave_up_on(ray_session, sharegpt_prompts, greedy_reference):
+    """The default: an engine that can no longer serve is replaced by a fresh one (new actors,
+    new placement group), and the server serves again, with unchanged output."""
+    import os
+    import signal
+
+    import ray
+
+    g = make_group(cluster__max_restarts=0)
+    s = ServerThread(g, health_check_s=0.3)
+    try:
+        with GenerationClient(s.address) as c:
+            old_pid = ray.get(g.engines[0].actor.worker_pids.remote(), timeout=60)["target"]
+            stream = c.generate("Tell me a long story about the sea.", max_new_tokens=400, ignore_eos=True)
+            next(stream)
+            os.kill(old_pid, signal.SIGKILL)
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in stream:
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert _wait_for(lambda: c.health() == "SERVING" and not c.server_stats().engines[0].unhealthy, 180)
+            assert ray.get(g.engines[0].actor.worker_pids.remote(), timeout=60)["target"] != old_pid
+            prompt = sharegpt_prompts[2]
+            n, want = greedy_reference[prompt]
+            assert list(c.complete(prompt, max_new_tokens=n, policy="fixed:3").token_ids) == want
+            assert wait_idle(c)
     finally:
         s.stop()
         g.shutdown()
