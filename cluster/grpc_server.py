@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 import uuid
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from goodspec.cluster.api import Draining, EngineFailed, QueueFull, status_of, to_response, validate
 from goodspec.cluster.group import EngineGroup
+from goodspec.cluster.metrics import ServerMetrics
 from goodspec.config import ServerConfig
 from goodspec.v1 import generation_pb2 as pb
 from goodspec.v1 import generation_pb2_grpc as pb_grpc
@@ -29,9 +31,10 @@ REPLACE_BACKOFF_S = 30.0
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, group: EngineGroup, config: ServerConfig) -> None:
+    def __init__(self, group: EngineGroup, config: ServerConfig, metrics: ServerMetrics) -> None:
         self.group = group
         self.config = config
+        self.metrics = metrics
         info = group.model_info()
         self.max_context = info["max_context"]
         self.info = info
@@ -50,12 +53,17 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def _stream(self, req: pb.GenerateRequest, context: grpc.aio.ServicerContext):
         """Yields chunks; raises mapped statuses through context.abort."""
+        m = self.metrics
         try:
             inp = self._admit(req)
         except Exception as e:  # noqa: BLE001 - mapped to a status in one place
             self.rejected += 1
+            m.requests.labels("rejected").inc()
             await context.abort(*status_of(e))
         self.in_flight += 1
+        m.in_flight.inc()
+        t0 = time.perf_counter()
+        first_token = True
         finished = failed = False
         stream = self.group.generate(
             inp.prompt, inp.sampling, req_id=inp.request_id or f"req-{uuid.uuid4().hex[:12]}",
@@ -68,17 +76,28 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 async for _, chunk in stream:
                     if chunk.finished and chunk.finish_reason == "error":
                         raise EngineFailed(chunk.error or "the engine failed this request")
+                    if chunk.token_ids:
+                        m.tokens.inc(len(chunk.token_ids))
+                        if first_token:
+                            m.ttft.observe(time.perf_counter() - t0)
+                            first_token = False
                     finished = chunk.finished
                     yield chunk
+            if finished:
+                m.latency.observe(time.perf_counter() - t0)
+                m.requests.labels("finished").inc()
         except Exception as e:  # noqa: BLE001
             failed = True
             if isinstance(e, ValueError):
                 self.rejected += 1
+            m.requests.labels("rejected" if isinstance(e, ValueError) else "failed").inc()
             await context.abort(*status_of(e))
         finally:
             self.in_flight -= 1
+            m.in_flight.dec()
             if not finished and not failed:
                 self.cancelled += 1  # client cancel or deadline; the engine stream aborted and freed it
+                m.requests.labels("cancelled").inc()
                 log.info("request cancelled by the client")
 
     async def Generate(self, request, context):
@@ -148,7 +167,8 @@ class GoodspecServer:
         self.group = group
         token = config.auth_token or os.environ.get("GOODSPEC_AUTH_TOKEN") or None
         self.server = grpc.aio.server(interceptors=[BearerAuth(token)] if token else [])
-        self.servicer = GenerationServicer(group, config)
+        self.metrics = ServerMetrics(group.stats)
+        self.servicer = GenerationServicer(group, config, self.metrics)
         pb_grpc.add_GenerationServicer_to_server(self.servicer, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -166,6 +186,8 @@ class GoodspecServer:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {address}")
+        self.metrics_port = (self.metrics.serve(config.host, config.metrics_port)
+                             if config.metrics_port is not None else None)
         self._watcher: asyncio.Task | None = None
         self._replacing: dict[int, asyncio.Task] = {}
         self._replace_failed_at: dict[int, float] = {}
@@ -246,6 +268,7 @@ class GoodspecServer:
         while self.servicer.in_flight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         await self.server.stop(grace=1.0)
+        self.metrics.stop()
 
     async def wait(self) -> None:
         await self.server.wait_for_termination()
@@ -260,6 +283,8 @@ async def serve_forever(group: EngineGroup, config: ServerConfig) -> None:
     await srv.start()
     log.warning("goodspec serving on %s:%d", config.host, srv.port)
     print(f"goodspec: serving {SERVICE} on {config.host}:{srv.port}", flush=True)
+    if srv.metrics_port is not None:
+        print(f"goodspec: Prometheus metrics on http://{config.host}:{srv.metrics_port}/metrics", flush=True)
     await stopping.wait()
     print("goodspec: draining", flush=True)
     await srv.drain()
@@ -290,4 +315,5 @@ class BackgroundServer:
     def stop(self) -> None:
         self.call(self.server.begin_drain())
         self.call(self.server.server.stop(grace=0))
+        self.server.metrics.stop()
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -95,6 +95,8 @@ class ServerConfig:
     tls_key: str | None = _f(None, "PEM private key for tls_cert")
     tls_client_ca: str | None = _f(None, "PEM CA bundle: require and verify client certificates (mTLS)")
     drain_grace_s: float = _f(30.0, "on SIGTERM: seconds to let in-flight requests finish")
+    metrics_port: int | None = _f(None, "port of the Prometheus /metrics endpoint on host (unset = none, "
+                                        "0 = any free port)")
     health_check_s: float = _f(2.0, "seconds between engine health checks; health says NOT_SERVING "
                                     "while no engine can serve (0 = never check)")
 
@@ -105,6 +107,8 @@ class ServerConfig:
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.metrics_port is not None and not 0 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics_port must be in 0..65535 (0 = any free port); got {self.metrics_port}")
         if self.health_check_s < 0:
             raise ValueError(f"health_check_s must be >= 0; got {self.health_check_s}")
         if self.max_queued_requests < 1:

@@ -368,3 +368,46 @@ def test_server_replaces_an_engine_whose_worker_ray_gave_up_on(ray_session, shar
     finally:
         s.stop()
         g.shutdown()
+
+
+def test_prometheus_metrics_follow_requests_and_engines(group):
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    s = ServerThread(group, metrics_port=0)
+
+    def scrape() -> dict:
+        text = urlopen(f"http://127.0.0.1:{s.server.metrics_port}/metrics", timeout=10).read().decode()
+        return {(x.name, tuple(sorted(x.labels.items()))): x.value
+                for family in text_string_to_metric_families(text) for x in family.samples}
+
+    try:
+        before = scrape()
+
+        def grew(name, **labels):
+            key = (name, tuple(sorted(labels.items())))
+            return scrape().get(key, 0) - before.get(key, 0)
+
+        with GenerationClient(s.address) as c:
+            assert len(c.complete("Hello there", max_new_tokens=7, ignore_eos=True).token_ids) == 7
+            with pytest.raises(grpc.RpcError):
+                c.complete("", max_new_tokens=3)
+            call = c.generate("Tell me a long story about the sea.", max_new_tokens=500, ignore_eos=True)
+            next(call)
+            call.cancel()
+            assert wait_idle(c)
+        assert _wait_for(lambda: grew("goodspec_requests_total", outcome="cancelled") == 1, 10)
+        assert grew("goodspec_requests_total", outcome="finished") == 1
+        assert grew("goodspec_requests_total", outcome="rejected") == 1
+        assert grew("goodspec_requests_total", outcome="failed") == 0
+        assert grew("goodspec_generated_tokens_total") >= 7 + 1
+        assert grew("goodspec_time_to_first_token_seconds_count") == 2
+        assert grew("goodspec_request_latency_seconds_count") == 1
+        after = scrape()
+        assert after[("goodspec_requests_in_flight", ())] == 0
+        assert after[("goodspec_engine_healthy", (("replica", "0"),))] == 1
+        assert after[("goodspec_engine_kv_blocks_used", (("replica", "0"), ("worker", "target")))] == 0
+        assert 0 < after[("goodspec_engine_acceptance_rate", (("replica", "0"),))] <= 1
+    finally:
+        s.stop()

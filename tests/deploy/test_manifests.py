@@ -66,11 +66,14 @@ def test_server_command_parses_and_reads_the_mounted_config(server, config):
     assert config.server.host == "0.0.0.0", "the server must listen beyond the pod's loopback"
 
 
-def test_server_port_probes_and_service_agree(server, config):
+def test_server_ports_probes_and_service_agree(server, config):
     pod = server["Deployment"]["spec"]["template"]
     c = _container(pod)
-    (port,) = c["ports"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    port = {"name": "grpc", "containerPort": ports["grpc"]}
     assert port["containerPort"] == config.server.port
+    assert ports["metrics"] == config.server.metrics_port
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(config.server.metrics_port)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert c[probe]["grpc"]["port"] == config.server.port, probe
     (svc_port,) = server["Service"]["spec"]["ports"]
