@@ -322,10 +322,6 @@ class EngineGroup:
             out.append(row)
         return out
 
-    def healthy(self) -> bool:
-        """Every engine can serve."""
-        return not any(s["unhealthy"] for s in self.stats())
-
     async def replace_engine(self, index: int) -> None:
         """Put a fresh engine (new actors, new placement group) in place of engine `index`,
         which can no longer serve. Its requests have already failed; the router sends new ones
