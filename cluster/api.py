@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from goodspec.scheduler.policy import parse_policy
+from goodspec.config import ServerConfig
+from goodspec.scheduler.policy import policy_name
 from goodspec.scheduler.scheduler import EngineUnhealthy, RequestRejected
 from goodspec.scheduler.service import StreamChunk
 from goodspec.v1 import generation_pb2 as pb
@@ -31,24 +32,44 @@ class EngineFailed(RuntimeError):
     """The engine ended the request with an error (e.g. a worker that cannot be restarted)."""
 
 
+MAX_REQUEST_ID_CHARS = 128  # echoed in every streamed chunk
+MAX_POLICY_CHARS = 32
+
+
+class DuplicateRequest(RuntimeError):
+    """A request_id that is already in flight on this server (retry once it has ended)."""
+
+
 @dataclass(frozen=True)
 class GenerateInput:
-    request_id: str
+    request_id: str  # the client's id, echoed back; the engine gets a unique one of its own
     prompt: str
+    prompt_ids: list[int]
     sampling: SamplingParams
     policy: str | None
     max_k: int | None
 
 
-def validate(req: pb.GenerateRequest, codec, max_context: int, max_new_tokens_limit: int) -> GenerateInput:
-    """Raises ValueError naming the offending field."""
+def validate(req: pb.GenerateRequest, codec, max_context: int, limits: ServerConfig) -> GenerateInput:
+    """Raises ValueError naming the offending field. Sizes are checked before any work that
+    grows with them (the prompt's bytes before tokenising it). Tokenises: call it off the event
+    loop."""
+    if len(req.request_id) > MAX_REQUEST_ID_CHARS or not req.request_id.isprintable():
+        raise ValueError(f"request_id: at most {MAX_REQUEST_ID_CHARS} printable characters")
+    num_bytes = len(req.prompt.encode())
+    if num_bytes > limits.max_prompt_bytes:
+        raise ValueError(f"prompt: {num_bytes} bytes is over the limit of {limits.max_prompt_bytes} "
+                         f"(max_prompt_bytes)")
     if not req.prompt.strip():
         raise ValueError("prompt: must not be empty")
-    num_prompt = len(codec.encode(req.prompt))
-    if num_prompt >= max_context:
-        raise ValueError(f"prompt: {num_prompt} tokens; the model's context is {max_context}")
     s = req.sampling
-    limit = max_new_tokens_limit or max_context
+    if len(s.stop) > limits.max_stop_strings:
+        raise ValueError(f"sampling.stop: {len(s.stop)} strings; at most {limits.max_stop_strings} "
+                         f"(max_stop_strings)")
+    if any(len(x) > limits.max_stop_chars for x in s.stop):
+        raise ValueError(f"sampling.stop: a stop string is longer than {limits.max_stop_chars} "
+                         f"characters (max_stop_chars)")
+    limit = limits.max_new_tokens_limit or max_context
     if s.max_new_tokens == 0:
         raise ValueError("sampling.max_new_tokens: must be >= 1")
     if s.max_new_tokens > limit:
@@ -66,16 +87,21 @@ def validate(req: pb.GenerateRequest, codec, max_context: int, max_new_tokens_li
         raise ValueError(f"sampling.{e}") from None
     policy = req.speculation.policy or None
     if policy is not None:
+        if len(policy) > MAX_POLICY_CHARS:
+            raise ValueError(f"speculation.policy: at most {MAX_POLICY_CHARS} characters")
         try:
-            parse_policy(policy)
+            policy = policy_name(policy)  # canonical: 'FIXED:05 ' and 'fixed:5' are one policy
         except ValueError as e:
             raise ValueError(f"speculation.policy: {e}") from None
     max_k = req.speculation.max_k if req.speculation.HasField("max_k") else None
-    return GenerateInput(req.request_id, req.prompt, sampling, policy, max_k)
+    prompt_ids = codec.encode(req.prompt)
+    if len(prompt_ids) >= max_context:
+        raise ValueError(f"prompt: {len(prompt_ids)} tokens; the model's context is {max_context}")
+    return GenerateInput(req.request_id, req.prompt, prompt_ids, sampling, policy, max_k)
 
 
-def to_response(chunk: StreamChunk) -> pb.GenerateResponse:
-    msg = pb.GenerateResponse(request_id=chunk.req_id, text=chunk.text, token_ids=chunk.token_ids)
+def to_response(chunk: StreamChunk, request_id: str) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(request_id=request_id, text=chunk.text, token_ids=chunk.token_ids)
     if chunk.finished:
         msg.finish_reason = FINISH_REASONS.get(chunk.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED)
         u = chunk.usage
@@ -93,6 +119,8 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, DuplicateRequest):
+        return grpc.StatusCode.ALREADY_EXISTS, str(exc)
     if isinstance(exc, (Draining, EngineUnhealthy, EngineFailed)):
         return grpc.StatusCode.UNAVAILABLE, str(exc)
     return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import secrets
+import os
 import socket
 import uuid
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from ray.util.client import ray as ray_client
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from goodspec.cluster.channel import new_token
 from goodspec.cluster.engine_actor import EngineActor
 from goodspec.cluster.worker_actor import WorkerActor
 from goodspec.config import ClusterConfig, GoodspecConfig
@@ -50,12 +51,66 @@ class _Engine:
     broken: bool = False  # it will never serve again (not merely slow to answer): replace it
 
 
+def channel_host_for(placement_strategy: str) -> str | None:
+    """Where a worker's channel listens: loopback when the engine's actors share a node (so no
+    other host can reach it), else the node's address (None)."""
+    return "127.0.0.1" if placement_strategy == "STRICT_PACK" else None
+
+
 class ClusterUnreachable(RuntimeError):
     """The Ray cluster named by ray_address does not answer."""
 
 
-def init_ray(cluster: ClusterConfig) -> bool:
-    """Join or start Ray; returns True when this call started a local Ray (we own its shutdown)."""
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@contextlib.contextmanager
+def _ray_on_loopback():
+    """While starting a local Ray: every server of it (GCS, raylet, object manager, workers)
+    binds 127.0.0.1. Ray otherwise binds the node's routable address or all interfaces, and has
+    no bind-address option; its single-machine mode (the switch it uses on macOS and Windows) is
+    read from the environment by the processes it starts and from ray_constants by this one."""
+    from ray._private import ray_constants
+
+    key = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    old_env, old_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[key], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_flag
+        if old_env is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old_env
+
+
+@contextlib.contextmanager
+def _ray_in_its_own_session():
+    """While starting a local Ray: its processes (GCS, raylet, and the workers the raylet
+    forks) start in a session of their own, so a signal to this process's group (a terminal's
+    hang-up, `kill -TERM -PGID`, a supervisor stopping the group) reaches only goodspec, which
+    then drains through a still-working Ray instead of losing it mid-request. They still end
+    with this process (Ray's fate sharing) and on ray.shutdown. Ray has no option for this."""
+    from ray._private import services
+
+    base = services.ConsolePopen
+
+    class _OwnSession(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs):
+            kwargs.setdefault("start_new_session", True)
+            super().__init__(*args, **kwargs)
+
+    services.ConsolePopen = _OwnSession
+    try:
+        yield
+    finally:
+        services.ConsolePopen = base
+
+
+def init_ray(cluster: ClusterConfig, loopback: bool = False) -> bool:
+    """Join or start Ray; returns True when this call started a local Ray (we own its shutdown).
+    `loopback`: a local Ray listens on 127.0.0.1 only (nothing outside this machine needs it)."""
     if ray.is_initialized():
         return False
     if cluster.ray_address:
@@ -80,7 +135,8 @@ def init_ray(cluster: ClusterConfig) -> bool:
     num_cpus = cluster.num_cpus or 3 * cluster.replicas
     # "local": a new Ray of our own even when `ray start` left a cluster on this machine (a
     # bare init would join that one and refuse num_cpus).
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    with _ray_in_its_own_session(), _ray_on_loopback() if loopback else contextlib.nullcontext():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return True
 
 
@@ -100,7 +156,7 @@ class EngineGroup:
     def __init__(self, config: GoodspecConfig) -> None:
         self.config = config
         self.codec = TextCodec.load(config.engine.target_dir, config.engine.draft_dir)
-        self._owns_ray = init_ray(config.cluster)
+        self._owns_ray = init_ray(config.cluster, loopback=config.server.host in LOOPBACK_HOSTS)
         self._client_mode = ray_client.is_connected()  # ray://: no streaming actor methods
         self._pollers: dict[int, _ChunkPoller] = {}
         self.engines: list[_Engine] = []
@@ -152,16 +208,17 @@ class EngineGroup:
         # step slower on 2 cores (threads of the idle worker spin while the other computes).
         threads = cfg.threads or 1
         device = cfg.device if gpus or cfg.device != "auto" else "cpu"
-        token = secrets.token_hex(16)  # the workers' channels accept only this engine's scheduler
+        token = new_token()  # the workers' channels accept only this engine's scheduler
+        channel_host = channel_host_for(cl.placement_strategy)
         worker_cls = ray.remote(WorkerActor)
         target = worker_cls.options(**opts(1, gpus, max_restarts=cl.max_restarts, max_task_retries=0)).remote(
             "target", RunnerConfig(cfg.target_dir, device, cfg.dtype, cfg.target_kv_tokens, cfg.block_size, threads),
-            token)
+            token, channel_host)
         draft = None
         if cfg.draft_dir:
             draft = worker_cls.options(**opts(2, gpus, max_restarts=cl.max_restarts, max_task_retries=0)).remote(
                 "draft", RunnerConfig(cfg.draft_dir, device, cfg.dtype, cfg.draft_kv_tokens, cfg.block_size, threads),
-                token)
+                token, channel_host)
         actor = ray.remote(EngineActor).options(**opts(0), max_concurrency=10_000).remote(
             cfg, target, draft, cl.call_timeout_s, cl.placement_timeout_s + 300, token, index)
         return _Engine(index, actor, target, draft, pg)
@@ -192,12 +249,17 @@ class EngineGroup:
     async def generate(
         self, prompt: str, sampling: SamplingParams, req_id: str | None = None,
         policy: str | None = None, max_k: int | None = None, engine: _Engine | None = None,
+        num_prompt_tokens: int | None = None,
     ) -> AsyncIterator[tuple[int, StreamChunk]]:
         """Stream (replica, chunk) for one request. Request errors (RequestRejected,
-        EngineUnhealthy, ValueError) raise before the first chunk, unwrapped from Ray."""
+        EngineUnhealthy, ValueError) raise before the first chunk, unwrapped from Ray.
+        `num_prompt_tokens`, when the caller has tokenised already, saves doing it again here
+        (on the caller's event loop)."""
         req_id = req_id or f"req-{uuid.uuid4().hex[:12]}"
         engine = engine or self._pick()
-        cost = len(self.codec.encode(prompt)) + sampling.max_new_tokens
+        if num_prompt_tokens is None:
+            num_prompt_tokens = len(self.codec.encode(prompt))
+        cost = num_prompt_tokens + sampling.max_new_tokens
         engine.outstanding += cost
         chunks = (self._polled if self._client_mode else self._streamed)(
             engine, req_id, prompt, sampling, policy, max_k)
@@ -345,6 +407,11 @@ class EngineGroup:
         self.engines[index] = new
 
     def shutdown(self) -> None:
+        if self._owns_ray and _local_gcs_gone():
+            # The local Ray was stopped under us (a SIGTERM to the whole process group reaches
+            # its processes too): calls to it would wait a minute for a GCS that is not coming.
+            log.warning("the local Ray runtime has stopped; skipping the engines' cleanup")
+            self.engines = []
         for e in self.engines:
             _stop_engine(e)
         self.engines = []
@@ -386,6 +453,18 @@ class _ChunkPoller:
                 if queue is not None:  # else: a request its consumer already closed
                     queue.put_nowait(chunk)
             self.acked = last
+
+
+def _local_gcs_gone() -> bool:
+    """Whether the GCS process of the Ray this process started has exited."""
+    try:
+        from ray._private import ray_constants
+        from ray._private.worker import _global_node
+
+        procs = _global_node.all_processes.get(ray_constants.PROCESS_TYPE_GCS_SERVER) if _global_node else None
+        return bool(procs) and procs[0].process.poll() is not None
+    except Exception:  # noqa: BLE001 - private API: when unsure, clean up as usual
+        return False
 
 
 def _stop_engine(e: _Engine) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
-import os
 import signal
 import time
 import uuid
@@ -16,7 +16,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from goodspec.cluster.api import Draining, EngineFailed, QueueFull, status_of, to_response, validate
+from goodspec.cluster.api import (
+    Draining, DuplicateRequest, EngineFailed, GenerateInput, QueueFull, status_of, to_response, validate,
+)
 from goodspec.cluster.group import EngineGroup
 from goodspec.cluster.metrics import ServerMetrics
 from goodspec.config import ServerConfig
@@ -28,6 +30,24 @@ log = logging.getLogger("goodspec.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 HEALTH_EXEMPT = "/grpc.health.v1.Health/"
 REPLACE_BACKOFF_S = 30.0
+
+
+class _Malformed:
+    """What a request body that does not parse turns into: the handler answers INVALID_ARGUMENT
+    (gRPC itself would answer a failed deserialisation with a status the README never promises)."""
+
+    def __init__(self, kind: str, error: Exception) -> None:
+        self.message = f"request body is not a valid {kind}: {error}"
+
+
+def _parser(message_cls):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except Exception as e:  # noqa: BLE001 - DecodeError and friends
+            return _Malformed(message_cls.DESCRIPTOR.name, e)
+
+    return parse
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
@@ -42,34 +62,74 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.cancelled = 0
         self.rejected = 0
         self.draining = False
+        self._per_connection: dict[str, int] = {}  # peer (one HTTP/2 connection) -> in flight
+        self._request_ids: set[str] = set()  # client request_ids in flight
 
-    def _admit(self, req: pb.GenerateRequest):
+    def _reserve(self, peer: str) -> None:
+        """Take an admission slot, or raise. One connection may hold at most
+        max_requests_per_connection of the max_queued_requests slots, so a client that opens
+        streams and never reads them cannot lock the others out."""
+        c = self.config
         if self.draining:
             raise Draining("server is draining (shutting down); retry on another replica")
-        if self.in_flight >= self.config.max_queued_requests:
+        if self.in_flight >= c.max_queued_requests:
             raise QueueFull(f"queue full: {self.in_flight} requests in flight "
-                            f"(max_queued_requests={self.config.max_queued_requests})")
-        return validate(req, self.group.codec, self.max_context, self.config.max_new_tokens_limit)
+                            f"(max_queued_requests={c.max_queued_requests})")
+        if self._per_connection.get(peer, 0) >= c.max_requests_per_connection:
+            raise QueueFull(f"this connection has {c.max_requests_per_connection} requests in flight "
+                            f"(max_requests_per_connection={c.max_requests_per_connection})")
+        self.in_flight += 1
+        self._per_connection[peer] = self._per_connection.get(peer, 0) + 1
+        self.metrics.in_flight.inc()
 
-    async def _stream(self, req: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        """Yields chunks; raises mapped statuses through context.abort."""
+    def _release(self, peer: str) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.dec()
+        left = self._per_connection.pop(peer) - 1
+        if left:
+            self._per_connection[peer] = left
+
+    async def _admit(self, req, context) -> GenerateInput:
+        if isinstance(req, _Malformed):
+            raise ValueError(req.message)
+        # Tokenising (and the size checks before it) off the event loop: a large prompt must
+        # not freeze every other stream.
+        inp = await asyncio.to_thread(validate, req, self.group.codec, self.max_context, self.config)
+        if inp.request_id:
+            if inp.request_id in self._request_ids:
+                raise DuplicateRequest(f"request_id {inp.request_id!r} is in flight; retry once it has ended")
+            self._request_ids.add(inp.request_id)
+        return inp
+
+    async def _stream(self, req, context: grpc.aio.ServicerContext):
+        """Yields (client request_id, chunk); raises mapped statuses through context.abort."""
         m = self.metrics
+        peer = context.peer()
         try:
-            inp = self._admit(req)
+            self._reserve(peer)
         except Exception as e:  # noqa: BLE001 - mapped to a status in one place
             self.rejected += 1
             m.requests.labels("rejected").inc()
             await context.abort(*status_of(e))
-        self.in_flight += 1
-        m.in_flight.inc()
         t0 = time.perf_counter()
         first_token = True
         finished = failed = False
-        stream = self.group.generate(
-            inp.prompt, inp.sampling, req_id=inp.request_id or f"req-{uuid.uuid4().hex[:12]}",
-            policy=inp.policy, max_k=inp.max_k,
-        )
+        inp = None
         try:
+            try:
+                inp = await self._admit(req, context)
+            except Exception as e:  # noqa: BLE001
+                failed = True
+                self.rejected += 1
+                m.requests.labels("rejected").inc()
+                await context.abort(*status_of(e))
+            request_id = inp.request_id or f"req-{uuid.uuid4().hex[:12]}"
+            # The engine's id is always fresh: a retry with the client's id may arrive while the
+            # engine is still freeing the cancelled original.
+            stream = self.group.generate(
+                inp.prompt, inp.sampling, req_id=f"{request_id}#{uuid.uuid4().hex[:8]}",
+                policy=inp.policy, max_k=inp.max_k, num_prompt_tokens=len(inp.prompt_ids),
+            )
             # aclosing: a client cancel can land while grpc awaits a write (GeneratorExit at our
             # yield, not CancelledError), so close the engine stream here, not whenever GC does.
             async with contextlib.aclosing(stream):
@@ -82,35 +142,47 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                             m.ttft.observe(time.perf_counter() - t0)
                             first_token = False
                     finished = chunk.finished
-                    yield chunk
+                    yield request_id, chunk
             if finished:
                 m.latency.observe(time.perf_counter() - t0)
                 m.requests.labels("finished").inc()
         except Exception as e:  # noqa: BLE001
+            if failed:
+                raise  # the admission abort above
             failed = True
             if isinstance(e, ValueError):
                 self.rejected += 1
             m.requests.labels("rejected" if isinstance(e, ValueError) else "failed").inc()
             await context.abort(*status_of(e))
         finally:
-            self.in_flight -= 1
-            m.in_flight.dec()
+            self._release(peer)
+            if inp is not None and inp.request_id:
+                self._request_ids.discard(inp.request_id)
             if not finished and not failed:
                 self.cancelled += 1  # client cancel or deadline; the engine stream aborted and freed it
                 m.requests.labels("cancelled").inc()
                 log.info("request cancelled by the client")
 
     async def Generate(self, request, context):
-        async for chunk in self._stream(request, context):
-            yield to_response(chunk)
+        """Chunks written one at a time; a client that does not take one within
+        stream_write_timeout_s (HTTP/2 flow control holds the write) loses the stream."""
+        timeout = self.config.stream_write_timeout_s
+        async with contextlib.aclosing(self._stream(request, context)) as chunks:
+            async for request_id, chunk in chunks:
+                try:
+                    await asyncio.wait_for(context.write(to_response(chunk, request_id)), timeout)
+                except asyncio.TimeoutError:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"the client read no chunk for {timeout}s "
+                                        f"(stream_write_timeout_s); stream ended")
 
     async def Complete(self, request, context):
-        text, ids, last = [], [], None
-        async for chunk in self._stream(request, context):
+        text, ids, last, request_id = [], [], None, ""
+        async for request_id, chunk in self._stream(request, context):
             text.append(chunk.text)
             ids += chunk.token_ids
             last = chunk
-        msg = to_response(last)
+        msg = to_response(last, request_id)
         msg.text = "".join(text)
         msg.ClearField("token_ids")
         msg.token_ids.extend(ids)
@@ -119,7 +191,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def GetModelInfo(self, request, context):
         i = self.info
         return pb.ModelInfo(
-            target_model=i["target"], draft_model=i["draft"] or "", max_context_length=i["max_context"],
+            target_model=model_name(i["target"]), draft_model=model_name(i["draft"]) if i["draft"] else "", max_context_length=i["max_context"],
             vocab_size=i["vocab_size"], speculation_policy=i["policy"], proposer=i["proposer"],
             replicas=i["replicas"])
 
@@ -137,9 +209,16 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                               draining=self.draining)
 
 
+def model_name(model_dir: str) -> str:
+    """What GetModelInfo says of a model: its name, never a path on the server's disk."""
+    from goodspec.gguf_import import source_name
+
+    return source_name(model_dir)
+
+
 class BearerAuth(grpc.aio.ServerInterceptor):
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}"
+        self._expected = f"Bearer {token}".encode()
 
         async def deny(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
@@ -151,12 +230,44 @@ class BearerAuth(grpc.aio.ServerInterceptor):
         if details.method.startswith(HEALTH_EXEMPT):
             return await continuation(details)
         headers = dict(details.invocation_metadata or ())
-        if headers.get("authorization") == self._expected:
+        got = headers.get("authorization", "")
+        got = got.encode() if isinstance(got, str) else bytes(got)
+        if hmac.compare_digest(got, self._expected):  # constant time: no timing oracle
             return await continuation(details)
         handler = await continuation(details)
         if handler is not None and handler.response_streaming:
             return self._deny_stream
         return self._deny_unary
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        # gRPC's default lets a second server share the port (and half the connections, bearer
+        # tokens included): a port already served must fail to bind instead.
+        ("grpc.so_reuseport", 0),
+        # A request is a prompt plus small fields: refuse larger bodies before parsing them.
+        ("grpc.max_receive_message_length", config.max_prompt_bytes + (64 << 10)),
+    ]
+
+
+def _generation_handlers(servicer: GenerationServicer) -> grpc.GenericRpcHandler:
+    """The generated registration, with request parsers that never fail (see _Malformed)."""
+    request = _parser(pb.GenerateRequest)
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate, request_deserializer=request,
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "Complete": grpc.unary_unary_rpc_method_handler(
+            servicer.Complete, request_deserializer=request,
+            response_serializer=pb.GenerateResponse.SerializeToString),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, request_deserializer=_parser(pb.GetModelInfoRequest),
+            response_serializer=pb.ModelInfo.SerializeToString),
+        "GetServerStats": grpc.unary_unary_rpc_method_handler(
+            servicer.GetServerStats, request_deserializer=_parser(pb.GetServerStatsRequest),
+            response_serializer=pb.ServerStats.SerializeToString),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
 class GoodspecServer:
@@ -165,11 +276,12 @@ class GoodspecServer:
     def __init__(self, group: EngineGroup, config: ServerConfig) -> None:
         self.config = config
         self.group = group
-        token = config.auth_token or os.environ.get("GOODSPEC_AUTH_TOKEN") or None
-        self.server = grpc.aio.server(interceptors=[BearerAuth(token)] if token else [])
+        token = config.bearer_token()
+        self.server = grpc.aio.server(interceptors=[BearerAuth(token)] if token else [],
+                                      options=server_options(config))
         self.metrics = ServerMetrics(group.stats)
         self.servicer = GenerationServicer(group, config, self.metrics)
-        pb_grpc.add_GenerationServicer_to_server(self.servicer, self.server)
+        self.server.add_generic_rpc_handlers((_generation_handlers(self.servicer),))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -186,7 +298,9 @@ class GoodspecServer:
             self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot bind {address}")
-        self.metrics_port = (self.metrics.serve(config.host, config.metrics_port)
+        self.metrics_host = config.metrics_host or config.host
+        self.metrics_port = (self.metrics.serve(self.metrics_host, config.metrics_port,
+                                                token if config.metrics_auth else None)
                              if config.metrics_port is not None else None)
         self._watcher: asyncio.Task | None = None
         self._replacing: dict[int, asyncio.Task] = {}

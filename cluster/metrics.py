@@ -3,9 +3,10 @@ requests pass through it, and each engine's state read from the engines at scrap
 
 from __future__ import annotations
 
+import hmac
 from typing import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -45,6 +46,20 @@ class _EngineCollector(Collector):
         yield from families.values()
 
 
+def _bearer_only(app, token: str):
+    expected = f"Bearer {token}".encode()
+
+    def guarded(environ, start_response):
+        got = environ.get("HTTP_AUTHORIZATION", "").encode("latin-1")
+        if not hmac.compare_digest(got, expected):
+            start_response("401 Unauthorized", [("Content-Type", "text/plain"),
+                                                ("WWW-Authenticate", "Bearer")])
+            return [b"missing or wrong bearer token\n"]
+        return app(environ, start_response)
+
+    return guarded
+
+
 class ServerMetrics:
     """What the servicer records per request; served over HTTP by `serve`."""
 
@@ -65,9 +80,21 @@ class ServerMetrics:
             self.requests.labels(outcome)  # present at 0 from the start, as dashboards expect
         self.registry.register(_EngineCollector(engine_stats))
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP endpoint on its own thread; returns the bound port."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, host: str, port: int, token: str | None = None) -> int:
+        """Start the /metrics HTTP endpoint on its own thread; returns the bound port. With a
+        `token`, a scrape must send `Authorization: Bearer <token>` (else 401)."""
+        import threading
+        from wsgiref.simple_server import make_server
+
+        from prometheus_client import make_wsgi_app
+        from prometheus_client.exposition import ThreadingWSGIServer, _SilentHandler
+
+        app = make_wsgi_app(self.registry)
+        if token is not None:
+            app = _bearer_only(app, token)
+        # prometheus_client's start_http_server has no hook for auth: the same server, built here.
+        self._http = make_server(host, port, app, ThreadingWSGIServer, handler_class=_SilentHandler)
+        threading.Thread(target=self._http.serve_forever, name="goodspec-metrics", daemon=True).start()
         return self._http.server_port
 
     def stop(self) -> None:

@@ -53,10 +53,10 @@ class RemoteWorker:
                 raise self._died("connect", e) from e
         return self._channel
 
-    def _call(self, method: str, *args):
+    def _call(self, method: str, arg):
         channel = self._connect()
         try:
-            return channel.call(method, *args)
+            return channel.call(method, arg)
         except TimeoutError as e:
             self._channel = None
             self._restart()
@@ -112,7 +112,7 @@ class RemoteWorker:
         if self._channel is None:
             return
         try:
-            self._channel.send("free", req_ids)
+            self._channel.send("free", list(req_ids))
         except OSError:
             self._channel = None
 

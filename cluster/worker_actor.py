@@ -34,6 +34,8 @@ class WorkerActor:
     """Plain class; goodspec.cluster.group turns it into a Ray actor with restarts."""
 
     def __init__(self, kind: str, config: RunnerConfig, channel_token: str, host: str | None = None) -> None:
+        """`host`: where the channel listens. The engine passes loopback when its actors share a
+        node (STRICT_PACK); None means the node's address, for a scheduler on another node."""
         from goodspec.cluster.channel import ChannelServer
 
         if kind not in ("draft", "target"):

@@ -90,13 +90,25 @@ class ServerConfig:
     port: int = _f(50051, "gRPC port")
     max_queued_requests: int = _f(256, "requests in flight (running + waiting) before RESOURCE_EXHAUSTED")
     max_new_tokens_limit: int = _f(0, "largest max_new_tokens accepted (0 = the model's context)")
-    auth_token: str | None = _f(None, "bearer token clients must send (or env GOODSPEC_AUTH_TOKEN); health is exempt")
+    auth_token: str | None = _f(None, "bearer token clients must send (or env GOODSPEC_AUTH_TOKEN); health is "
+                                      "exempt. Visible in `ps`: prefer auth_token_file")
+    auth_token_file: str | None = _f(None, "file whose content (stripped) is the bearer token")
     tls_cert: str | None = _f(None, "PEM certificate chain: serve TLS")
     tls_key: str | None = _f(None, "PEM private key for tls_cert")
     tls_client_ca: str | None = _f(None, "PEM CA bundle: require and verify client certificates (mTLS)")
     drain_grace_s: float = _f(30.0, "on SIGTERM: seconds to let in-flight requests finish")
-    metrics_port: int | None = _f(None, "port of the Prometheus /metrics endpoint on host (unset = none, "
+    metrics_port: int | None = _f(None, "port of the Prometheus /metrics endpoint (unset = none, "
                                         "0 = any free port)")
+    metrics_host: str | None = _f(None, "address /metrics binds (unset = host)")
+    metrics_auth: bool = _f(False, "require the bearer token on /metrics too")
+    max_prompt_bytes: int = _f(262144, "largest prompt (UTF-8 bytes, or all messages together) accepted; "
+                                       "checked before tokenising")
+    max_stop_strings: int = _f(16, "most stop strings per request")
+    max_stop_chars: int = _f(256, "longest stop string, in characters")
+    max_requests_per_connection: int = _f(64, "requests in flight on one client connection (HTTP/2 "
+                                              "connection) before RESOURCE_EXHAUSTED")
+    stream_write_timeout_s: float = _f(60.0, "a stream whose client does not read a chunk for this long is "
+                                            "ended (RESOURCE_EXHAUSTED) and its slot freed")
     health_check_s: float = _f(2.0, "seconds between engine health checks; health says NOT_SERVING "
                                     "while no engine can serve (0 = never check)")
 
@@ -111,8 +123,27 @@ class ServerConfig:
             raise ValueError(f"metrics_port must be in 0..65535 (0 = any free port); got {self.metrics_port}")
         if self.health_check_s < 0:
             raise ValueError(f"health_check_s must be >= 0; got {self.health_check_s}")
-        if self.max_queued_requests < 1:
-            raise ValueError(f"max_queued_requests must be >= 1; got {self.max_queued_requests}")
+        for name in ("max_queued_requests", "max_prompt_bytes", "max_stop_strings", "max_stop_chars",
+                     "max_requests_per_connection"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if not self.stream_write_timeout_s > 0:
+            raise ValueError(f"stream_write_timeout_s must be > 0; got {self.stream_write_timeout_s}")
+        if self.auth_token and self.auth_token_file:
+            raise ValueError("give auth_token or auth_token_file, not both")
+        if self.metrics_auth and not self.bearer_token():
+            raise ValueError("metrics_auth needs a bearer token (auth_token_file, auth_token or GOODSPEC_AUTH_TOKEN)")
+
+    def bearer_token(self) -> str | None:
+        """The token clients must send: from auth_token_file, auth_token or GOODSPEC_AUTH_TOKEN."""
+        import os
+
+        if self.auth_token_file:
+            token = Path(self.auth_token_file).read_text().strip()
+            if not token:
+                raise ValueError(f"auth_token_file {self.auth_token_file} is empty")
+            return token
+        return self.auth_token or os.environ.get("GOODSPEC_AUTH_TOKEN") or None
 
 
 @dataclass(frozen=True)

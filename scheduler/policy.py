@@ -51,20 +51,34 @@ class FixedPolicy(SpeculationPolicy):
 POLICY_NAMES = ("off", "fixed:K", "goodput")
 
 
-def parse_policy(spec: str) -> SpeculationPolicy:
-    """'off', 'fixed:K' or 'goodput'."""
+MAX_FIXED_K = 64
+
+
+def policy_name(spec: str) -> str:
+    """The canonical name of 'off', 'fixed:K' (0 <= K <= MAX_FIXED_K) or 'goodput' (case and
+    spaces ignored, 'fixed:05' is 'fixed:5'); ValueError naming the accepted forms otherwise."""
     text = spec.strip().lower()
-    if text == "off":
-        return OffPolicy()
-    if text == "goodput":
-        return GoodputPolicy()
+    if text in ("off", "goodput"):
+        return text
     if text.startswith("fixed:"):
-        try:
-            k = int(text.split(":", 1)[1])
-        except ValueError:
-            raise ValueError(f"unknown speculation policy {spec!r}: fixed:K needs an integer K") from None
-        return FixedPolicy(k)
+        digits = text.split(":", 1)[1]
+        if not digits.isdigit() or len(digits) > 4:
+            raise ValueError(f"unknown speculation policy {spec!r}: fixed:K needs an integer K")
+        k = int(digits)
+        if k > MAX_FIXED_K:
+            raise ValueError(f"fixed:K needs 0 <= K <= {MAX_FIXED_K}; got {spec!r}")
+        return f"fixed:{k}"
     raise ValueError(f"unknown speculation policy {spec!r}; expected one of {', '.join(POLICY_NAMES)}")
+
+
+def parse_policy(spec: str) -> SpeculationPolicy:
+    """A new policy object for `spec` (see policy_name); its `name` is canonical."""
+    name = policy_name(spec)
+    if name == "off":
+        return OffPolicy()
+    if name == "goodput":
+        return GoodputPolicy()
+    return FixedPolicy(int(name.split(":", 1)[1]))
 
 
 class GoodputPolicy(SpeculationPolicy):

@@ -180,9 +180,9 @@ class Scheduler:
         shares one learned model, the server's own when the names match)."""
         if spec is None or isinstance(spec, SpeculationPolicy):
             return spec
-        from goodspec.scheduler.policy import parse_policy
+        from goodspec.scheduler.policy import parse_policy, policy_name
 
-        key = spec.strip().lower()
+        key = policy_name(spec)  # canonical, so the cache holds one entry per distinct policy
         if key == self.policy.name:
             return self.policy
         if key not in self._policies:

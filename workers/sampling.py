@@ -7,6 +7,7 @@ step, on preemption or on a worker restart, so a seeded request always gives the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +15,7 @@ import torch
 # Streams: independent uniforms for the three random draws that can touch one position.
 STREAM_DRAFT, STREAM_ACCEPT, STREAM_TARGET = 0, 1, 2
 _MASK32 = 0xFFFFFFFF
+MIN_TEMPERATURE = 1e-4  # below this a temperature is treated as 0 (greedy)
 
 
 @dataclass(frozen=True)
@@ -31,8 +33,12 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1; got {self.max_new_tokens}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0; got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # also refuses nan
+            raise ValueError(f"temperature must be a finite number >= 0; got {self.temperature}")
+        if self.temperature < MIN_TEMPERATURE:
+            # logits / t overflows for tiny t (below ~1e-37 every logit became inf and the
+            # output one fixed token); t -> 0 is greedy decoding, so that is what it means.
+            object.__setattr__(self, "temperature", 0.0)
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off); got {self.top_k}")
         if not 0 < self.top_p <= 1:

@@ -42,7 +42,7 @@ class TextCodec:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
     def decode_output(self, ids: list[int], stop: tuple[str, ...] = ()) -> str:
         """The completion's text, cut before the first stop string."""
@@ -51,38 +51,57 @@ class TextCodec:
         return text[: min(cuts)] if cuts else text
 
     def find_stop(self, output_ids: list[int], stop: tuple[str, ...], num_new: int) -> int | None:
-        """Number of output tokens to keep when a stop string appeared: the shortest prefix whose
-        text contains one (the text is cut before it by decode_output), else None."""
-        if not any(s and s in self.decode(output_ids) for s in stop):
+        """Number of output tokens to keep when a stop string appeared in the last `num_new`
+        tokens: the shortest prefix whose text contains one (the text is cut before it by
+        decode_output), else None. Called every step: it decodes only a window of tokens that
+        can hold a stop string ending in the new ones (a character is at most 4 byte-level
+        tokens), so its cost does not grow with the output's length."""
+        stops = [s for s in stop if s]
+        if not stops or num_new <= 0:
             return None
-        for n in range(max(1, len(output_ids) - num_new), len(output_ids) + 1):
-            text = self.decode(output_ids[:n])
-            if any(s and s in text for s in stop):
+        start = max(0, len(output_ids) - num_new - 4 * max(len(s) for s in stops) - 1)
+        if not any(s in self.decode(output_ids[start:]) for s in stops):
+            return None
+        for n in range(max(start + 1, len(output_ids) - num_new), len(output_ids) + 1):
+            text = self.decode(output_ids[start:n])
+            if any(s in text for s in stops):
                 return n
         return len(output_ids)
 
 
 class IncrementalDetokenizer:
-    """Text deltas for a stream. Holds back text that may still change: a trailing partial UTF-8
-    character (decoded as U+FFFD) and any tail that could be the start of a stop string."""
+    """Text deltas for a stream, decoding only the new tokens (with a few tokens of left context
+    for correct spacing), so a step costs the same at token 10 and token 10,000. Holds back text
+    that may still change: a trailing partial UTF-8 character (decoded as U+FFFD) and any tail
+    that could be the start of a stop string. Ends the text before the first stop string."""
 
     def __init__(self, codec: TextCodec, stop: tuple[str, ...] = ()) -> None:
         self.codec = codec
         self.stop = tuple(s for s in stop if s)
-        self.sent = 0  # characters of the final text already emitted
+        self.prefix = 0  # first token of the context decoded again for spacing
+        self.read = 0  # tokens whose text has been taken
+        self.pending = ""  # decoded text held back (could begin a stop string)
+        self.stopped = False
 
     def update(self, output_ids: list[int], final: bool = False) -> str:
-        text = self.codec.decode_output(output_ids, self.stop)
-        if not final:
-            safe = len(text)
-            if text.endswith("\ufffd"):
-                safe = len(text.rstrip("\ufffd"))
-            for s in self.stop:
-                for n in range(min(len(s) - 1, safe), 0, -1):
-                    if text[:safe].endswith(s[:n]):
-                        safe -= n
-                        break
-            text = text[:safe]
-        delta = text[self.sent:] if len(text) > self.sent else ""
-        self.sent = max(self.sent, len(text))
-        return delta
+        if self.stopped:
+            return ""
+        text = self.pending + self._new_text(output_ids, final)
+        cuts = [text.find(s) for s in self.stop if s in text]
+        if cuts:
+            self.stopped, self.pending = True, ""
+            return text[: min(cuts)]
+        hold = 0 if final else max((n for s in self.stop for n in range(len(s) - 1, 0, -1)
+                                    if text.endswith(s[:n])), default=0)
+        self.pending = text[len(text) - hold:] if hold else ""
+        return text[: len(text) - hold]
+
+    def _new_text(self, ids: list[int], final: bool) -> str:
+        if len(ids) <= self.read:
+            return ""
+        seen = self.codec.decode(ids[self.prefix:self.read])
+        full = self.codec.decode(ids[self.prefix:])
+        if full.endswith("\ufffd") and not final:
+            return ""  # a character split across tokens: wait for the rest
+        self.prefix, self.read = max(self.read - 4, self.prefix), len(ids)
+        return full[len(seen):]

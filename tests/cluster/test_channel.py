@@ -1,57 +1,184 @@
-"""The scheduler-to-worker socket channel: replies, worker errors, ordering, auth, a dead peer."""
+"""The scheduler-to-worker socket channel: typed calls, worker errors, ordering, and what an
+unauthenticated or hostile peer can (not) do to the worker."""
 
 from __future__ import annotations
 
-import pytest
+import pickle
+import socket
+import struct
+import threading
+import time
 
-from goodspec.cluster.channel import ChannelClient, ChannelClosed, ChannelServer
+import pytest
+import torch
+
+from goodspec.cluster import channel as ch
+from goodspec.cluster.channel import ChannelClient, ChannelClosed, ChannelServer, new_token
 from goodspec.workers.kv_cache import UnknownSequenceError
+from goodspec.workers.messages import ProposeBatch, ProposeItem, Proposal, VerifyBatch, VerifyItem, VerifyResult
+from goodspec.workers.sampling import SamplingParams
+
+TOKEN = new_token()
+GREEDY = SamplingParams(seed=7)
 
 
 class _Worker:
     def __init__(self) -> None:
         self.freed: list[str] = []
+        self.seen: list[object] = []
 
-    def add(self, a: int, b: int) -> int:
-        return a + b
+    def propose(self, batch: ProposeBatch) -> Proposal:
+        self.seen.append(batch)
+        probs = torch.arange(len(batch.items) * 2 * 5, dtype=torch.float32).view(len(batch.items), 2, 5)
+        return Proposal([[1, 2]] * len(batch.items), probs, elapsed_s=0.25)
 
-    def fail(self, seq: str) -> None:
-        raise UnknownSequenceError(f"no cache for {seq!r}")
+    def verify(self, batch: VerifyBatch) -> VerifyResult:
+        self.seen.append(batch)
+        if batch.items and batch.items[0].req_id == "gone":
+            raise UnknownSequenceError("no cache for 'gone'")
+        return VerifyResult([len(self.freed)], [[9, 8]], elapsed_s=0.5)
 
-    def free(self, ids: list[str]) -> None:
-        self.freed += ids
-
-    def freed_so_far(self) -> list[str]:
-        return list(self.freed)
+    def free(self, req_ids: list[str]) -> None:
+        self.freed += req_ids
 
 
 @pytest.fixture
-def server():
+def worker_and_server():
     w = _Worker()
-    methods = {m: getattr(w, m) for m in ("add", "fail", "free", "freed_so_far")}
-    return ChannelServer(methods, token="secret")
+    server = ChannelServer({"propose": w.propose, "verify": w.verify, "free": w.free}, TOKEN)
+    yield w, server
+    server.close()
 
 
-def test_calls_errors_and_fire_and_forget_ordering(server):
-    c = ChannelClient(server.address, "secret", timeout_s=5)
-    assert c.call("add", 2, 3) == 5
-    with pytest.raises(UnknownSequenceError, match="no cache"):
-        c.call("fail", "r1")
-    c.send("free", ["a", "b"])  # no reply, but done before the next call runs
-    assert c.call("freed_so_far") == ["a", "b"]
-    with pytest.raises(KeyError):
-        c.call("no_such_method")
-    assert c.call("add", 1, 1) == 2  # the channel survives worker errors
+class _Exploit:
+    """Unpickling this writes a file: the proof that a peer ran code in the worker."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (exec, (f"open({self.path!r}, 'w').write('pwned')",))
+
+
+def test_typed_calls_round_trip_with_the_draft_probabilities(worker_and_server):
+    w, server = worker_and_server
+    c = ChannelClient(server.address, TOKEN, timeout_s=5)
+    batch = ProposeBatch([ProposeItem("r1", 3, [5, 6], 2, GREEDY), ProposeItem("r2", 0, [7], 2, GREEDY)])
+    p = c.call("propose", batch)
+    assert w.seen[-1] == batch  # the worker got exactly what was sent
+    assert p.draft_ids == [[1, 2], [1, 2]] and p.elapsed_s == 0.25
+    assert torch.equal(p.draft_probs, torch.arange(20, dtype=torch.float32).view(2, 2, 5))
+    vb = VerifyBatch([VerifyItem("r1", 3, [5], True, SamplingParams(temperature=0.7, top_p=0.9, seed=3),
+                                 [1, 2], 0)], p)
+    assert c.call("verify", vb) == VerifyResult([0], [[9, 8]], 0.5)
+    got = w.seen[-1]
+    assert got.items == vb.items and torch.equal(got.proposal.draft_probs, p.draft_probs)
     c.close()
 
 
-def test_wrong_token_is_disconnected(server):
-    c = ChannelClient(server.address, "wrong", timeout_s=5)
-    with pytest.raises((ChannelClosed, ConnectionError, OSError)):
-        c.call("add", 1, 2)
+def test_worker_errors_arrive_typed_and_free_is_ordered_before_the_next_call(worker_and_server):
+    w, server = worker_and_server
+    c = ChannelClient(server.address, TOKEN, timeout_s=5)
+    with pytest.raises(UnknownSequenceError, match="no cache"):
+        c.call("verify", VerifyBatch([VerifyItem("gone", 0, [1], True, GREEDY)]))
+    c.send("free", ["a", "b"])  # no reply, but done before the next call runs
+    assert c.call("verify", VerifyBatch([VerifyItem("r", 0, [1], True, GREEDY)])).num_accepted == [2]
+    assert w.freed == ["a", "b"]
 
 
-def test_a_reconnecting_caller_is_served_while_the_old_connection_lingers(server):
-    a = ChannelClient(server.address, "secret", timeout_s=5)
-    b = ChannelClient(server.address, "secret", timeout_s=5)
-    assert a.call("add", 1, 2) == 3 and b.call("add", 3, 4) == 7
+def test_wrong_token_is_refused_at_connect(worker_and_server):
+    _, server = worker_and_server
+    with pytest.raises((ChannelClosed, OSError)):
+        ChannelClient(server.address, new_token(), timeout_s=5)
+
+
+def test_a_reconnecting_caller_is_served_while_the_old_connection_lingers(worker_and_server):
+    _, server = worker_and_server
+    a = ChannelClient(server.address, TOKEN, timeout_s=5)
+    b = ChannelClient(server.address, TOKEN, timeout_s=5)
+    one = VerifyBatch([VerifyItem("r", 0, [1], True, GREEDY)])
+    assert a.call("verify", one).output_ids == b.call("verify", one).output_ids == [[9, 8]]
+
+
+def _send_pickle_frames(address, path: str, token: bytes | None) -> None:
+    """The old wire format's attack: a length-prefixed pickle, as the first frame or after the
+    handshake, with an 8-byte and a 4-byte length."""
+    payload = pickle.dumps(_Exploit(path))
+    for prefix in (struct.pack("!Q", len(payload)), struct.pack("!I", len(payload))):
+        with socket.create_connection(address, timeout=5) as s:
+            if token is not None:
+                s.sendall(token)
+                s.recv(1)
+            s.sendall(prefix + payload)
+            s.settimeout(3)
+            try:
+                s.recv(1)  # the server closes the connection rather than answer
+            except OSError:
+                pass
+
+
+def test_a_pickle_frame_runs_no_code_before_or_after_the_handshake(worker_and_server, tmp_path):
+    _, server = worker_and_server
+    marker = tmp_path / "pwned"
+    _send_pickle_frames(server.address, str(marker), None)
+    _send_pickle_frames(server.address, str(marker), ch.MAGIC + TOKEN.encode())  # even the token holder
+    time.sleep(0.2)
+    assert not marker.exists()
+    c = ChannelClient(server.address, TOKEN, timeout_s=5)  # and the worker still serves
+    assert c.call("verify", VerifyBatch([VerifyItem("r", 0, [1], True, GREEDY)])).output_ids == [[9, 8]]
+
+
+def test_a_huge_frame_announced_before_or_after_the_handshake_allocates_nothing(worker_and_server):
+    import psutil
+
+    _, server = worker_and_server
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    socks = []
+    for first in (b"", ch.MAGIC + TOKEN.encode()):
+        s = socket.create_connection(server.address, timeout=5)
+        s.sendall(first + struct.pack("!Q", 1 << 30) + struct.pack("!I", (1 << 32) - 1))
+        socks.append(s)
+    time.sleep(0.5)
+    assert proc.memory_info().rss - before < 64 << 20
+    for s in socks:
+        s.close()
+
+
+def test_idle_connections_hold_no_threads_and_time_out(worker_and_server, monkeypatch):
+    monkeypatch.setattr(ch, "HANDSHAKE_TIMEOUT_S", 0.5)
+    _, server = worker_and_server
+    threads_before = threading.active_count()
+    idle = [socket.create_connection(server.address, timeout=5) for _ in range(200)]
+    time.sleep(0.2)
+    assert threading.active_count() - threads_before <= ch.MAX_PENDING_HANDSHAKES
+    time.sleep(0.8)  # past the handshake timeout, every slot is free again
+    c = ChannelClient(server.address, TOKEN, timeout_s=5)
+    assert c.call("verify", VerifyBatch([VerifyItem("r", 0, [1], True, GREEDY)])).output_ids == [[9, 8]]
+    for s in idle:
+        s.close()
+
+
+def test_malformed_messages_from_an_authenticated_peer_drop_only_that_connection(worker_and_server):
+    _, server = worker_and_server
+    bad = [
+        b"\x00\x00\x00\x05{bad}",  # not JSON
+        b"\x00\x00\x00\x02{}",  # wrong envelope
+        struct.pack("!I", 1000) + b"{}",  # header length beyond the message
+    ]
+    for frame in bad:
+        with socket.create_connection(server.address, timeout=5) as s:
+            s.sendall(ch.MAGIC + TOKEN.encode())
+            assert s.recv(1) == b"\x01"
+            s.sendall(struct.pack("!I", len(frame)) + frame)
+            s.settimeout(3)
+            assert s.recv(1) == b""  # closed, no reply
+    c = ChannelClient(server.address, TOKEN, timeout_s=5)
+    assert c.call("verify", VerifyBatch([VerifyItem("r", 0, [1], True, GREEDY)])).output_ids == [[9, 8]]
+
+
+def test_a_worker_channel_listens_on_loopback_when_its_engine_shares_a_node():
+    from goodspec.cluster.group import channel_host_for
+
+    assert channel_host_for("STRICT_PACK") == "127.0.0.1"
+    assert channel_host_for("SPREAD") is None  # the node's address: the scheduler may be elsewhere

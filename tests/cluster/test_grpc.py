@@ -244,9 +244,31 @@ def test_tls_and_mutual_tls_round_trip(group, tmp_path):
         s.stop()
 
 
-def test_goodspec_serve_drains_on_sigterm(tmp_path):
-    """As an operator runs it: `goodspec serve` in its own process; SIGTERM lets the in-flight
-    request finish, refuses new ones, and the process exits 0."""
+def _non_loopback_listeners(pid: int) -> list[str]:
+    import ipaddress
+
+    import psutil
+
+    procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    out = []
+    for p in procs:
+        try:
+            for c in p.net_connections(kind="inet"):
+                ip = ipaddress.ip_address(c.laddr.ip)
+                if c.status == psutil.CONN_LISTEN and not (ip.is_loopback or (
+                        ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)):
+                    out.append(f"{p.name()} {c.laddr.ip}:{c.laddr.port}")
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("signal_to", ["server", "process group"])
+def test_goodspec_serve_drains_on_sigterm(tmp_path, signal_to):
+    """As an operator runs it: `goodspec serve` in its own process; SIGTERM, to the server or to
+    its whole process group, lets the in-flight request finish, refuses new ones, and the
+    process exits 0. A loopback-only serve (and its embedded Ray) listens on loopback only, and
+    a second serve on the same port fails to bind, at once."""
     import os
     import signal
     import socket
@@ -256,17 +278,26 @@ def test_goodspec_serve_drains_on_sigterm(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "goodspec.cli", "serve", "--port", str(port), "--num-cpus", "3",
-         "--device", "cpu", "--threads", "1", "--drain-grace-s", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, "-m", "goodspec.cli", "serve", "--port", str(port), "--num-cpus", "3",
+           "--device", "cpu", "--threads", "1", "--drain-grace-s", "60"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     address = f"127.0.0.1:{port}"
     try:
         with GenerationClient(address) as c:
             wait_serving(c, proc)
+            if signal_to == "process group":
+                assert _non_loopback_listeners(proc.pid) == []
+                t0 = time.monotonic()
+                second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+                assert second.returncode == 2 and f"cannot bind 127.0.0.1:{port}" in second.stderr
+                assert time.monotonic() - t0 < 30  # refused before loading any model
             stream = c.generate("Tell me about the sea.", max_new_tokens=120, ignore_eos=True)
             first = next(stream)
-            os.kill(proc.pid, signal.SIGTERM)
+            if signal_to == "server":
+                os.kill(proc.pid, signal.SIGTERM)
+            else:
+                os.killpg(proc.pid, signal.SIGTERM)
             time.sleep(0.3)
             with pytest.raises(grpc.RpcError) as err:  # draining: no new requests
                 c.complete("Hello", max_new_tokens=2, timeout=10)
@@ -277,7 +308,7 @@ def test_goodspec_serve_drains_on_sigterm(tmp_path):
         assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _wait_for(predicate, timeout: float) -> bool:
