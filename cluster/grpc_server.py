@@ -245,8 +245,9 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
         # gRPC's default lets a second server share the port (and half the connections, bearer
         # tokens included): a port already served must fail to bind instead.
         ("grpc.so_reuseport", 0),
-        # A request is a prompt plus small fields: refuse larger bodies before parsing them.
-        ("grpc.max_receive_message_length", config.max_prompt_bytes + (64 << 10)),
+        # A request is a prompt plus small fields: bodies far over max_prompt_bytes are refused
+        # (RESOURCE_EXHAUSTED) before they are parsed; those just over it get INVALID_ARGUMENT.
+        ("grpc.max_receive_message_length", 4 * config.max_prompt_bytes + (64 << 10)),
     ]
 
 

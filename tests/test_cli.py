@@ -38,7 +38,7 @@ def test_generate_off_and_fixed_agree_greedily():
 
 def test_bad_arguments_exit_2_with_the_setting_named():
     res = run_cli("generate", "--temperature", "-1", "hi")
-    assert res.returncode == 2 and "temperature must be >= 0" in res.stderr
+    assert res.returncode == 2 and "temperature must be a finite number >= 0" in res.stderr
     res = run_cli("generate", "--policy", "sometimes", "hi")
     assert res.returncode == 2 and "unknown speculation policy 'sometimes'" in res.stderr
     res = run_cli("generate", "--target", "/nonexistent", "hi")

@@ -60,7 +60,8 @@ class TextCodec:
         if not stops or num_new <= 0:
             return None
         start = max(0, len(output_ids) - num_new - 4 * max(len(s) for s in stops) - 1)
-        if not any(s in self.decode(output_ids[start:]) for s in stops):
+        window = self.decode(output_ids[start:])
+        if not any(s in window for s in stops):
             return None
         for n in range(max(start + 1, len(output_ids) - num_new), len(output_ids) + 1):
             text = self.decode(output_ids[start:n])
@@ -91,8 +92,7 @@ class IncrementalDetokenizer:
         if cuts:
             self.stopped, self.pending = True, ""
             return text[: min(cuts)]
-        hold = 0 if final else max((n for s in self.stop for n in range(len(s) - 1, 0, -1)
-                                    if text.endswith(s[:n])), default=0)
+        hold = 0 if final else _longest_stop_prefix_at_end(text, self.stop)
         self.pending = text[len(text) - hold:] if hold else ""
         return text[: len(text) - hold]
 
@@ -100,8 +100,30 @@ class IncrementalDetokenizer:
         if len(ids) <= self.read:
             return ""
         seen = self.codec.decode(ids[self.prefix:self.read])
-        full = self.codec.decode(ids[self.prefix:])
-        if full.endswith("\ufffd") and not final:
-            return ""  # a character split across tokens: wait for the rest
-        self.prefix, self.read = max(self.read - 4, self.prefix), len(ids)
+        end, full = len(ids), self.codec.decode(ids[self.prefix:])
+        if not final and full.endswith("\ufffd"):
+            # A character split across tokens (at most 4 bytes) decodes as U+FFFD until its
+            # last byte arrives: emit up to the last clean cut and wait for the rest. With no
+            # clean cut in the last 4 tokens the bytes are invalid, and stay as they are.
+            for cut in range(len(ids) - 1, max(self.read, len(ids) - 4) - 1, -1):
+                text = self.codec.decode(ids[self.prefix:cut])
+                if not text.endswith("\ufffd"):
+                    end, full = cut, text
+                    break
+        self.prefix, self.read = max(self.read, end - 6), end
         return full[len(seen):]
+
+
+def _longest_stop_prefix_at_end(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that begins some stop string (and is shorter than
+    it): the text to hold back. Tries only the places where a stop's first character occurs."""
+    best = 0
+    for s in stops:
+        tail = text[len(text) - min(len(text), len(s) - 1):]
+        i = tail.find(s[0])
+        while i != -1 and len(tail) - i > best:
+            if s.startswith(tail[i:]):
+                best = len(tail) - i
+                break
+            i = tail.find(s[0], i + 1)
+    return best

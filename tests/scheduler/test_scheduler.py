@@ -322,3 +322,21 @@ def test_worker_gone_for_good_fails_requests_at_its_first_failure():
     for rid in PROMPTS:
         req = s.pop_finished(rid)
         assert req.finish_reason == FinishReason.ERROR and "gone for good" in req.error
+
+
+def test_per_request_policy_spellings_share_one_cached_policy_and_the_cache_is_bounded():
+    """Each distinct policy string used to be parsed and kept forever ('fixed:0...03' by the
+    thousand); now a spelling maps to its canonical policy and at most one instance each."""
+    from goodspec.scheduler.policy import MAX_FIXED_K
+
+    s, _, _ = make(OffPolicy(), draft=FakeDraft())
+    spellings = ["fixed:3", "FIXED:3", " fixed:03 ", "fixed:0003", "Fixed:3"]
+    policies = {id(s.resolve_policy(p)) for p in spellings}
+    assert len(policies) == 1 and s.resolve_policy("off") is s.policy
+    for k in range(MAX_FIXED_K + 1):
+        s.resolve_policy(f"fixed:{k:04d}")
+    s.resolve_policy("goodput")
+    assert len(s._policies) <= MAX_FIXED_K + 2
+    for bad in ("fixed:" + "0" * 10 + "1", f"fixed:{MAX_FIXED_K + 1}", "fixed:-1", "sometimes"):
+        with pytest.raises(ValueError):
+            s.resolve_policy(bad)
