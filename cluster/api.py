@@ -34,6 +34,8 @@ class EngineFailed(RuntimeError):
 
 MAX_REQUEST_ID_CHARS = 128  # echoed in every streamed chunk
 MAX_POLICY_CHARS = 32
+MAX_MESSAGES = 256
+CHAT_ROLES = ("system", "user", "assistant")
 
 
 class DuplicateRequest(RuntimeError):
@@ -56,12 +58,20 @@ def validate(req: pb.GenerateRequest, codec, max_context: int, limits: ServerCon
     loop."""
     if len(req.request_id) > MAX_REQUEST_ID_CHARS or not req.request_id.isprintable():
         raise ValueError(f"request_id: at most {MAX_REQUEST_ID_CHARS} printable characters")
-    num_bytes = len(req.prompt.encode())
+    if req.prompt and req.messages:
+        raise ValueError("prompt, messages: set exactly one of them")
+    field = "messages" if req.messages else "prompt"
+    if len(req.messages) > MAX_MESSAGES:
+        raise ValueError(f"messages: {len(req.messages)} turns; at most {MAX_MESSAGES}")
+    num_bytes = sum(len(m.content.encode()) for m in req.messages) + len(req.prompt.encode())
     if num_bytes > limits.max_prompt_bytes:
-        raise ValueError(f"prompt: {num_bytes} bytes is over the limit of {limits.max_prompt_bytes} "
+        raise ValueError(f"{field}: {num_bytes} bytes is over the limit of {limits.max_prompt_bytes} "
                          f"(max_prompt_bytes)")
-    if not req.prompt.strip():
-        raise ValueError("prompt: must not be empty")
+    for i, m in enumerate(req.messages):
+        if m.role not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}].role: {m.role[:32]!r} is not one of {', '.join(CHAT_ROLES)}")
+    if not req.messages and not req.prompt.strip():
+        raise ValueError("prompt: must not be empty (or send messages)")
     s = req.sampling
     if len(s.stop) > limits.max_stop_strings:
         raise ValueError(f"sampling.stop: {len(s.stop)} strings; at most {limits.max_stop_strings} "
@@ -94,10 +104,11 @@ def validate(req: pb.GenerateRequest, codec, max_context: int, limits: ServerCon
         except ValueError as e:
             raise ValueError(f"speculation.policy: {e}") from None
     max_k = req.speculation.max_k if req.speculation.HasField("max_k") else None
-    prompt_ids = codec.encode(req.prompt)
+    prompt = codec.render_chat([(m.role, m.content) for m in req.messages]) if req.messages else req.prompt
+    prompt_ids = codec.encode(prompt)
     if len(prompt_ids) >= max_context:
-        raise ValueError(f"prompt: {len(prompt_ids)} tokens; the model's context is {max_context}")
-    return GenerateInput(req.request_id, req.prompt, prompt_ids, sampling, policy, max_k)
+        raise ValueError(f"{field}: {len(prompt_ids)} tokens; the model's context is {max_context}")
+    return GenerateInput(req.request_id, prompt, prompt_ids, sampling, policy, max_k)
 
 
 def to_response(chunk: StreamChunk, request_id: str) -> pb.GenerateResponse:

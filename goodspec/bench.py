@@ -61,13 +61,17 @@ class RunSummary:
 
 # -- workload ---------------------------------------------------------------------------------
 def sharegpt_workload(codec, num: int, seed: int, max_prompt_tokens: int = 384,
-                      max_output_tokens: int = 128, min_output_tokens: int = 8) -> list[tuple[str, int]]:
-    """First-turn human prompts; each request's output length is the dataset reply's own token
-    length, capped (as vLLM's serving benchmark does). Prompts that do not fit are skipped."""
+                      max_output_tokens: int = 128, min_output_tokens: int = 8,
+                      chat: bool = False) -> list[tuple[str, int]]:
+    """First-turn human prompts (with `chat`, rendered through the target's chat template, as a
+    chat client's request would be); each request's output length is the dataset reply's own
+    token length, capped (as vLLM's serving benchmark does). Prompts that do not fit are skipped."""
     from goodspec.sharegpt import first_turn_prompts
 
     pool = []
     for prompt, reply in first_turn_prompts():
+        if chat:
+            prompt = codec.render_chat([("user", prompt)])
         n_prompt = len(codec.encode(prompt))
         if n_prompt > max_prompt_tokens:
             continue
@@ -168,10 +172,11 @@ def _k_histogram(address: str, token: str | None) -> dict[int, int]:
 
 def run_benchmark(address: str, rates: list[float], policies: list[str], num_requests: int,
                   seed: int, warmup: int, codec, max_output_tokens: int, progress: bool = True,
-                  token: str | None = None, repeats: int = 1) -> tuple[list[RequestRecord], list[RunSummary]]:
+                  token: str | None = None, repeats: int = 1,
+                  chat: bool = False) -> tuple[list[RequestRecord], list[RunSummary]]:
     """Every policy replays the identical trace at each rate, `repeats` times, the policies'
     order rotating between repeats so slow drifts of a shared machine hit every policy alike."""
-    workload = sharegpt_workload(codec, num_requests, seed, max_output_tokens=max_output_tokens)
+    workload = sharegpt_workload(codec, num_requests, seed, max_output_tokens=max_output_tokens, chat=chat)
     bar = None
     if progress:
         from tqdm import tqdm

@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from goodspec.bench import TraceItem, run_trace
+from goodspec.workers.model_runner import VOCAB_MAP_FILE, model_path
 
 
 def _row(requests: int, wall: float, tokens: int, latencies: list[float]) -> dict:
@@ -32,10 +34,13 @@ def goodspec_offline(address: str, prompts: list[str], max_new_tokens: int, poli
     return _row(len(recs), wall, sum(r.output_tokens for r in recs), [r.latency_s for r in recs])
 
 
-def hf_assisted(target_dir: str, draft_dir: str, prompts: list[str], max_new_tokens: int, codec) -> dict:
+def hf_assisted(target_dir: str, draft_dir: str, prompts: list[str], max_new_tokens: int, codec) -> dict | None:
+    """None for a draft with a reduced vocabulary: HF assisted generation needs the target's."""
+    if (Path(draft_dir) / VOCAB_MAP_FILE).is_file():
+        return None
     from transformers import AutoModelForCausalLM
 
-    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    target = AutoModelForCausalLM.from_pretrained(model_path(target_dir), dtype=torch.float32).eval()
     draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
     pad = codec.tokenizer.pad_token_id
     done, latencies, tokens = 0.0, [], 0
@@ -55,7 +60,7 @@ def hf_assisted(target_dir: str, draft_dir: str, prompts: list[str], max_new_tok
 def hf_continuous_batching(target_dir: str, prompts: list[str], max_new_tokens: int, codec) -> dict:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path(target_dir), dtype=torch.float32).eval()
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
                            eos_token_id=codec.eos_token_id, pad_token_id=codec.tokenizer.pad_token_id)
     inputs = [codec.encode(p) for p in prompts]

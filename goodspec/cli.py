@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "predicted vs measured step time) as JSON on stderr")
     gen.add_argument("--in-process", action="store_true",
                      help="run scheduler and workers in this process instead of on Ray")
+    gen.add_argument("--chat", action="store_true",
+                     help="send each PROMPT as one user message, through the model's chat template")
     _add_sampling_args(gen)
     add_config_flags(gen)
 
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--stream", action="store_true", help="print tokens as they are accepted")
     comp.add_argument("--json", action="store_true", help="print the response message as JSON")
     comp.add_argument("--policy", default="", help="per-request speculation policy override")
+    comp.add_argument("--chat", action="store_true", help="send PROMPT as one user message (chat template)")
     comp.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     _add_client_args(comp)
     _add_sampling_args(comp)
@@ -85,10 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--peer-requests", type=int, default=16)
     bench.add_argument("--peer-max-new-tokens", type=int, default=64)
     bench.add_argument("--token", default=None, help="bearer token of the server")
+    bench.add_argument("--chat", choices=("auto", "on", "off"), default="auto",
+                       help="render prompts with the chat template (auto: when the target has one)")
     add_config_flags(bench)
 
     prof = sub.add_parser("profile", help="measure the target's verify cost against plain decoding")
-    prof.add_argument("--target", default=None, help="model directory (default: the shipped target)")
+    prof.add_argument("--model", default="smollm2", help="named pair whose target to profile (smollm2 | tiny)")
+    prof.add_argument("--target", default=None, help="model directory or GGUF file (overrides --model)")
     prof.add_argument("--device", default="auto")
     prof.add_argument("--dtype", default="auto")
     prof.add_argument("--batch-size", type=int, default=16)
@@ -125,7 +131,8 @@ def cmd_generate(args) -> int:
 
         engine = LLMEngine(config.engine)
         t0 = time.perf_counter()
-        rows = [c.to_json() for c in engine.generate(args.prompts, sampling, progress=progress)]
+        prompts = _prompts(args, engine.codec)
+        rows = [c.to_json() for c in engine.generate(prompts, sampling, progress=progress)]
         stats = [speculation_stats(engine.scheduler)]
     else:
         from goodspec.cluster.group import EngineGroup
@@ -133,10 +140,13 @@ def cmd_generate(args) -> int:
         group = EngineGroup(config)
         try:
             t0 = time.perf_counter()
-            rows = [c.to_json() for c in group.complete_all(args.prompts, sampling, progress=progress)]
+            prompts = _prompts(args, group.codec)
+            rows = [c.to_json() for c in group.complete_all(prompts, sampling, progress=progress)]
             stats = group.stats()
         finally:
             group.shutdown()
+    for row, prompt in zip(rows, args.prompts):
+        row["prompt"] = prompt  # what the user typed, not the rendered chat template
     elapsed = time.perf_counter() - t0
     if args.stats:
         print(json.dumps(stats, indent=1, default=str), file=sys.stderr)
@@ -153,6 +163,10 @@ def cmd_generate(args) -> int:
           f"({n_out / elapsed:.1f} tok/s); draft acceptance {rate} ({accepted}/{proposed})",
           file=sys.stderr)
     return 0
+
+
+def _prompts(args, codec) -> list[str]:
+    return [codec.render_chat([("user", p)]) for p in args.prompts] if args.chat else list(args.prompts)
 
 
 def cmd_serve(args) -> int:
@@ -213,10 +227,13 @@ def cmd_complete(args) -> int:
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature or None,
               top_p=args.top_p if args.top_p != 1.0 else None, top_k=args.top_k or None,
               seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos, policy=args.policy)
+    prompt = args.prompt
+    if args.chat:
+        kw["messages"], prompt = [("user", args.prompt)], ""
     try:
         with _client(args) as client:
             if args.stream:
-                for msg in client.generate(args.prompt, timeout=args.timeout, **kw):
+                for msg in client.generate(prompt, timeout=args.timeout, **kw):
                     if args.json:
                         print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True)), flush=True)
                     else:
@@ -224,7 +241,7 @@ def cmd_complete(args) -> int:
                 if not args.json:
                     print()
             else:
-                msg = client.complete(args.prompt, timeout=args.timeout, **kw)
+                msg = client.complete(prompt, timeout=args.timeout, **kw)
                 print(json.dumps(MessageToDict(msg, preserving_proto_field_name=True)) if args.json else msg.text)
     except grpc.RpcError as e:
         print(f"goodspec: {e.code().name}: {e.details()}", file=sys.stderr)
@@ -250,6 +267,7 @@ def cmd_bench(args) -> int:
     from pathlib import Path
 
     from goodspec import bench, bench_peers
+    from goodspec.gguf_import import source_name
     from goodspec.workers.tokenizer import TextCodec
 
     config = build_config(args)
@@ -273,23 +291,27 @@ def cmd_bench(args) -> int:
         address = server.address
     try:
         codec = TextCodec.load(config.engine.target_dir)
+        chat = args.chat == "on" or (args.chat == "auto" and bool(getattr(codec.tokenizer, "chat_template", None)))
         records, summaries = bench.run_benchmark(address, rates, policies, args.num_requests, args.seed,
                                                  args.warmup, codec, args.max_output_tokens,
-                                                 progress=True, token=args.token, repeats=args.repeats)
+                                                 progress=True, token=args.token, repeats=args.repeats,
+                                                 chat=chat)
         peers = None
         if args.peers:
-            prompts = [p for p, _ in bench.sharegpt_workload(codec, args.peer_requests, args.seed + 1)]
+            prompts = [p for p, _ in bench.sharegpt_workload(codec, args.peer_requests, args.seed + 1, chat=chat)]
             n = args.peer_max_new_tokens
             print("peers: goodspec offline, HF assisted generation, transformers generate_batch ...", file=sys.stderr)
             peers = {"goodspec": bench_peers.goodspec_offline(address, prompts, n, token=args.token)}
-            if config.engine.draft_dir:
-                peers["hf assisted (1 at a time)"] = bench_peers.hf_assisted(
-                    config.engine.target_dir, config.engine.draft_dir, prompts, n, codec)
+            assisted = config.engine.draft_dir and bench_peers.hf_assisted(
+                config.engine.target_dir, config.engine.draft_dir, prompts, n, codec)
+            if assisted:
+                peers["hf assisted (1 at a time)"] = assisted
             peers["hf generate_batch (no spec)"] = bench_peers.hf_continuous_batching(
                 config.engine.target_dir, prompts, n, codec)
         meta = {"command": "goodspec " + " ".join(sys.argv[1:]), "rates": rates, "policies": policies,
                 "num_requests": args.num_requests, "repeats": args.repeats, "seed": args.seed, "machine": platform.platform(),
-                "cpus": __import__("os").cpu_count(), "device": config.engine.device}
+                "cpus": __import__("os").cpu_count(), "device": config.engine.device,
+                "model": source_name(config.engine.target_dir), "chat": chat}
         bench.write_results(Path(args.out), records, summaries, meta, peers)
     finally:
         if server is not None:
@@ -306,11 +328,11 @@ def cmd_bench(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    from goodspec.config import DEFAULT_TARGET
+    from goodspec.config import model_pair
     from goodspec.workers.model_runner import ModelRunner, RunnerConfig
     from goodspec.workers.profiling import compare_forwards
 
-    runner = ModelRunner(RunnerConfig(args.target or DEFAULT_TARGET, args.device, args.dtype,
+    runner = ModelRunner(RunnerConfig(args.target or model_pair(args.model)[0], args.device, args.dtype,
                                       kv_cache_tokens=args.batch_size * (args.context + 64)))
     b, ctx = args.batch_size, args.context
     decode, verify = compare_forwards(runner, b, 1, args.k + 1, ctx, args.repeats)

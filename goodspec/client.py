@@ -22,7 +22,10 @@ def build_request(
     top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
     stop: list[str] | tuple[str, ...] = (), ignore_eos: bool = False, policy: str = "",
     max_k: int | None = None, request_id: str = "",
+    messages: list[dict] | list[tuple[str, str]] | None = None,
 ) -> pb.GenerateRequest:
+    """`messages` (a conversation: {"role", "content"} dicts or (role, content) pairs) instead
+    of a raw prompt: pass prompt="" with them."""
     sampling = pb.SamplingParams(max_new_tokens=max_new_tokens, stop=list(stop), ignore_eos=ignore_eos)
     for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k), ("seed", seed)):
         if value is not None:
@@ -30,7 +33,10 @@ def build_request(
     spec = pb.SpeculationParams(policy=policy)
     if max_k is not None:
         spec.max_k = max_k
-    return pb.GenerateRequest(request_id=request_id, prompt=prompt, sampling=sampling, speculation=spec)
+    turns = [pb.Message(role=m["role"], content=m["content"]) if isinstance(m, dict)
+             else pb.Message(role=m[0], content=m[1]) for m in messages or ()]
+    return pb.GenerateRequest(request_id=request_id, prompt=prompt, sampling=sampling, speculation=spec,
+                              messages=turns)
 
 
 def _credentials(tls_ca: str | None, tls_cert: str | None, tls_key: str | None):
@@ -56,10 +62,10 @@ class GenerationClient:
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.metadata = _metadata(token)
 
-    def generate(self, prompt: str, timeout: float | None = None, **kw) -> Iterator[pb.GenerateResponse]:
+    def generate(self, prompt: str = "", timeout: float | None = None, **kw) -> Iterator[pb.GenerateResponse]:
         return self.stub.Generate(build_request(prompt, **kw), timeout=timeout, metadata=self.metadata)
 
-    def complete(self, prompt: str, timeout: float | None = None, **kw) -> pb.GenerateResponse:
+    def complete(self, prompt: str = "", timeout: float | None = None, **kw) -> pb.GenerateResponse:
         return self.stub.Complete(build_request(prompt, **kw), timeout=timeout, metadata=self.metadata)
 
     def model_info(self, timeout: float | None = 10) -> pb.ModelInfo:
@@ -90,12 +96,12 @@ class AsyncGenerationClient:
         self.stub = pb_grpc.GenerationStub(self.channel)
         self.metadata = _metadata(token)
 
-    async def generate(self, prompt: str, timeout: float | None = None, **kw) -> AsyncIterator[pb.GenerateResponse]:
+    async def generate(self, prompt: str = "", timeout: float | None = None, **kw) -> AsyncIterator[pb.GenerateResponse]:
         call = self.stub.Generate(build_request(prompt, **kw), timeout=timeout, metadata=self.metadata)
         async for msg in call:
             yield msg
 
-    async def complete(self, prompt: str, timeout: float | None = None, **kw) -> pb.GenerateResponse:
+    async def complete(self, prompt: str = "", timeout: float | None = None, **kw) -> pb.GenerateResponse:
         return await self.stub.Complete(build_request(prompt, **kw), timeout=timeout, metadata=self.metadata)
 
     async def close(self) -> None:

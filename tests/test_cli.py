@@ -8,7 +8,7 @@ PROMPTS = ["How do I bake bread at home?", "Write a haiku about the sea.", "What
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "goodspec.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "goodspec.cli", *args, *(("--model", "tiny") if args[0] in ("generate", "bench") else ())], capture_output=True,
                           text=True, timeout=300)
 
 

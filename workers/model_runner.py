@@ -44,12 +44,53 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"dtype must be auto, float32, float16 or bfloat16; got {dtype!r}") from None
 
 
+VOCAB_MAP_FILE = "vocab_map.json"
+
+
+def model_path(model_dir: str | Path) -> Path:
+    """A Hugging Face directory, or a GGUF file (converted once, see goodspec.gguf_import)."""
+    from goodspec.gguf_import import converted_dir, is_gguf
+
+    return converted_dir(model_dir) if is_gguf(model_dir) else Path(model_dir)
+
+
+@dataclass(frozen=True)
+class VocabMap:
+    """A draft that reads and predicts a subset of the target's vocabulary (the tokens that
+    make up almost all of its outputs: FR-Spec). `target_ids[i]` is draft id i's target id; a
+    target id outside the subset reads as draft id 0. Logits leave the runner in the target's
+    vocabulary, -inf outside the subset, so q stays a distribution over the target's tokens and
+    rejection sampling stays exact."""
+
+    target_vocab_size: int
+    target_ids: torch.Tensor  # [draft_vocab] int64
+    to_draft: torch.Tensor  # [target_vocab] int64
+
+    @classmethod
+    def load(cls, model_dir: Path, device: torch.device) -> "VocabMap | None":
+        import json
+
+        path = model_dir / VOCAB_MAP_FILE
+        if not path.is_file():
+            return None
+        raw = json.loads(path.read_text())
+        ids = torch.tensor(raw["target_ids"], dtype=torch.long)
+        to_draft = torch.zeros(raw["target_vocab_size"], dtype=torch.long)
+        to_draft[ids] = torch.arange(len(ids))
+        return cls(raw["target_vocab_size"], ids.to(device), to_draft.to(device))
+
+    def logits_to_target(self, logits: torch.Tensor) -> torch.Tensor:
+        full = logits.new_full((logits.shape[0], self.target_vocab_size), float("-inf"))
+        full[:, self.target_ids] = logits
+        return full
+
+
 def load_causal_lm(model_dir: str | Path, device: torch.device, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-file bar on every worker start is noise
-    path = Path(model_dir)
+    path = model_path(model_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no Hugging Face model at {path} (config.json missing)")
     model = AutoModelForCausalLM.from_pretrained(
@@ -70,7 +111,8 @@ class ModelRunner:
         self.model = load_causal_lm(config.model_dir, self.device, self.dtype)
         mc = self.model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-        self.vocab_size: int = mc.vocab_size
+        self.vocab_map = VocabMap.load(model_path(config.model_dir), self.device)
+        self.vocab_size: int = self.vocab_map.target_vocab_size if self.vocab_map else mc.vocab_size
         self.max_context: int = mc.max_position_embeddings
         self.cache = PagedKVCache(
             KVCacheSpec(
@@ -103,6 +145,8 @@ class ModelRunner:
         meta, positions = AttentionMetadata.build(self.cache, seq_ids, starts, num_new, self.device)
         flat = [t for ids in token_ids for t in ids]
         input_ids = torch.tensor(flat, dtype=torch.long, device=self.device).unsqueeze(0)
+        if self.vocab_map is not None:
+            input_ids = self.vocab_map.to_draft[input_ids]
         ends = torch.cumsum(torch.tensor(num_new), 0)
         keep = torch.tensor(num_logits)
         # Packed indices of the last num_logits[i] tokens of each sequence.
@@ -116,7 +160,8 @@ class ModelRunner:
             logits_to_keep=kept_index.to(self.device),
             goodspec_meta=meta,
         )
-        return out.logits[0].float()
+        logits = out.logits[0].float()
+        return logits if self.vocab_map is None else self.vocab_map.logits_to_target(logits)
 
     def truncate(self, seq_id: str, length: int) -> None:
         self.cache.truncate(seq_id, length)

@@ -11,12 +11,13 @@ class TextCodec:
 
     @classmethod
     def load(cls, target_dir: str, draft_dir: str | None = None) -> "TextCodec":
-        from pathlib import Path
-
         from transformers import AutoTokenizer
 
+        from goodspec.workers.model_runner import model_path
+
+        target_dir = model_path(target_dir)  # a GGUF file converts here, once, with a progress bar
         for d in (target_dir, draft_dir):
-            if d is not None and not (Path(d) / "config.json").is_file():
+            if d is not None and not (model_path(d) / "config.json").is_file():
                 raise FileNotFoundError(f"no Hugging Face model at {d} (config.json missing)")
         tok = AutoTokenizer.from_pretrained(target_dir, local_files_only=True)
         # Length limits are the scheduler's job (with a clear error); silence the tokenizer's own.
@@ -40,6 +41,15 @@ class TextCodec:
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def render_chat(self, messages: list[tuple[str, str]]) -> str:
+        """A conversation of (role, content) turns as the prompt text the target was tuned on:
+        its chat template, with the assistant's generation prompt added. Generation then ends
+        at the template's end-of-turn token, the model's EOS."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("messages: this model has no chat template; send a prompt instead")
+        turns = [{"role": role, "content": content} for role, content in messages]
+        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)

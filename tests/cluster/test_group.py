@@ -17,7 +17,7 @@ from goodspec.workers.sampling import SamplingParams
 
 
 def make_group(**overrides) -> EngineGroup:
-    base = dict(engine__device="cpu", engine__dtype="float32", engine__policy="fixed:3",
+    base = dict(engine__model="tiny", engine__device="cpu", engine__dtype="float32", engine__policy="fixed:3",
                 engine__threads=1, cluster__call_timeout_s=60.0)
     base.update(overrides)
     return EngineGroup(build_config(**base))
@@ -136,7 +136,7 @@ def test_placement_that_cannot_be_satisfied_is_a_clear_error(ray_session):
 
 def test_generate_cli_through_ray_keeps_its_json_contract():
     res = subprocess.run(
-        [sys.executable, "-m", "goodspec.cli", "generate", "--json", "--policy", "fixed:2",
+        [sys.executable, "-m", "goodspec.cli", "generate", "--model", "tiny", "--json", "--policy", "fixed:2",
          "--max-new-tokens", "8", "--num-cpus", "4", "--device", "cpu", "Hello!", "Tell me a joke."],
         capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -278,7 +278,7 @@ def test_goodspec_serve_drains_on_sigterm(tmp_path, signal_to):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "goodspec.cli", "serve", "--port", str(port), "--num-cpus", "3",
+    cmd = [sys.executable, "-m", "goodspec.cli", "serve", "--model", "tiny", "--port", str(port), "--num-cpus", "3",
            "--device", "cpu", "--threads", "1", "--drain-grace-s", "60"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)

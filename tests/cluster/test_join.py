@@ -62,7 +62,7 @@ def ray_head():
 
 def _generate(env: dict, address: str, prompt: str, n: int, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "goodspec.cli", "generate", "--json", "--policy", "fixed:3",
+        [sys.executable, "-m", "goodspec.cli", "generate", "--model", "tiny", "--json", "--policy", "fixed:3",
          "--ray-address", address, "--device", "cpu", "--max-new-tokens", str(n), prompt],
         capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -84,7 +84,7 @@ def test_unreachable_cluster_is_a_clear_error_not_a_hang():
     port = _free_port()  # nothing listens there
     t0 = time.monotonic()
     res = subprocess.run(
-        [sys.executable, "-m", "goodspec.cli", "generate", "--ray-address", f"127.0.0.1:{port}",
+        [sys.executable, "-m", "goodspec.cli", "generate", "--model", "tiny", "--ray-address", f"127.0.0.1:{port}",
          "--connect-timeout-s", "2", "Hello"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in res.stderr
@@ -107,7 +107,7 @@ def test_serve_over_ray_client_with_the_deploy_config(ray_head, tmp_path, shareg
         (Path(__file__).resolve().parents[2] / "deploy" / "kuberay" / "goodspec-server.yaml").read_text())}
     cfg = yaml.safe_load(docs["ConfigMap"]["data"]["goodspec.yaml"])
     port = _free_port()
-    cfg["engine"].update(device="cpu", dtype="float32", threads=1)
+    cfg["engine"].update(model="tiny", device="cpu", dtype="float32", threads=1)
     cfg["cluster"].update(ray_address=client_address, replicas=1, worker_gpus=0.0)
     cfg["server"].update(host="127.0.0.1", port=port)
     (tmp_path / "goodspec.yaml").write_text(yaml.safe_dump(cfg))
@@ -145,7 +145,7 @@ from goodspec.config import build_config
 from goodspec.workers.sampling import SamplingParams
 
 prompts = json.loads(sys.argv[2])
-g = EngineGroup(build_config(cluster__ray_address=sys.argv[1], engine__device="cpu",
+g = EngineGroup(build_config(cluster__ray_address=sys.argv[1], engine__model="tiny", engine__device="cpu",
                              engine__dtype="float32", engine__threads=1))
 try:
     for _ in range(4):  # back to back: each call is a new event loop over the same engine
