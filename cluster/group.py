@@ -10,27 +10,26 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
-import socket
 import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from ray.util.client import ray as ray_client
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
 from goodspec.cluster.channel import new_token
 from goodspec.cluster.engine_actor import EngineActor
+from goodspec.cluster.ray_runtime import LOOPBACK_HOSTS, init_ray, local_gcs_gone
 from goodspec.cluster.worker_actor import WorkerActor
-from goodspec.config import ClusterConfig, GoodspecConfig
 from goodspec.scheduler.scheduler import EngineUnhealthy
 from goodspec.scheduler.service import Completion, StreamChunk, Usage
 from goodspec.workers.model_runner import RunnerConfig
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.tokenizer import TextCodec
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.client import ray as ray_client
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from goodspec.config import GoodspecConfig
 
 log = logging.getLogger("goodspec.cluster")
 
@@ -55,101 +54,6 @@ def channel_host_for(placement_strategy: str) -> str | None:
     """Where a worker's channel listens: loopback when the engine's actors share a node (so no
     other host can reach it), else the node's address (None)."""
     return "127.0.0.1" if placement_strategy == "STRICT_PACK" else None
-
-
-class ClusterUnreachable(RuntimeError):
-    """The Ray cluster named by ray_address does not answer."""
-
-
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-@contextlib.contextmanager
-def _ray_on_loopback():
-    """While starting a local Ray: every server of it (GCS, raylet, object manager, workers)
-    binds 127.0.0.1. Ray otherwise binds the node's routable address or all interfaces, and has
-    no bind-address option; its single-machine mode (the switch it uses on macOS and Windows) is
-    read from the environment by the processes it starts and from ray_constants by this one."""
-    from ray._private import ray_constants
-
-    key = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-    old_env, old_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[key], ray_constants.ENABLE_RAY_CLUSTER = "0", False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = old_flag
-        if old_env is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old_env
-
-
-@contextlib.contextmanager
-def _ray_in_its_own_session():
-    """While starting a local Ray: its processes (GCS, raylet, and the workers the raylet
-    forks) start in a session of their own, so a signal to this process's group (a terminal's
-    hang-up, `kill -TERM -PGID`, a supervisor stopping the group) reaches only goodspec, which
-    then drains through a still-working Ray instead of losing it mid-request. They still end
-    with this process (Ray's fate sharing) and on ray.shutdown. Ray has no option for this."""
-    from ray._private import services
-
-    base = services.ConsolePopen
-
-    class _OwnSession(base):  # type: ignore[misc, valid-type]
-        def __init__(self, *args, **kwargs):
-            kwargs.setdefault("start_new_session", True)
-            super().__init__(*args, **kwargs)
-
-    services.ConsolePopen = _OwnSession
-    try:
-        yield
-    finally:
-        services.ConsolePopen = base
-
-
-def init_ray(cluster: ClusterConfig, loopback: bool = False) -> bool:
-    """Join or start Ray; returns True when this call started a local Ray (we own its shutdown).
-    `loopback`: a local Ray listens on 127.0.0.1 only (nothing outside this machine needs it)."""
-    if ray.is_initialized():
-        return False
-    if cluster.ray_address:
-        address = cluster.ray_address
-        if address != "auto":
-            # ray.init would retry a dead GCS for minutes, and a dead Ray Client port for 30 s.
-            _probe(address.removeprefix("ray://"), cluster.connect_timeout_s)
-        # Ray Client's server forks one process per client and, now and then, that process
-        # hangs at start (seen here: 4 of 29 first connections to a fresh `ray start` head);
-        # a second connection is served normally.
-        attempts = 3 if address.startswith("ray://") else 1
-        for attempt in range(1, attempts + 1):
-            try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False)
-                break
-            except ConnectionError as e:
-                ray.shutdown()
-                if attempt == attempts:
-                    raise ClusterUnreachable(f"cannot join the Ray cluster at {address!r}: {e}") from e
-                log.warning("joining %s failed (%s); trying again", address, e)
-        return True
-    num_cpus = cluster.num_cpus or 3 * cluster.replicas
-    # "local": a new Ray of our own even when `ray start` left a cluster on this machine (a
-    # bare init would join that one and refuse num_cpus).
-    with _ray_in_its_own_session(), _ray_on_loopback() if loopback else contextlib.nullcontext():
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
-    return True
-
-
-def _probe(address: str, timeout_s: float) -> None:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"ray_address must be auto, ray://HOST:PORT or HOST:PORT; got {address!r}")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise ClusterUnreachable(
-            f"no Ray cluster answers at {address} ({e}); start one with `ray start --head "
-            f"--port {port}` or check ray_address") from None
 
 
 class EngineGroup:
@@ -407,7 +311,7 @@ class EngineGroup:
         self.engines[index] = new
 
     def shutdown(self) -> None:
-        if self._owns_ray and _local_gcs_gone():
+        if self._owns_ray and local_gcs_gone():
             # The local Ray was stopped under us (a SIGTERM to the whole process group reaches
             # its processes too): calls to it would wait a minute for a GCS that is not coming.
             log.warning("the local Ray runtime has stopped; skipping the engines' cleanup")
@@ -453,18 +357,6 @@ class _ChunkPoller:
                 if queue is not None:  # else: a request its consumer already closed
                     queue.put_nowait(chunk)
             self.acked = last
-
-
-def _local_gcs_gone() -> bool:
-    """Whether the GCS process of the Ray this process started has exited."""
-    try:
-        from ray._private import ray_constants
-        from ray._private.worker import _global_node
-
-        procs = _global_node.all_processes.get(ray_constants.PROCESS_TYPE_GCS_SERVER) if _global_node else None
-        return bool(procs) and procs[0].process.poll() is not None
-    except Exception:  # noqa: BLE001 - private API: when unsure, clean up as usual
-        return False
 
 
 def _stop_engine(e: _Engine) -> None:

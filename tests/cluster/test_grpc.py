@@ -21,13 +21,6 @@ def ServerThread(group, warm: bool = True, **config) -> BackgroundServer:
 
 
 @pytest.fixture(scope="module")
-def group(ray_session):
-    g = make_group(engine__target_kv_tokens=16384, engine__draft_kv_tokens=16384)
-    yield g
-    g.shutdown()
-
-
-@pytest.fixture(scope="module")
 def server(group):
     s = ServerThread(group)
     yield s

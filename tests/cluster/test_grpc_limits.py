@@ -8,21 +8,15 @@ import time
 
 import grpc
 import pytest
-
-from goodspec.client import GenerationClient, build_request
-from goodspec.cluster.grpc_server import GenerationServicer, server_options
+from goodspec.cluster.grpc_server import server_options
 from goodspec.cluster.metrics import ServerMetrics
-from goodspec.config import ServerConfig
+from goodspec.cluster.servicer import GenerationServicer
 from goodspec.v1 import generation_pb2 as pb
 from goodspec.v1 import generation_pb2_grpc as pb_grpc
-from tests.cluster.test_grpc import ServerThread, make_group, wait_idle
 
-
-@pytest.fixture(scope="module")
-def group(ray_session):
-    g = make_group(engine__target_kv_tokens=16384, engine__draft_kv_tokens=16384)
-    yield g
-    g.shutdown()
+from goodspec.client import GenerationClient, build_request
+from goodspec.config import ServerConfig
+from tests.cluster.test_grpc import ServerThread, wait_idle
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +216,7 @@ def test_tokenising_a_large_prompt_does_not_stall_the_event_loop(group, monkeypa
                 lags.append(time.perf_counter() - t)
 
         tick = asyncio.ensure_future(ticker())
-        await servicer._admit(build_request("big prompt", max_new_tokens=2), None)
+        await servicer._admit(build_request("big prompt", max_new_tokens=2))
         tick.cancel()
         return max(lags)
 
