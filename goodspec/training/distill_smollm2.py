@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shutil
 import statistics
@@ -222,6 +221,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=DistillConfig.steps)
     ap.add_argument("--train-prompts", type=int, default=DistillConfig.train_prompts)
     ap.add_argument("--seed", type=int, default=DistillConfig.seed)
+    ap.add_argument("--resume", action="store_true",
+                    help="continue training the draft already in --out (same vocabulary) instead of "
+                         "starting from the target's layers")
     args = ap.parse_args(argv)
     cfg = DistillConfig(seed=args.seed, steps=args.steps, train_prompts=args.train_prompts)
     torch.set_num_threads(cfg.threads)
@@ -247,7 +249,13 @@ def main(argv: list[str] | None = None) -> None:
     table = to_draft_ids(target_ids, target.config.vocab_size)
     reply_tokens = sum(len(d["reply"]) for d in data)
     covered = sum(int((table[torch.tensor(d["reply"])] != 0).sum()) for d in data) / reply_tokens
-    draft = build_draft(target, cfg, target_ids)
+    if args.resume:
+        saved = json.loads((args.out / VOCAB_MAP_FILE).read_text())["target_ids"]
+        if saved != target_ids:
+            raise ValueError(f"--resume: {args.out} was trained on another vocabulary (other data or seed)")
+        draft = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32)
+    else:
+        draft = build_draft(target, cfg, target_ids)
     draft = train(draft, data, table, cfg)
     t_train = time.time() - t0 - t_data
 
