@@ -82,8 +82,9 @@ def test_actor_overhead_share_of_step_time_is_small_at_batch_8(group, sharegpt_p
     print("\n" + report.line())
     assert report.batch_size == 8 and report.steps >= 3
     assert report.draft_compute_ms > 0 and report.verify_compute_ms > 0
-    assert report.step_ms >= report.draft_call_ms + report.verify_call_ms
-    assert report.share < 0.5
+    # Over all steps the models' compute is inside the step time. (Not on medians: the median
+    # step is not the sum of the median calls, and asserting that failed by 1.5% here.)
+    assert 0 <= report.share < 0.5
 
 
 @pytest.mark.parametrize("which", ["target", "draft"])
