@@ -120,6 +120,8 @@ class IncrementalDetokenizer:
                 if not text.endswith("\ufffd"):
                     end, full = cut, text
                     break
+        if end == self.read:
+            return ""  # nothing complete yet: keep the context as it is
         self.prefix, self.read = max(self.read, end - 6), end
         return full[len(seen):]
 
