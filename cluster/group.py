@@ -15,21 +15,21 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 import ray
-from goodspec.cluster.channel import new_token
-from goodspec.cluster.engine_actor import EngineActor
-from goodspec.cluster.ray_runtime import LOOPBACK_HOSTS, init_ray, local_gcs_gone
-from goodspec.cluster.worker_actor import WorkerActor
-from goodspec.scheduler.scheduler import EngineUnhealthy
-from goodspec.scheduler.service import Completion, StreamChunk, Usage
-from goodspec.workers.model_runner import RunnerConfig
-from goodspec.workers.sampling import SamplingParams
-from goodspec.workers.tokenizer import TextCodec
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from ray.util.client import ray as ray_client
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from goodspec.cluster.channel import new_token
+from goodspec.cluster.engine_actor import EngineActor
+from goodspec.cluster.ray_runtime import LOOPBACK_HOSTS, init_ray, local_gcs_gone
+from goodspec.cluster.worker_actor import WorkerActor
 from goodspec.config import GoodspecConfig
+from goodspec.scheduler.scheduler import EngineUnhealthy
+from goodspec.scheduler.service import Completion, StreamChunk, Usage
+from goodspec.workers.model_runner import RunnerConfig
+from goodspec.workers.sampling import SamplingParams
+from goodspec.workers.tokenizer import TextCodec
 
 log = logging.getLogger("goodspec.cluster")
 

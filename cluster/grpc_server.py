@@ -10,14 +10,14 @@ import signal
 from pathlib import Path
 
 import grpc
-from goodspec.cluster.group import EngineGroup
-from goodspec.cluster.metrics import ServerMetrics
-from goodspec.cluster.servicer import SERVICE, GenerationServicer, generation_handlers
-from goodspec.workers.sampling import SamplingParams
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from goodspec.cluster.group import EngineGroup
+from goodspec.cluster.metrics import ServerMetrics
+from goodspec.cluster.servicer import SERVICE, GenerationServicer, generation_handlers
 from goodspec.config import ServerConfig
+from goodspec.workers.sampling import SamplingParams
 
 log = logging.getLogger("goodspec.server")
 HEALTH_EXEMPT = "/grpc.health.v1.Health/"

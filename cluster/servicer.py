@@ -10,22 +10,15 @@ import time
 import uuid
 
 import grpc
+
 from goodspec.cluster.api import (
-    Draining,
-    DuplicateRequest,
-    EngineFailed,
-    GenerateInput,
-    QueueFull,
-    status_of,
-    to_response,
-    validate,
+    Draining, DuplicateRequest, EngineFailed, GenerateInput, QueueFull, status_of, to_response, validate,
 )
 from goodspec.cluster.group import EngineGroup
 from goodspec.cluster.metrics import ServerMetrics
+from goodspec.config import ServerConfig
 from goodspec.v1 import generation_pb2 as pb
 from goodspec.v1 import generation_pb2_grpc as pb_grpc
-
-from goodspec.config import ServerConfig
 
 log = logging.getLogger("goodspec.server")
 SERVICE = pb.DESCRIPTOR.services_by_name["Generation"].full_name

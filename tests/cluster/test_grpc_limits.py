@@ -8,14 +8,14 @@ import time
 
 import grpc
 import pytest
+
+from goodspec.client import GenerationClient, build_request
 from goodspec.cluster.grpc_server import server_options
 from goodspec.cluster.metrics import ServerMetrics
 from goodspec.cluster.servicer import GenerationServicer
+from goodspec.config import ServerConfig
 from goodspec.v1 import generation_pb2 as pb
 from goodspec.v1 import generation_pb2_grpc as pb_grpc
-
-from goodspec.client import GenerationClient, build_request
-from goodspec.config import ServerConfig
 from tests.cluster.test_grpc import ServerThread, wait_idle
 
 
