@@ -75,22 +75,27 @@ class VocabMap:
             return None
         raw = json.loads(path.read_text())
         ids = torch.tensor(raw["target_ids"], dtype=torch.long)
+        if not bool((ids[1:] > ids[:-1]).all()):
+            # Sorted, so sampling in the draft's vocabulary walks the CDF in the target's order.
+            raise ValueError(f"{path}: target_ids must be strictly increasing")
         to_draft = torch.zeros(raw["target_vocab_size"], dtype=torch.long)
         to_draft[ids] = torch.arange(len(ids))
         return cls(raw["target_vocab_size"], ids.to(device), to_draft.to(device))
 
-    def logits_to_target(self, logits: torch.Tensor) -> torch.Tensor:
-        full = logits.new_full((logits.shape[0], self.target_vocab_size), float("-inf"))
-        full[:, self.target_ids] = logits
+    def to_target(self, values: torch.Tensor, fill: float) -> torch.Tensor:
+        """[rows, draft_vocab] -> [rows, target_vocab], `fill` outside the draft's tokens
+        (-inf for logits, 0 for probabilities)."""
+        full = values.new_full((values.shape[0], self.target_vocab_size), fill)
+        full[:, self.target_ids] = values
         return full
 
 
-def load_causal_lm(model_dir: str | Path, device: torch.device, dtype: torch.dtype):
+def load_causal_lm(path: Path, device: torch.device, dtype: torch.dtype):
+    """The model of a Hugging Face directory (a GGUF file goes through model_path first)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a per-file bar on every worker start is noise
-    path = model_path(model_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no Hugging Face model at {path} (config.json missing)")
     model = AutoModelForCausalLM.from_pretrained(
@@ -108,10 +113,11 @@ class ModelRunner:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model = load_causal_lm(config.model_dir, self.device, self.dtype)
+        path = model_path(config.model_dir)  # resolved once: a GGUF file is hashed to find its copy
+        self.model = load_causal_lm(path, self.device, self.dtype)
         mc = self.model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-        self.vocab_map = VocabMap.load(model_path(config.model_dir), self.device)
+        self.vocab_map = VocabMap.load(path, self.device)
         self.vocab_size: int = self.vocab_map.target_vocab_size if self.vocab_map else mc.vocab_size
         self.max_context: int = mc.max_position_embeddings
         self.cache = PagedKVCache(
@@ -128,11 +134,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(
-        self, seq_ids: list[str], starts: list[int], token_ids: list[list[int]], num_logits: list[int]
+        self, seq_ids: list[str], starts: list[int], token_ids: list[list[int]], num_logits: list[int],
+        target_vocab: bool = True,
     ) -> torch.Tensor:
         """Append token_ids[i] to sequence i at position starts[i] (rolling it back there first)
         and return the float32 logits of the last num_logits[i] new tokens of each sequence,
-        concatenated in order: [sum(num_logits), vocab]. All or nothing on KV exhaustion."""
+        concatenated in order: [sum(num_logits), vocab]. All or nothing on KV exhaustion.
+        A reduced-vocabulary draft's logits come in the target's vocabulary unless
+        `target_vocab=False` (then in its own; map ids with `target_ids`)."""
         num_new = [len(t) for t in token_ids]
         if any(n == 0 for n in num_new):
             raise ValueError("every sequence in a forward needs at least one new token")
@@ -161,7 +170,16 @@ class ModelRunner:
             goodspec_meta=meta,
         )
         logits = out.logits[0].float()
-        return logits if self.vocab_map is None else self.vocab_map.logits_to_target(logits)
+        if self.vocab_map is None or not target_vocab:
+            return logits
+        return self.vocab_map.to_target(logits, float("-inf"))
+
+    def target_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids of this model's own vocabulary as the target's."""
+        return ids if self.vocab_map is None else self.vocab_map.target_ids[ids]
+
+    def probs_to_target(self, probs: torch.Tensor) -> torch.Tensor:
+        return probs if self.vocab_map is None else self.vocab_map.to_target(probs, 0.0)
 
     def truncate(self, seq_id: str, length: int) -> None:
         self.cache.truncate(seq_id, length)

@@ -15,9 +15,11 @@ class TextCodec:
 
         from goodspec.workers.model_runner import model_path
 
-        target_dir = model_path(target_dir)  # a GGUF file converts here, once, with a progress bar
+        # A GGUF file converts here, once, with a progress bar; each path is resolved once.
+        target_dir = model_path(target_dir)
+        draft_dir = model_path(draft_dir) if draft_dir is not None else None
         for d in (target_dir, draft_dir):
-            if d is not None and not (model_path(d) / "config.json").is_file():
+            if d is not None and not (d / "config.json").is_file():
                 raise FileNotFoundError(f"no Hugging Face model at {d} (config.json missing)")
         tok = AutoTokenizer.from_pretrained(target_dir, local_files_only=True)
         # Length limits are the scheduler's job (with a clear error); silence the tokenizer's own.
