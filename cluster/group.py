@@ -22,7 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from goodspec.cluster.channel import new_token
 from goodspec.cluster.engine_actor import EngineActor
-from goodspec.cluster.ray_runtime import LOOPBACK_HOSTS, init_ray, local_gcs_gone
+from goodspec.cluster.ray_runtime import LOOPBACK_HOSTS, init_ray
 from goodspec.cluster.worker_actor import WorkerActor
 from goodspec.config import GoodspecConfig
 from goodspec.scheduler.scheduler import EngineUnhealthy
@@ -311,11 +311,6 @@ class EngineGroup:
         self.engines[index] = new
 
     def shutdown(self) -> None:
-        if self._owns_ray and local_gcs_gone():
-            # The local Ray was stopped under us (a SIGTERM to the whole process group reaches
-            # its processes too): calls to it would wait a minute for a GCS that is not coming.
-            log.warning("the local Ray runtime has stopped; skipping the engines' cleanup")
-            self.engines = []
         for e in self.engines:
             _stop_engine(e)
         self.engines = []

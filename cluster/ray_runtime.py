@@ -109,15 +109,3 @@ def _probe(address: str, timeout_s: float) -> None:
         raise ClusterUnreachable(
             f"no Ray cluster answers at {address} ({e}); start one with `ray start --head "
             f"--port {port}` or check ray_address") from None
-
-
-def local_gcs_gone() -> bool:
-    """Whether the GCS process of the Ray this process started has exited."""
-    try:
-        from ray._private import ray_constants
-        from ray._private.worker import _global_node
-
-        procs = _global_node.all_processes.get(ray_constants.PROCESS_TYPE_GCS_SERVER) if _global_node else None
-        return bool(procs) and procs[0].process.poll() is not None
-    except Exception:  # noqa: BLE001 - private API: when unsure, clean up as usual
-        return False

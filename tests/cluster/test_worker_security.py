@@ -14,14 +14,7 @@ import pytest
 from goodspec.cluster.channel import new_token
 from goodspec.config import DEFAULT_TARGET
 from goodspec.workers.model_runner import RunnerConfig
-
-
-class _Exploit:
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (exec, (f"open({self.path!r}, 'w').write('pwned')",))
+from tests.cluster.test_channel import _Exploit
 
 
 @pytest.fixture(scope="module")
