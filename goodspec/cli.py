@@ -291,7 +291,7 @@ def cmd_bench(args) -> int:
         address = server.address
     try:
         codec = TextCodec.load(config.engine.target_dir)
-        chat = args.chat == "on" or (args.chat == "auto" and bool(getattr(codec.tokenizer, "chat_template", None)))
+        chat = args.chat == "on" or (args.chat == "auto" and codec.has_chat_template)
         records, summaries = bench.run_benchmark(address, rates, policies, args.num_requests, args.seed,
                                                  args.warmup, codec, args.max_output_tokens,
                                                  progress=True, token=args.token, repeats=args.repeats,

@@ -44,11 +44,15 @@ class TextCodec:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
     def render_chat(self, messages: list[tuple[str, str]]) -> str:
         """A conversation of (role, content) turns as the prompt text the target was tuned on:
         its chat template, with the assistant's generation prompt added. Generation then ends
         at the template's end-of-turn token, the model's EOS."""
-        if not getattr(self.tokenizer, "chat_template", None):
+        if not self.has_chat_template:
             raise ValueError("messages: this model has no chat template; send a prompt instead")
         turns = [{"role": role, "content": content} for role, content in messages]
         return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
