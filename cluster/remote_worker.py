@@ -112,7 +112,7 @@ class RemoteWorker:
         if self._channel is None:
             return
         try:
-            self._channel.send("free", list(req_ids))
+            self._channel.send("free", req_ids)
         except OSError:
             self._channel = None
 
