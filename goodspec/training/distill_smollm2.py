@@ -38,15 +38,20 @@ from tqdm import tqdm
 from goodspec.training.train_pair import optimise
 
 VOCAB_MAP_FILE = "vocab_map.json"
+PART_PROMPTS = 512  # prompts per cached file of target replies
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     seed: int = 0
-    train_prompts: int = 3072
+    train_prompts: int = 12000
     prompt_user_tokens: int = 192  # a long user turn is cut to its first tokens
     new_tokens: int = 128  # greedy target tokens generated per prompt
-    gen_batch: int = 32
+    gen_batch: int = 64
+    # The replies are generated in bfloat16: about twice as fast on a CPU with AMX/AVX-512 bf16
+    # (measured here: 334 vs 149 tokens/s) and the draft learns a distribution, not bits. The
+    # held-out evaluation runs the target in float32, the dtype goodspec serves with on a CPU.
+    data_dtype: str = "bfloat16"
     top_logprobs: int = 20  # teacher distribution kept per position
     draft_vocab: int = 8192
     draft_layers: int = 2
@@ -81,7 +86,7 @@ def target_replies(target, tokenizer, prompts: list[list[int]], new_tokens: int,
     eos = tokenizer.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[dict | None] = [None] * len(prompts)
-    for s in tqdm(range(0, len(order), batch), desc=desc, unit="batch"):
+    for s in tqdm(range(0, len(order), batch), desc=desc, unit="batch", leave=False):
         idx = order[s:s + batch]
         width = max(len(prompts[i]) for i in idx)
         ids = torch.full((len(idx), width), eos, dtype=torch.long)
@@ -101,6 +106,25 @@ def target_replies(target, tokenizer, prompts: list[list[int]], new_tokens: int,
             out[i] = {"prompt": prompts[i], "reply": reply[r, :n].tolist(),
                       "top_ids": top_id[r, :n].to(torch.int32), "top_logp": top_lp[r, :n].half()}
     return out  # type: ignore[return-value]
+
+
+def cached_replies(target, tokenizer, prompts: list[list[int]], cfg: DistillConfig,
+                   parts_dir: Path) -> list[dict]:
+    """`target_replies` for every prompt, `PART_PROMPTS` prompts per file under `parts_dir`: an
+    interrupted run (hours of CPU) resumes from the last finished part."""
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    data: list[dict] = []
+    starts = range(0, len(prompts), PART_PROMPTS)
+    for n, start in enumerate(tqdm(starts, desc="target replies (training)", unit="part")):
+        chunk_prompts = prompts[start:start + PART_PROMPTS]
+        part = parts_dir / f"part-{n:04d}-{len(chunk_prompts)}.pt"  # a count-agnostic cache
+        if not part.is_file():
+            chunk = target_replies(target, tokenizer, chunk_prompts,
+                                   cfg.new_tokens, cfg.gen_batch, cfg.top_logprobs, f"part {n}")
+            torch.save(chunk, part.with_suffix(".tmp"))
+            part.with_suffix(".tmp").rename(part)
+        data.extend(torch.load(part))
+    return data
 
 
 def choose_vocab(data: list[dict], size: int, always: list[int]) -> list[int]:
@@ -224,6 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--resume", action="store_true",
                     help="continue training the draft already in --out (same vocabulary) instead of "
                          "starting from the target's layers")
+    ap.add_argument("--data-only", action="store_true", help="generate (or complete) the cached "
+                    "target replies and stop")
     args = ap.parse_args(argv)
     cfg = DistillConfig(seed=args.seed, steps=args.steps, train_prompts=args.train_prompts)
     torch.set_num_threads(cfg.threads)
@@ -234,14 +260,14 @@ def main(argv: list[str] | None = None) -> None:
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
 
     args.work.mkdir(parents=True, exist_ok=True)
-    cached = args.work / f"replies-{cfg.seed}-{cfg.train_prompts}-{cfg.new_tokens}-{cfg.prompt_user_tokens}.pt"
-    if cached.is_file():
-        data = torch.load(cached)
-    else:
-        prompts = chat_prompts(tokenizer, False, cfg.train_prompts, cfg.prompt_user_tokens)
-        data = target_replies(target, tokenizer, prompts, cfg.new_tokens, cfg.gen_batch,
-                              cfg.top_logprobs, "target replies (training)")
-        torch.save(data, cached)
+    prompts = chat_prompts(tokenizer, False, cfg.train_prompts, cfg.prompt_user_tokens)
+    key = f"{cfg.new_tokens}-{cfg.prompt_user_tokens}-{cfg.data_dtype}"
+    generator = target.to(getattr(torch, cfg.data_dtype))
+    data = cached_replies(generator, tokenizer, prompts, cfg, args.work / f"replies-{key}")
+    target = generator.float()
+    if args.data_only:
+        print(f"{len(data)} replies cached under {args.work}")
+        return
     t_data = time.time() - t0
 
     specials = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens]
