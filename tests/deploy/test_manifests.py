@@ -144,3 +144,105 @@ def test_the_image_install_carries_the_model_pair_and_the_protos():
             for pkg, globs in data.items() for glob in globs
             if path.is_relative_to(ROOT / package_dirs[pkg]))
         assert covered, f"{path.relative_to(ROOT)} would be missing from the image"
+
+
+# -- strict schemas and Pod Security ------------------------------------------------------------
+K8S_VERSIONS = ("1.28.0", "1.37.0")  # the oldest Kubernetes the manifests support, the newest known
+
+# The fields of KubeRay's ray.io/v1 RayCluster API (v1.1+) that a RayCluster spec, a head group
+# and a worker group may set. KubeRay's CRD ships in no package registry this project can install
+# from, so its own schema cannot be loaded here; the pod templates inside, which are most of each
+# spec, are checked against Kubernetes' strict PodTemplateSpec schema below.
+RAYCLUSTER_FIELDS = {"rayVersion", "headGroupSpec", "workerGroupSpecs", "enableInTreeAutoscaling",
+                     "autoscalerOptions", "headServiceAnnotations", "suspend", "managedBy",
+                     "gcsFaultToleranceOptions"}
+HEAD_GROUP_FIELDS = {"rayStartParams", "template", "serviceType", "headService", "enableIngress"}
+WORKER_GROUP_FIELDS = {"groupName", "replicas", "minReplicas", "maxReplicas", "rayStartParams",
+                       "template", "scaleStrategy", "suspend", "idleTimeoutSeconds", "numOfHosts"}
+
+
+def _manifests() -> list[dict]:
+    return [d for path in sorted((DEPLOY / "kuberay").glob("*.yaml"))
+            for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _pod_templates(doc: dict) -> list[dict]:
+    if doc["kind"] == "RayCluster":
+        spec = doc["spec"]
+        return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    if doc["kind"] in ("Deployment", "StatefulSet", "Job"):
+        return [doc["spec"]["template"]]
+    return []
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_every_manifest_passes_kubernetes_strict_schemas(version):
+    """Unknown fields are refused (the strict schemas forbid additional properties): a typo such
+    as `timeoutSecond` would otherwise be dropped silently by the API server."""
+    import kubernetes_validate
+
+    for doc in _manifests():
+        if doc["apiVersion"].startswith("ray.io/"):
+            for template in _pod_templates(doc):
+                kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate",
+                                              "metadata": {"name": "check"}, "template": template},
+                                             version, strict=True)
+        else:
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_the_strict_check_refuses_an_unknown_field():
+    import kubernetes_validate
+
+    (deployment,) = [d for d in _manifests() if d["kind"] == "Deployment"]
+    _container(deployment["spec"]["template"])["readinessProbe"]["timeoutSecond"] = 5
+    with pytest.raises(kubernetes_validate.ValidationError, match="timeoutSecond"):
+        kubernetes_validate.validate(deployment, K8S_VERSIONS[0], strict=True)
+
+
+def test_rayclusters_set_only_fields_of_kuberays_v1_api():
+    for doc in _manifests():
+        if doc["kind"] != "RayCluster":
+            continue
+        assert doc["apiVersion"] == "ray.io/v1"
+        spec = doc["spec"]
+        assert set(spec) <= RAYCLUSTER_FIELDS, set(spec) - RAYCLUSTER_FIELDS
+        assert set(spec["headGroupSpec"]) <= HEAD_GROUP_FIELDS
+        for group in spec["workerGroupSpecs"]:
+            assert set(group) <= WORKER_GROUP_FIELDS, set(group) - WORKER_GROUP_FIELDS
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+def test_every_pod_meets_pod_security_restricted():
+    """The checks of the "restricted" profile (Kubernetes Pod Security Standards) that a
+    manifest decides: non-root, no privilege escalation, every capability dropped, the runtime's
+    seccomp profile, no host namespaces or host paths, only the allowed volume types."""
+    allowed_volumes = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                       "persistentVolumeClaim", "projected", "secret"}
+    templates = [t for d in _manifests() for t in _pod_templates(d)]
+    assert len(templates) == 3  # Ray head, Ray GPU workers, the gRPC server
+    for t in templates:
+        pod = t["spec"]
+        psc = pod.get("securityContext", {})
+        assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+        for volume in pod.get("volumes", []):
+            assert set(volume) - {"name"} <= allowed_volumes, volume
+        for c in pod["containers"] + pod.get("initContainers", []):
+            sc = c.get("securityContext", {})
+            assert sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, c["name"]
+            assert sc.get("runAsUser", psc.get("runAsUser", 1)) != 0, c["name"]
+            assert sc.get("allowPrivilegeEscalation") is False, c["name"]
+            assert not sc.get("privileged"), c["name"]
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], c["name"]
+            assert not set(sc.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}
+            seccomp = sc.get("seccompProfile", psc.get("seccompProfile", {})).get("type")
+            assert seccomp in ("RuntimeDefault", "Localhost"), c["name"]
+
+
+def test_probes_allow_seconds_not_the_one_second_default():
+    for d in _manifests():
+        for t in _pod_templates(d):
+            for c in t["spec"]["containers"]:
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    if probe in c:
+                        assert c[probe].get("timeoutSeconds", 1) >= 3, (c["name"], probe)
