@@ -11,7 +11,6 @@ import threading
 from dataclasses import dataclass
 
 from goodspec.workers.draft_worker import DraftWorker
-from goodspec.workers.messages import ProposeBatch, Proposal, VerifyBatch, VerifyResult
 from goodspec.workers.model_runner import RunnerConfig
 from goodspec.workers.target_worker import TargetWorker
 
@@ -42,10 +41,13 @@ class WorkerActor:
             raise ValueError(f"worker kind must be draft or target; got {kind!r}")
         self.kind = kind
         self.worker = DraftWorker(config) if kind == "draft" else TargetWorker(config)
-        # Channel calls run on the channel's thread, Ray calls (info, used_blocks) on Ray's.
+        # The per-step calls are reachable over the channel only, never as Ray methods: their
+        # answers may hold tensors, and Ray would carry a device tensor to a scheduler that has
+        # no GPU. Channel calls run on the channel's thread, Ray calls (info, used_blocks) on
+        # Ray's; the lock keeps them apart.
         self._lock = threading.Lock()
-        step_call = {"propose": self.propose} if kind == "draft" else {"verify": self.verify}
-        methods = {"free": self.free, **step_call}
+        step = {"propose": self.worker.propose} if kind == "draft" else {"verify": self.worker.verify}
+        methods = {name: self._locked(fn) for name, fn in {"free": self.worker.free, **step}.items()}
         if host is None:
             import ray
 
@@ -60,17 +62,12 @@ class WorkerActor:
     def info(self) -> WorkerInfo:
         return self._info
 
-    def propose(self, batch: ProposeBatch) -> Proposal:
-        with self._lock:
-            return self.worker.propose(batch)
+    def _locked(self, fn):
+        def call(arg):
+            with self._lock:
+                return fn(arg)
 
-    def verify(self, batch: VerifyBatch) -> VerifyResult:
-        with self._lock:
-            return self.worker.verify(batch)
-
-    def free(self, req_ids: list[str]) -> None:
-        with self._lock:
-            self.worker.free(req_ids)
+        return call
 
     def used_blocks(self) -> int:
         with self._lock:
