@@ -8,16 +8,17 @@ from dataclasses import dataclass
 import grpc
 
 from goodspec.config import ServerConfig
-from goodspec.scheduler.policy import policy_name
-from goodspec.scheduler.scheduler import EngineUnhealthy, RequestRejected
+from goodspec.scheduler.errors import EngineUnhealthy, RequestRejected
+from goodspec.scheduler.policy import PolicySpec
+from goodspec.scheduler.request import FinishReason
 from goodspec.scheduler.service import StreamChunk
 from goodspec.v1 import generation_pb2 as pb
 from goodspec.workers.sampling import SamplingParams
 
 FINISH_REASONS = {
-    "length": pb.FINISH_REASON_LENGTH, "stop": pb.FINISH_REASON_STOP,
-    "eos": pb.FINISH_REASON_EOS, "cancelled": pb.FINISH_REASON_CANCELLED,
-}
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH, FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.EOS: pb.FINISH_REASON_EOS, FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}  # ERROR never reaches a client as a reason: the stream ends with UNAVAILABLE instead
 
 
 class QueueFull(RuntimeError):
@@ -33,7 +34,6 @@ class EngineFailed(RuntimeError):
 
 
 MAX_REQUEST_ID_CHARS = 128  # echoed in every streamed chunk
-MAX_POLICY_CHARS = 32
 MAX_MESSAGES = 256
 CHAT_ROLES = ("system", "user", "assistant")
 
@@ -48,7 +48,7 @@ class GenerateInput:
     prompt: str
     prompt_ids: list[int]
     sampling: SamplingParams
-    policy: str | None
+    policy: PolicySpec | None
     max_k: int | None
 
 
@@ -95,12 +95,10 @@ def validate(req: pb.GenerateRequest, codec, max_context: int, limits: ServerCon
         )
     except ValueError as e:
         raise ValueError(f"sampling.{e}") from None
-    policy = req.speculation.policy or None
-    if policy is not None:
-        if len(policy) > MAX_POLICY_CHARS:
-            raise ValueError(f"speculation.policy: at most {MAX_POLICY_CHARS} characters")
+    policy = None
+    if req.speculation.policy:
         try:
-            policy = policy_name(policy)  # canonical: 'FIXED:05 ' and 'fixed:5' are one policy
+            policy = PolicySpec.parse(req.speculation.policy)  # 'FIXED:05 ' and 'fixed:5' are one
         except ValueError as e:
             raise ValueError(f"speculation.policy: {e}") from None
     max_k = req.speculation.max_k if req.speculation.HasField("max_k") else None
@@ -114,7 +112,7 @@ def validate(req: pb.GenerateRequest, codec, max_context: int, limits: ServerCon
 def to_response(chunk: StreamChunk, request_id: str) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(request_id=request_id, text=chunk.text, token_ids=chunk.token_ids)
     if chunk.finished:
-        msg.finish_reason = FINISH_REASONS.get(chunk.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED)
+        msg.finish_reason = FINISH_REASONS.get(chunk.finish_reason, pb.FINISH_REASON_UNSPECIFIED)
         u = chunk.usage
         if u is not None:
             msg.usage.CopyFrom(pb.Usage(

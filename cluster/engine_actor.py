@@ -4,15 +4,15 @@ exposed as an async Ray actor whose `generate` streams StreamChunks."""
 from __future__ import annotations
 
 import asyncio
-import functools
 from typing import Callable
 
 from goodspec.cluster.remote_worker import RemoteWorker
 from goodspec.config import EngineConfig
 from goodspec.engine import build_scheduler
-from goodspec.scheduler.scheduler import KVBudget
+from goodspec.scheduler.config import KVBudget
+from goodspec.scheduler.policy import PolicySpec
 from goodspec.scheduler.service import SchedulerService, StreamChunk
-from goodspec.scheduler.stats import speculation_stats
+from goodspec.scheduler.stats import EngineStats
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.tokenizer import TextCodec
 
@@ -52,30 +52,27 @@ class EngineActor:
         return {"replica": self.replica, "target": self.worker_info["target"],
                 "draft": self.worker_info["draft"]}
 
-    async def _submit(self, req_id: str, prompt: str, sampling: SamplingParams, policy: str | None,
-                      max_k: int | None, sink: Callable[[StreamChunk], None]) -> None:
+    async def _submit(self, req_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                      policy: PolicySpec | None, max_k: int | None,
+                      sink: Callable[[StreamChunk], None]) -> None:
         """Submit a request whose StreamChunks are handed to `sink` on this event loop. Errors
-        in the request raise here. A cancel that lands while submitting aborts once submit
-        returns."""
+        in the request raise here. A cancel that lands while submitting aborts once the
+        submission is in."""
         loop = asyncio.get_running_loop()
-        # submit and abort wait for the scheduler's lock, held for a whole step: run on the
-        # event loop, each arrival froze every other stream's delivery for up to a step (at
-        # 8 req/s that added ~50 ms to time-to-first-token, more the longer the steps).
-        submitted = loop.run_in_executor(None, functools.partial(
-            self.service.submit, req_id, prompt, sampling,
-            lambda c: loop.call_soon_threadsafe(sink, c), policy=policy, max_k=max_k))
+        submitted = asyncio.wrap_future(self.service.submit_async(
+            req_id, prompt_ids, sampling, lambda c: loop.call_soon_threadsafe(sink, c), policy, max_k))
         try:
             await asyncio.shield(submitted)
         except asyncio.CancelledError:
             submitted.add_done_callback(lambda f: f.exception() is None and self._abort_soon(req_id))
             raise
 
-    async def generate(self, req_id: str, prompt: str, sampling: SamplingParams,
-                       policy: str | None = None, max_k: int | None = None):
+    async def generate(self, req_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                       policy: PolicySpec | None = None, max_k: int | None = None):
         """Async generator of StreamChunks; errors in the request raise before the first chunk.
         If the consumer goes away (cancel, deadline), the request is aborted and freed."""
         queue: asyncio.Queue[StreamChunk] = asyncio.Queue()
-        await self._submit(req_id, prompt, sampling, policy, max_k, queue.put_nowait)
+        await self._submit(req_id, prompt_ids, sampling, policy, max_k, queue.put_nowait)
         finished = False
         try:
             while not finished:
@@ -89,11 +86,11 @@ class EngineActor:
     # Ray Client (ray://) cannot carry streaming actor methods. A driver connected that way
     # opens requests and long-polls the chunks of all of them: one call through the client
     # proxy per step, not one per request per step.
-    async def open(self, req_id: str, prompt: str, sampling: SamplingParams,
-                   policy: str | None = None, max_k: int | None = None) -> None:
+    async def open(self, req_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                   policy: PolicySpec | None = None, max_k: int | None = None) -> None:
         self._polled.add(req_id)
         try:
-            await self._submit(req_id, prompt, sampling, policy, max_k, self._to_outbox)
+            await self._submit(req_id, prompt_ids, sampling, policy, max_k, self._to_outbox)
         except BaseException:
             self._polled.discard(req_id)
             raise
@@ -129,46 +126,20 @@ class EngineActor:
             self._abort_soon(req_id)
 
     def _abort_soon(self, req_id: str) -> None:
-        """Abort off the event loop (it waits for the step in progress to end)."""
-        asyncio.get_running_loop().run_in_executor(None, self.service.abort, req_id)
+        """Abort at the scheduler's next step boundary, without waiting for it."""
+        self.service.abort_async(req_id)
 
     async def abort(self, req_id: str) -> bool:
-        return await asyncio.to_thread(self.service.abort, req_id)
+        return await asyncio.wrap_future(self.service.abort_async(req_id))
 
-    async def load(self) -> int:
-        return await asyncio.to_thread(self.service.load)
-
-    async def stats(self) -> dict:
-        """Counters for operators and tests (read under the service lock, off the event loop)."""
-        return await asyncio.to_thread(self._stats)
-
-    def _stats(self) -> dict:
-        svc = self.service
-        with svc.locked():
-            s = svc.scheduler
-            records = s.step_records[-512:]
-            step = sum(r.step_time for r in records)
-            compute = sum(r.draft_compute_time + r.verify_compute_time for r in records)
-            return {
-                "replica": self.replica,
-                "running": len(s.running),
-                "waiting": len(s.waiting),
-                "num_steps": len(s.step_records),
-                "target_blocks_used": sum(s.target_kv.blocks(r.target_len) for r in s.running),
-                "draft_blocks_used": sum(s.draft_kv.blocks(r.draft_len) for r in s.running)
-                if s.draft_kv else 0,
-                "worker_failures": s.num_worker_failures,
-                "unhealthy": s.unhealthy or svc.loop_error,
-                "overhead_share": (1 - compute / step) if step > 0 else 0.0,
-                **speculation_stats(s),
-            }
+    async def stats(self) -> EngineStats:
+        """Counters for operators and tests, read by the scheduler's own thread."""
+        return await asyncio.wrap_future(self.service.call_async(
+            lambda s: EngineStats.of(s, self.replica, self.service.loop_error)))
 
     async def step_records(self, last: int = 0) -> list[dict]:
-        return await asyncio.to_thread(self._step_records, last)
-
-    def _step_records(self, last: int) -> list[dict]:
-        with self.service.locked():
-            return [r.to_dict() for r in self.service.scheduler.step_records[-last:]]
+        return await asyncio.wrap_future(self.service.call_async(
+            lambda s: [r.to_dict() for r in s.step_records[-last:]]))
 
     def worker_pids(self) -> dict:
         import ray
@@ -178,3 +149,4 @@ class EngineActor:
 
     def shutdown(self) -> None:
         self.service.stop()
+

@@ -25,7 +25,9 @@ from goodspec.cluster.engine_actor import EngineActor
 from goodspec.cluster.ray_runtime import LOOPBACK_HOSTS, init_ray
 from goodspec.cluster.worker_actor import WorkerActor
 from goodspec.config import GoodspecConfig
-from goodspec.scheduler.scheduler import EngineUnhealthy
+from goodspec.scheduler.errors import EngineUnhealthy
+from goodspec.scheduler.policy import PolicySpec
+from goodspec.scheduler.stats import EngineStats
 from goodspec.scheduler.service import Completion, StreamChunk, Usage
 from goodspec.workers.model_runner import RunnerConfig
 from goodspec.workers.sampling import SamplingParams
@@ -141,32 +143,28 @@ class EngineGroup:
         return {
             "target": cfg.target_dir, "draft": cfg.draft_dir,
             "max_context": min(cfg.scheduler.max_context, r["target"].max_context),
-            "vocab_size": self.codec.vocab_size, "policy": cfg.policy, "proposer": cfg.proposer,
+            "vocab_size": self.codec.vocab_size, "policy": cfg.policy_spec.name, "proposer": cfg.proposer,
             "replicas": len(self.engines),
         }
 
     async def complete_on(self, index: int, prompt: str, sampling: SamplingParams) -> None:
         """Run one request on a given engine (warm-up)."""
-        async for _ in self.generate(prompt, sampling, engine=self.engines[index]):
+        async for _ in self.generate(self.codec.encode(prompt), sampling, engine=self.engines[index]):
             pass
 
     async def generate(
-        self, prompt: str, sampling: SamplingParams, req_id: str | None = None,
-        policy: str | None = None, max_k: int | None = None, engine: _Engine | None = None,
-        num_prompt_tokens: int | None = None,
+        self, prompt_ids: list[int], sampling: SamplingParams, req_id: str | None = None,
+        policy: PolicySpec | None = None, max_k: int | None = None, engine: _Engine | None = None,
     ) -> AsyncIterator[tuple[int, StreamChunk]]:
-        """Stream (replica, chunk) for one request. Request errors (RequestRejected,
-        EngineUnhealthy, ValueError) raise before the first chunk, unwrapped from Ray.
-        `num_prompt_tokens`, when the caller has tokenised already, saves doing it again here
-        (on the caller's event loop)."""
+        """Stream (replica, chunk) for one request, its prompt tokenised by the caller (once, at
+        the edge). Request errors (RequestRejected, EngineUnhealthy, ValueError) raise before
+        the first chunk, unwrapped from Ray."""
         req_id = req_id or f"req-{uuid.uuid4().hex[:12]}"
         engine = engine or self._pick()
-        if num_prompt_tokens is None:
-            num_prompt_tokens = len(self.codec.encode(prompt))
-        cost = num_prompt_tokens + sampling.max_new_tokens
+        cost = len(prompt_ids) + sampling.max_new_tokens
         engine.outstanding += cost
         chunks = (self._polled if self._client_mode else self._streamed)(
-            engine, req_id, prompt, sampling, policy, max_k)
+            engine, req_id, prompt_ids, sampling, policy, max_k)
         try:
             async with contextlib.aclosing(chunks):
                 async for chunk in chunks:
@@ -213,15 +211,15 @@ class EngineGroup:
 
     async def complete(self, prompt: str, sampling: SamplingParams, **kw) -> Completion:
         text, ids, last, replica = [], [], None, 0
-        async for replica, chunk in self.generate(prompt, sampling, **kw):
+        async for replica, chunk in self.generate(self.codec.encode(prompt), sampling, **kw):
             text.append(chunk.text)
             ids += chunk.token_ids
             last = chunk
-        return Completion(last.req_id, prompt, "".join(text), ids, last.finish_reason or "",
+        return Completion(last.req_id, prompt, "".join(text), ids, last.finish_reason,
                           last.usage or Usage(), replica, last.error)
 
     def complete_all(self, prompts: list[str], sampling: SamplingParams | list[SamplingParams],
-                     policy: str | None = None, progress: bool = False) -> list[Completion]:
+                     policy: PolicySpec | None = None, progress: bool = False) -> list[Completion]:
         """All prompts concurrently (continuously batched by the engines), results in order."""
         params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
 
@@ -247,7 +245,7 @@ class EngineGroup:
         return asyncio.run(run())
 
     # -- operations ----------------------------------------------------------------------------
-    def stats(self) -> list[dict]:
+    def stats(self) -> list[EngineStats]:
         """One row per engine; an engine whose scheduler actor does not answer gets a row that
         says so (zero counters) rather than failing the whole call."""
         refs = [e.actor.stats.remote() for e in self.engines]
@@ -256,7 +254,7 @@ class EngineGroup:
             try:
                 rows.append(ray.get(ref, timeout=60))
             except (RayActorError, GetTimeoutError) as exc:
-                rows.append(_silent_engine_row(e.index, f"scheduler actor does not answer ({type(exc).__name__})"))
+                rows.append(EngineStats.silent(e.index, f"scheduler actor does not answer ({type(exc).__name__})"))
         return rows
 
     async def check_health(self) -> bool:
@@ -268,7 +266,7 @@ class EngineGroup:
         async def one(e: _Engine) -> None:
             try:
                 s = await asyncio.wait_for(asyncio.wrap_future(e.actor.stats.remote().future()), timeout)
-                e.unhealthy = s["unhealthy"] or None
+                e.unhealthy = s.unhealthy or None
                 e.broken = e.unhealthy is not None  # an engine that gave up does not come back
             except RayActorError as exc:
                 e.unhealthy, e.broken = f"its scheduler actor died ({type(exc).__name__})", True
@@ -365,10 +363,3 @@ def _stop_engine(e: _Engine) -> None:
         remove_placement_group(e.pg)
     except Exception:  # noqa: BLE001 - already removed
         pass
-
-
-def _silent_engine_row(index: int, why: str) -> dict:
-    return {"replica": index, "running": 0, "waiting": 0, "num_steps": 0, "target_blocks_used": 0,
-            "draft_blocks_used": 0, "worker_failures": 0, "unhealthy": why, "overhead_share": 0.0,
-            "policy": "", "mean_k": 0.0, "acceptance_rate": None, "k_histogram": {},
-            "draft_tokens_proposed": 0, "draft_tokens_accepted": 0}

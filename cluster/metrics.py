@@ -10,15 +10,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from goodspec.scheduler.stats import EngineStats
+
 # Seconds: TTFT on this CPU box is tens of ms; a loaded GPU server's requests run for minutes.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
 class _EngineCollector(Collector):
-    """Engine gauges from `stats()` (one dict per engine, as EngineGroup.stats gives) at each
+    """Engine gauges from `stats()` (one EngineStats per engine, as EngineGroup.stats gives) at each
     scrape: the engines own that state, so it is read, never mirrored."""
 
-    def __init__(self, stats: Callable[[], list[dict]]) -> None:
+    def __init__(self, stats: Callable[[], list[EngineStats]]) -> None:
         self._stats = stats
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -33,16 +35,16 @@ class _EngineCollector(Collector):
             "healthy": GaugeMetricFamily("goodspec_engine_healthy", "1 while the engine can serve", labels=["replica"]),
         }
         for s in rows:
-            r = str(s["replica"])
-            families["running"].add_metric([r], s["running"])
-            families["waiting"].add_metric([r], s["waiting"])
-            families["kv"].add_metric([r, "target"], s["target_blocks_used"])
-            families["kv"].add_metric([r, "draft"], s["draft_blocks_used"])
-            families["mean_k"].add_metric([r], s["mean_k"])
-            if s["acceptance_rate"] is not None:
-                families["accept"].add_metric([r], s["acceptance_rate"])
-            families["fail"].add_metric([r], s["worker_failures"])
-            families["healthy"].add_metric([r], 0 if s["unhealthy"] else 1)
+            r = str(s.replica)
+            families.running.add_metric([r], s.running)
+            families.waiting.add_metric([r], s.waiting)
+            families["kv"].add_metric([r, "target"], s.target_blocks_used)
+            families["kv"].add_metric([r, "draft"], s.draft_blocks_used)
+            families.mean_k.add_metric([r], s.mean_k)
+            if s.acceptance_rate is not None:
+                families["accept"].add_metric([r], s.acceptance_rate)
+            families["fail"].add_metric([r], s.worker_failures)
+            families["healthy"].add_metric([r], 0 if s.unhealthy else 1)
         yield from families.values()
 
 
@@ -63,7 +65,7 @@ def _bearer_only(app, token: str):
 class ServerMetrics:
     """What the servicer records per request; served over HTTP by `serve`."""
 
-    def __init__(self, engine_stats: Callable[[], list[dict]]) -> None:
+    def __init__(self, engine_stats: Callable[[], list[EngineStats]]) -> None:
         self.registry = CollectorRegistry()
         self._http = None
         self.requests = Counter("goodspec_requests", "requests by how they ended",

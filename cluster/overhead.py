@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import ray
 
 from goodspec.cluster.group import EngineGroup
+from goodspec.scheduler.policy import PolicySpec
 from goodspec.workers.sampling import SamplingParams
 
 
@@ -36,8 +37,9 @@ def measure_overhead(group: EngineGroup, prompts: list[str], policy: str,
     """Run the prompts together under `policy` and report over the steps where all of them were
     decoding (prefill steps measure something else)."""
     engine = group.engines[0]
-    start = ray.get(engine.actor.stats.remote(), timeout=60)["num_steps"]
-    group.complete_all(prompts, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True), policy=policy)
+    start = ray.get(engine.actor.stats.remote(), timeout=60).num_steps
+    group.complete_all(prompts, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True),
+                       policy=PolicySpec.parse(policy))
     records = ray.get(engine.actor.step_records.remote(0), timeout=60)[start:]
     n = len(prompts)
     rs = [r for r in records if r["batch_size"] == n and r["num_decode"] == n]

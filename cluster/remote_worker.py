@@ -10,7 +10,7 @@ import ray
 from ray.exceptions import ActorDiedError, GetTimeoutError, RayActorError, RayTaskError
 
 from goodspec.cluster.channel import ChannelClient
-from goodspec.scheduler.scheduler import WorkerGone, WorkerLost
+from goodspec.scheduler.errors import WorkerGone, WorkerLost
 from goodspec.workers.kv_cache import UnknownSequenceError
 from goodspec.workers.messages import ProposeBatch, Proposal, VerifyBatch, VerifyResult
 

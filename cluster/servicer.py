@@ -17,6 +17,7 @@ from goodspec.cluster.api import (
 from goodspec.cluster.group import EngineGroup
 from goodspec.cluster.metrics import ServerMetrics
 from goodspec.config import ServerConfig
+from goodspec.scheduler.request import FinishReason
 from goodspec.v1 import generation_pb2 as pb
 from goodspec.v1 import generation_pb2_grpc as pb_grpc
 
@@ -126,14 +127,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             # The engine's id is always fresh: a retry with the client's id may arrive while the
             # engine is still freeing the cancelled original.
             stream = self.group.generate(
-                inp.prompt, inp.sampling, req_id=f"{request_id}#{uuid.uuid4().hex[:8]}",
-                policy=inp.policy, max_k=inp.max_k, num_prompt_tokens=len(inp.prompt_ids),
+                inp.prompt_ids, inp.sampling, req_id=f"{request_id}#{uuid.uuid4().hex[:8]}",
+                policy=inp.policy, max_k=inp.max_k,
             )
             # aclosing: a client cancel can land while grpc awaits a write (GeneratorExit at our
             # yield, not CancelledError), so close the engine stream here, not whenever GC does.
             async with contextlib.aclosing(stream):
                 async for _, chunk in stream:
-                    if chunk.finished and chunk.finish_reason == "error":
+                    if chunk.finished and chunk.finish_reason is FinishReason.ERROR:
                         raise EngineFailed(chunk.error or "the engine failed this request")
                     if chunk.token_ids:
                         m.tokens.inc(len(chunk.token_ids))
@@ -197,11 +198,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def GetServerStats(self, request, context):
         stats = await asyncio.to_thread(self.group.stats)
         engines = [pb.EngineStats(
-            replica=s["replica"], running=s["running"], waiting=s["waiting"],
-            target_kv_blocks_used=s["target_blocks_used"], draft_kv_blocks_used=s["draft_blocks_used"],
-            num_steps=s["num_steps"], mean_k=s["mean_k"], acceptance_rate=s["acceptance_rate"] or 0.0,
-            k_histogram={int(k): v for k, v in s["k_histogram"].items()},
-            worker_failures=s["worker_failures"], unhealthy=s["unhealthy"] or "",
+            replica=s.replica, running=s.running, waiting=s.waiting,
+            target_kv_blocks_used=s.target_blocks_used, draft_kv_blocks_used=s.draft_blocks_used,
+            num_steps=s.num_steps, mean_k=s.mean_k, acceptance_rate=s.acceptance_rate or 0.0,
+            k_histogram=s.k_histogram, worker_failures=s.worker_failures, unhealthy=s.unhealthy or "",
         ) for s in stats]
         return pb.ServerStats(engines=engines, requests_in_flight=self.in_flight,
                               requests_cancelled=self.cancelled, requests_rejected=self.rejected,

@@ -121,7 +121,7 @@ def _sampling(args):
 
 
 def cmd_generate(args) -> int:
-    from goodspec.scheduler.stats import speculation_stats
+    from goodspec.scheduler.stats import EngineStats
 
     config = build_config(args)
     sampling = _sampling(args)
@@ -133,7 +133,7 @@ def cmd_generate(args) -> int:
         t0 = time.perf_counter()
         prompts = _prompts(args, engine.codec)
         rows = [c.to_json() for c in engine.generate(prompts, sampling, progress=progress)]
-        stats = [speculation_stats(engine.scheduler)]
+        stats = [EngineStats.of(engine.scheduler)]
     else:
         from goodspec.cluster.group import EngineGroup
 
@@ -149,7 +149,7 @@ def cmd_generate(args) -> int:
         row["prompt"] = prompt  # what the user typed, not the rendered chat template
     elapsed = time.perf_counter() - t0
     if args.stats:
-        print(json.dumps(stats, indent=1, default=str), file=sys.stderr)
+        print(json.dumps([s.to_json() for s in stats], indent=1), file=sys.stderr)
     for r in rows:
         if args.json:
             print(json.dumps(r), flush=True)
@@ -272,11 +272,9 @@ def cmd_bench(args) -> int:
 
     config = build_config(args)
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    for p in policies:
-        from goodspec.scheduler.policy import parse_policy
+    from goodspec.scheduler.policy import PolicySpec
 
-        parse_policy(p)
+    policies = [PolicySpec.parse(p).name for p in args.policies.split(",") if p.strip()]
     group = server = None
     address = args.address
     if address is None:

@@ -12,6 +12,7 @@ documented from its `help` metadata, so `goodspec serve --help` lists the whole 
 from __future__ import annotations
 
 import argparse
+import functools
 import dataclasses
 import types
 import typing
@@ -19,7 +20,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from goodspec.scheduler.scheduler import SchedulerConfig
+from goodspec.scheduler.config import SchedulerConfig
+from goodspec.scheduler.policy import PolicySpec
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_TARGET = str(MODELS_DIR / "target")  # the tiny pair, trained here: fast tests
@@ -63,6 +65,10 @@ class EngineConfig:
     threads: int = _f(0, "torch CPU threads per worker (0 = 1 per Ray worker actor, its CPU share; torch's default in process)")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
+    @functools.cached_property
+    def policy_spec(self) -> PolicySpec:
+        return PolicySpec.parse(self.policy)
+
     def __post_init__(self) -> None:
         if not self.target_dir or self.draft_dir == "":
             target, draft = model_pair(self.model)
@@ -71,14 +77,12 @@ class EngineConfig:
                 object.__setattr__(self, "draft_dir", draft)
         if self.draft_dir is not None and self.draft_dir.lower() == "none":
             object.__setattr__(self, "draft_dir", None)
-        from goodspec.scheduler.policy import OffPolicy, parse_policy
-
-        policy = parse_policy(self.policy)  # raises with the accepted forms
+        spec = self.policy_spec  # parsed once, here; raises with the accepted forms
         if self.proposer not in ("draft", "ngram"):
             raise ValueError(f"proposer must be draft or ngram; got {self.proposer!r}")
         if self.proposer == "ngram":
             object.__setattr__(self, "draft_dir", None)  # no draft model to load
-        elif self.draft_dir is None and not isinstance(policy, OffPolicy):
+        elif self.draft_dir is None and spec.kind != "off":
             raise ValueError(f"policy {self.policy!r} needs a draft model; set draft_dir, "
                              f"proposer ngram, or policy off")
 

@@ -10,8 +10,10 @@ import itertools
 from dataclasses import replace
 
 from goodspec.config import EngineConfig
-from goodspec.scheduler.policy import SpeculationPolicy, parse_policy
-from goodspec.scheduler.scheduler import KVBudget, RequestOutput, Scheduler
+from goodspec.scheduler.config import KVBudget
+from goodspec.scheduler.plan import RequestOutput
+from goodspec.scheduler.policy import PolicySpec, SpeculationPolicy
+from goodspec.scheduler.scheduler import Scheduler
 from goodspec.scheduler.service import Completion, usage_of
 from goodspec.workers.draft_worker import DraftWorker
 from goodspec.workers.model_runner import RunnerConfig
@@ -24,7 +26,6 @@ from goodspec.workers.tokenizer import TextCodec
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        parse_policy(config.policy)  # fail on a bad policy before loading models
         self.codec = TextCodec.load(config.target_dir, config.draft_dir)
         self.target = TargetWorker(self._runner_config(config.target_dir, config.target_kv_tokens))
         self.draft = None
@@ -48,9 +49,13 @@ class LLMEngine:
 
     def add_request(
         self, prompt: str, sampling: SamplingParams, req_id: str | None = None,
-        policy: SpeculationPolicy | str | None = None, max_k: int | None = None,
+        policy: PolicySpec | SpeculationPolicy | str | None = None, max_k: int | None = None,
     ) -> str:
+        """Queue a prompt; `policy` (a spec or its text, e.g. "fixed:3") overrides the engine's
+        for this request."""
         req_id = req_id or f"req-{next(self._ids)}"
+        if isinstance(policy, str):
+            policy = PolicySpec.parse(policy)
         self.scheduler.add_request(req_id, self.codec.encode(prompt), sampling, policy, max_k)
         self._prompts[req_id] = prompt
         return req_id
@@ -70,7 +75,7 @@ class LLMEngine:
             req_id=req.req_id, prompt=self._prompts.pop(req_id),
             text=self.codec.decode_output(req.output_ids, req.sampling.stop),
             token_ids=req.output_ids,
-            finish_reason=req.finish_reason.value if req.finish_reason else "running",
+            finish_reason=req.finish_reason,
             usage=usage_of(req), error=req.error,
         )
 
@@ -112,8 +117,8 @@ def build_scheduler(
         eos_token_id=codec.eos_token_id,
     )
     scheduler = Scheduler(sched_cfg, target=target, target_kv=target_kv, draft=draft, draft_kv=draft_kv,
-                          policy=parse_policy(config.policy), stop_checker=codec.find_stop)
-    if scheduler.goodput_policies():
+                          policy=config.policy_spec.build(), stop_checker=codec.find_stop)
+    if scheduler.policies.learning():
         import torch
 
         warm_up_goodput(scheduler, target_kv.tokens,

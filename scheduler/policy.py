@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 from goodspec.scheduler.request import Request
 
@@ -49,36 +50,48 @@ class FixedPolicy(SpeculationPolicy):
 
 
 POLICY_NAMES = ("off", "fixed:K", "goodput")
-
-
 MAX_FIXED_K = 64
+MAX_POLICY_CHARS = 32  # longer text is refused before it is looked at
 
 
-def policy_name(spec: str) -> str:
-    """The canonical name of 'off', 'fixed:K' (0 <= K <= MAX_FIXED_K) or 'goodput' (case and
-    spaces ignored, 'fixed:05' is 'fixed:5'); ValueError naming the accepted forms otherwise."""
-    text = spec.strip().lower()
-    if text in ("off", "goodput"):
-        return text
-    if text.startswith("fixed:"):
-        digits = text.split(":", 1)[1]
-        if not digits.isdigit() or len(digits) > 4:
-            raise ValueError(f"unknown speculation policy {spec!r}: fixed:K needs an integer K")
-        k = int(digits)
-        if k > MAX_FIXED_K:
-            raise ValueError(f"fixed:K needs 0 <= K <= {MAX_FIXED_K}; got {spec!r}")
-        return f"fixed:{k}"
-    raise ValueError(f"unknown speculation policy {spec!r}; expected one of {', '.join(POLICY_NAMES)}")
+@dataclass(frozen=True)
+class PolicySpec:
+    """A speculation policy as the server or a request names it, parsed once where the text
+    enters (CLI flag, gRPC field) and carried typed from there; `build` makes the policy."""
 
+    kind: Literal["off", "fixed", "goodput"]
+    k: int = 0  # fixed:K only
 
-def parse_policy(spec: str) -> SpeculationPolicy:
-    """A new policy object for `spec` (see policy_name); its `name` is canonical."""
-    name = policy_name(spec)
-    if name == "off":
-        return OffPolicy()
-    if name == "goodput":
-        return GoodputPolicy()
-    return FixedPolicy(int(name.split(":", 1)[1]))
+    @classmethod
+    def parse(cls, text: str) -> "PolicySpec":
+        """'off', 'fixed:K' (0 <= K <= MAX_FIXED_K) or 'goodput', case and spaces ignored
+        ('FIXED:05 ' is fixed:5); ValueError naming the accepted forms otherwise."""
+        if len(text) > MAX_POLICY_CHARS:
+            raise ValueError(f"a speculation policy is at most {MAX_POLICY_CHARS} characters")
+        norm = text.strip().lower()
+        if norm in ("off", "goodput"):
+            return cls(norm)  # type: ignore[arg-type]
+        if norm.startswith("fixed:"):
+            digits = norm.split(":", 1)[1]
+            if not digits.isdigit() or len(digits) > 4:
+                raise ValueError(f"unknown speculation policy {text!r}: fixed:K needs an integer K")
+            k = int(digits)
+            if k > MAX_FIXED_K:
+                raise ValueError(f"fixed:K needs 0 <= K <= {MAX_FIXED_K}; got {text!r}")
+            return cls("fixed", k)
+        raise ValueError(f"unknown speculation policy {text!r}; expected one of {', '.join(POLICY_NAMES)}")
+
+    @property
+    def name(self) -> str:
+        return f"fixed:{self.k}" if self.kind == "fixed" else self.kind
+
+    def build(self) -> SpeculationPolicy:
+        """A new policy object; its `name` is this spec's."""
+        if self.kind == "off":
+            return OffPolicy()
+        if self.kind == "goodput":
+            return GoodputPolicy()
+        return FixedPolicy(self.k)
 
 
 class GoodputPolicy(SpeculationPolicy):

@@ -119,7 +119,5 @@ def warm_up_goodput(scheduler, kv_tokens: int, key_parts: Sequence[object], swee
         records = profile_step_times(scheduler.target, scheduler.draft, kv_tokens,
                                      scheduler.config.max_k, stateless_draft=scheduler.draft_stateless)
         save_cached(key, records)
-    scheduler.profile_records = records or []
-    for policy in scheduler.goodput_policies():
-        policy.seed(scheduler.profile_records)
-    return scheduler.profile_records
+    scheduler.policies.seed(records or [])
+    return scheduler.policies.profile_records

@@ -1,11 +1,12 @@
 """Scheduler: continuous batching with speculation, one step at a time.
 
-A step is: schedule (admit, preempt, chunk prefills, ask the policy for k) -> one propose call to
-the draft worker (only if some k > 0) -> one verify call to the target worker -> commit.
+A step is: schedule (admit, preempt, chunk prefills, ask the policies for k) -> one propose call
+to the draft worker (only if some k > 0) -> one verify call to the target worker -> commit.
 
 Invariant kept at the top of every step: for each running request, `target_len` and `draft_len`
 equal the lengths of its caches in the workers, both <= len(token_ids) - 1 once it has output, and
-the blocks they occupy fit the workers' KV budgets. The scheduler never touches a tensor.
+the blocks they occupy fit the workers' KV budgets. The scheduler never touches a tensor, and is
+single-threaded: one thread owns it (goodspec.scheduler.service).
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from dataclasses import replace
+from typing import Protocol
 
-from goodspec.scheduler.policy import OffPolicy, SpeculationPolicy
+from goodspec.scheduler.config import KVBudget, SchedulerConfig
+from goodspec.scheduler.errors import EngineUnhealthy, RequestRejected, WorkerGone, WorkerLost
+from goodspec.scheduler.kv_planner import KVPlanner
+from goodspec.scheduler.plan import RequestOutput, StepPlan
+from goodspec.scheduler.policy import OffPolicy, PolicySpec, SpeculationPolicy
+from goodspec.scheduler.policy_book import PolicyBook
 from goodspec.scheduler.request import FinishReason, Request, RequestStatus
 from goodspec.scheduler.step_record import StepRecord
-from goodspec.workers.messages import (
-    ProposeBatch, ProposeItem, Proposal, VerifyBatch, VerifyItem, VerifyResult,
-)
+from goodspec.workers.messages import ProposeBatch, ProposeItem, Proposal, VerifyBatch, VerifyItem, VerifyResult
 from goodspec.workers.sampling import SamplingParams
 
 
@@ -35,78 +39,7 @@ class TargetBackend(Protocol):
     def free(self, req_ids: list[str]) -> None: ...
 
 
-class RequestRejected(ValueError):
-    """The request can never be served with this configuration (bad input or too large)."""
-
-
-class WorkerLost(RuntimeError):
-    """A worker call failed because the worker died, hung past its timeout, or came back
-    without the caches it had (restarted). Raised by the transport in goodspec.cluster."""
-
-
-class WorkerGone(WorkerLost):
-    """The worker died and will not come back (its restarts are used up): no point retrying."""
-
-
-class EngineUnhealthy(RuntimeError):
-    """A worker kept failing and could not be brought back; the engine serves nothing more."""
-
-
-@dataclass(frozen=True)
-class KVBudget:
-    num_blocks: int
-    block_size: int
-
-    def blocks(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    @property
-    def tokens(self) -> int:
-        return self.num_blocks * self.block_size
-
-
-def _f(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = _f(32, "requests running at once (the decode batch size limit)")
-    max_num_batched_tokens: int = _f(512, "tokens per target forward; bounds prefill chunks")
-    max_k: int = _f(8, "K_max: the most draft tokens a request gets in one step")
-    max_context: int = _f(1024, "context limit (capped by the models' own)")
-    eos_token_id: int | None = _f(None, "end-of-sequence id (default: the tokenizer's)")
-    max_worker_failures: int = _f(3, "consecutive failed worker calls before the engine gives up")
-
-    def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1; got {self.max_num_seqs}")
-        if self.max_k < 0:
-            raise ValueError(f"max_k must be >= 0; got {self.max_k}")
-        if self.max_num_batched_tokens < self.max_num_seqs * (self.max_k + 1):
-            raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
-                f"max_num_seqs * (max_k + 1) = {self.max_num_seqs * (self.max_k + 1)} so a full "
-                f"decode batch fits one step"
-            )
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request: its new tokens, and whether it finished."""
-
-    req_id: str
-    new_token_ids: list[int]
-    finished: bool
-    finish_reason: FinishReason | None = None
-
-
-@dataclass
-class _Plan:
-    verify: list[VerifyItem] = field(default_factory=list)
-    verify_reqs: list[Request] = field(default_factory=list)
-    ks: dict[str, int] = field(default_factory=dict)
-    draft_catchup: int = 0
+MAX_STEP_RECORDS = 20_000  # then the oldest half is dropped
 
 
 class Scheduler:
@@ -125,9 +58,9 @@ class Scheduler:
             raise ValueError("a draft worker with a KV cache needs its KV budget")
         self.config = config
         self.target, self.draft = target, draft
-        self.target_kv, self.draft_kv = target_kv, draft_kv
-        self.policy: SpeculationPolicy = policy or OffPolicy()
-        self.stop_checker = stop_checker  # callable(output_ids, stop strings) -> cut index or None
+        self.kv = KVPlanner(target_kv, draft_kv)
+        self.policies = PolicyBook(policy or OffPolicy())
+        self.stop_checker = stop_checker  # callable(output_ids, stop strings, num_new) -> cut index or None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -135,10 +68,13 @@ class Scheduler:
         self._aborted: list[str] = []
         self._rng = random.Random()
         self._failures = {"draft": 0, "target": 0}
-        self._policies: dict[str, SpeculationPolicy] = {}
-        self.profile_records: list[StepRecord] = []  # the start-up sweep, seeds goodput policies
         self.unhealthy: str | None = None  # why, once the engine gave up
         self.num_worker_failures = 0
+
+    @property
+    def policy(self) -> SpeculationPolicy:
+        """The server's policy (a request without a spec of its own follows it)."""
+        return self.policies.server
 
     # -- requests --------------------------------------------------------------------------------
     def add_request(
@@ -146,7 +82,7 @@ class Scheduler:
         req_id: str,
         prompt_ids: list[int],
         sampling: SamplingParams,
-        policy: SpeculationPolicy | None = None,
+        policy: PolicySpec | SpeculationPolicy | None = None,
         max_k: int | None = None,
     ) -> Request:
         if self.unhealthy is not None:
@@ -162,38 +98,14 @@ class Scheduler:
         if max_k is not None and max_k < 0:
             raise RequestRejected(f"max_k must be >= 0; got {max_k}")
         need = min(len(prompt_ids) + sampling.max_new_tokens, self.config.max_context) + self.config.max_k
-        for name, kv in (("target", self.target_kv), ("draft", self.draft_kv)):
-            if kv is not None and kv.blocks(need) > kv.num_blocks:
-                raise RequestRejected(
-                    f"request needs up to {need} tokens of {name} KV cache but the whole budget is "
-                    f"{kv.tokens} tokens; shorten the prompt or max_new_tokens, or raise kv_cache_tokens"
-                )
+        if (why := self.kv.too_large(need)) is not None:
+            raise RequestRejected(why)
         if sampling.seed is None:
-            sampling = _with_seed(sampling, self._rng.getrandbits(63))
-        req = Request(req_id, list(prompt_ids), sampling, policy=self.resolve_policy(policy), max_k=max_k)
+            sampling = replace(sampling, seed=self._rng.getrandbits(63))
+        req = Request(req_id, list(prompt_ids), sampling, policy=self.policies.resolve(policy), max_k=max_k)
         self.requests[req_id] = req
         self.waiting.append(req)
         return req
-
-    def resolve_policy(self, spec: str | SpeculationPolicy | None) -> SpeculationPolicy | None:
-        """A per-request policy name -> one shared instance per name (so every 'goodput' request
-        shares one learned model, the server's own when the names match)."""
-        if spec is None or isinstance(spec, SpeculationPolicy):
-            return spec
-        from goodspec.scheduler.policy import parse_policy, policy_name
-
-        key = policy_name(spec)  # canonical, so the cache holds one entry per distinct policy
-        if key == self.policy.name:
-            return self.policy
-        if key not in self._policies:
-            policy = parse_policy(key)
-            if hasattr(policy, "seed") and self.profile_records:
-                policy.seed(self.profile_records)
-            self._policies[key] = policy
-        return self._policies[key]
-
-    def goodput_policies(self) -> list[SpeculationPolicy]:
-        return [p for p in [self.policy, *self._policies.values()] if hasattr(p, "seed")]
 
     def abort(self, req_id: str) -> bool:
         """Cancel a request now: it leaves the batch and both caches free its blocks at once."""
@@ -243,24 +155,14 @@ class Scheduler:
             return outputs + self._worker_lost("target", e)
         t_verify = time.perf_counter() - t0
         outputs += self._commit(plan, result)
-        record = self._record(plan, proposal, result, t_draft, t_verify, time.perf_counter() - t_start)
-        self._observe(plan, result, record)
+        record = plan.record(proposal, result, t_draft, t_verify, time.perf_counter() - t_start)
+        self.step_records.append(record)
+        if len(self.step_records) > MAX_STEP_RECORDS:
+            del self.step_records[:MAX_STEP_RECORDS // 2]
+        self.policies.observe(plan.decode_outcomes(result), record)
         return outputs
 
-    def _observe(self, plan: _Plan, result: VerifyResult, record: StepRecord) -> None:
-        """Feed the policies what happened: (req_id, k, accepted) for each decoding request."""
-        by_policy: dict[int, tuple[SpeculationPolicy, list]] = {id(self.policy): (self.policy, [])}
-        for item, r, accepted in zip(plan.verify, plan.verify_reqs, result.num_accepted):
-            if r.req_id not in plan.ks:
-                continue
-            outcome = (r.req_id, len(item.draft_ids), accepted)
-            by_policy[id(self.policy)][1].append(outcome)
-            if r.policy is not None and r.policy is not self.policy:
-                by_policy.setdefault(id(r.policy), (r.policy, []))[1].append(outcome)
-        for policy, outcomes in by_policy.values():
-            policy.observe(outcomes, record)
-
-    def _schedule(self) -> _Plan:
+    def _schedule(self) -> StepPlan:
         cfg = self.config
         self._admit()
         # Decode requests first (oldest first), then prefill chunks in the remaining token budget.
@@ -269,7 +171,7 @@ class Scheduler:
         caps = [self._k_cap(r) for r in decode]
         room = max(0, cfg.max_num_batched_tokens - len(decode))
         prefill_tokens = min(room, sum(r.num_pending for r in prefill))
-        ks = self._choose_k(decode, caps, (len(prefill) if prefill_tokens else 0, prefill_tokens))
+        ks = self.policies.choose(decode, caps, (len(prefill) if prefill_tokens else 0, prefill_tokens))
         budget = cfg.max_num_batched_tokens - sum(1 + k for k in ks)
         chunks: dict[str, int] = {}
         for r in prefill:
@@ -281,7 +183,7 @@ class Scheduler:
         ks_by_id = {r.req_id: k for r, k in zip(decode, ks)}
         ks_by_id = self._fit_kv(ks_by_id, chunks)
 
-        plan = _Plan(ks=ks_by_id)
+        plan = StepPlan(ks=ks_by_id)
         for r in self.running:
             if r.req_id in ks_by_id:
                 tokens = r.token_ids[r.target_len:]
@@ -301,25 +203,14 @@ class Scheduler:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            # Room for the prompt and its first token in both caches, keeping one block of growth
-            # per running request, so admitting it does not force a preemption right away.
-            need = len(req.token_ids) + 1
-            reserve = len(self.running)
-            if self._free_blocks(self.target_kv, "target_len") - reserve < self.target_kv.blocks(need):
-                break
-            if self.draft_kv is not None and self._uses_draft(req) and \
-                    self._free_blocks(self.draft_kv, "draft_len") - reserve < self.draft_kv.blocks(need):
+            if not self.kv.can_admit(req, self.running, self._uses_draft(req)):
                 break
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
 
     def _uses_draft(self, req: Request) -> bool:
-        policy = req.policy or self.policy
-        return not isinstance(policy, OffPolicy) and req.max_k != 0
-
-    def _free_blocks(self, kv: KVBudget, attr: str) -> int:
-        return kv.num_blocks - sum(kv.blocks(getattr(r, attr)) for r in self.running)
+        return not isinstance(req.policy, OffPolicy) and req.max_k != 0
 
     def _k_cap(self, r: Request) -> int:
         if self.draft is None:
@@ -329,24 +220,11 @@ class Scheduler:
         # A step emits up to k + 1 tokens; the target may not run past its context.
         return max(0, min(cap, remaining - 1, self.config.max_context - len(r.token_ids)))
 
-    def _choose_k(self, decode: Sequence[Request], caps: Sequence[int],
-                  prefill: tuple[int, int]) -> list[int]:
-        ks = [0] * len(decode)
-        groups: dict[int, tuple[SpeculationPolicy, list[int]]] = {}
-        for i, r in enumerate(decode):
-            policy = r.policy or self.policy
-            groups.setdefault(id(policy), (policy, []))[1].append(i)
-        for policy, idx in groups.values():
-            chosen = policy.choose([decode[i] for i in idx], [caps[i] for i in idx], prefill)
-            for i, k in zip(idx, chosen):
-                ks[i] = max(0, min(int(k), caps[i]))
-        return ks
-
     def _fit_kv(self, ks: dict[str, int], chunks: dict[str, int]) -> dict[str, int]:
         """Shrink the step until it fits both KV budgets: first drop speculation, then preempt
         the newest running requests (they are recomputed later with the same output)."""
         while True:
-            if self._kv_fits(ks, chunks):
+            if self.kv.fits(self.running, ks, chunks):
                 return ks
             if any(ks.values()):
                 ks = {rid: 0 for rid in ks}
@@ -359,24 +237,6 @@ class Scheduler:
             ks.pop(victim.req_id, None)
             chunks.pop(victim.req_id, None)
 
-    def _kv_fits(self, ks: dict[str, int], chunks: dict[str, int]) -> bool:
-        t_used = d_used = 0
-        for r in self.running:
-            t_len, d_len = r.target_len, r.draft_len
-            if r.req_id in ks:
-                k = ks[r.req_id]
-                t_len = len(r.token_ids) + k
-                if k > 0:
-                    d_len = len(r.token_ids) + k - 1
-            elif r.req_id in chunks:
-                t_len += chunks[r.req_id]
-            t_used += self.target_kv.blocks(t_len)
-            if self.draft_kv is not None:
-                d_used += self.draft_kv.blocks(d_len)
-        if t_used > self.target_kv.num_blocks:
-            return False
-        return self.draft_kv is None or d_used <= self.draft_kv.num_blocks
-
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self._free_workers([req.req_id])
@@ -385,7 +245,7 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 
-    def _propose(self, plan: _Plan) -> tuple[Proposal | None, float]:
+    def _propose(self, plan: StepPlan) -> tuple[Proposal | None, float]:
         items = []
         for row_item, r in zip(plan.verify, plan.verify_reqs):
             k = plan.ks.get(r.req_id, 0)
@@ -408,7 +268,7 @@ class Scheduler:
                     r.draft_len = len(r.token_ids) + len(row_item.draft_ids) - 1
         return proposal, elapsed
 
-    def _commit(self, plan: _Plan, result: VerifyResult) -> list[RequestOutput]:
+    def _commit(self, plan: StepPlan, result: VerifyResult) -> list[RequestOutput]:
         now = time.monotonic()
         outputs: list[RequestOutput] = []
         for item, r, accepted, new_ids in zip(
@@ -493,8 +353,7 @@ class Scheduler:
             self.waiting.remove(r)
         r.status = RequestStatus.FINISHED
         r.finish_reason = reason
-        for policy in {id(p): p for p in (self.policy, r.policy) if p is not None}.values():
-            policy.forget(r.req_id)
+        self.policies.forget(r)
         r.finish_time = time.monotonic()
 
     def _free_workers(self, req_ids: list[str]) -> None:
@@ -506,35 +365,3 @@ class Scheduler:
                 worker.free(req_ids)
             except WorkerLost:
                 pass
-
-    def _record(self, plan: _Plan, proposal, result: VerifyResult, t_draft, t_verify, t_step) -> StepRecord:
-        items = plan.verify
-        ks = [len(it.draft_ids) for it in items if it.sample]
-        record = StepRecord(
-            batch_size=len(items),
-            num_decode=sum(1 for r in plan.verify_reqs if r.req_id in plan.ks),
-            num_draft_reqs=sum(1 for k in ks if k > 0),
-            draft_tokens=sum(ks),
-            draft_catchup_tokens=plan.draft_catchup,
-            verify_tokens=sum(len(it.token_ids) + len(it.draft_ids) for it in items),
-            context_tokens=sum(it.start_pos + len(it.token_ids) for it in items),
-            max_context=max(it.start_pos + len(it.token_ids) + len(it.draft_ids) for it in items),
-            max_k=max(ks, default=0),
-            num_accepted=sum(result.num_accepted),
-            draft_time=t_draft,
-            verify_time=t_verify,
-            draft_compute_time=proposal.elapsed_s if proposal is not None else 0.0,
-            verify_compute_time=result.elapsed_s,
-            step_time=t_step,
-            ks=ks,
-        )
-        self.step_records.append(record)
-        if len(self.step_records) > 20_000:
-            del self.step_records[:10_000]
-        return record
-
-
-def _with_seed(sampling: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(sampling, seed=seed)

@@ -1,24 +1,29 @@
-"""SchedulerService: the scheduler's step loop on its own thread, with per-request streams.
+"""SchedulerService: the one thread that owns a Scheduler, and per-request streams.
 
 Front ends (the Ray engine actor, tests) submit requests from any thread and receive
-`StreamChunk`s through a callback; the loop thread owns the Scheduler, and a lock serialises
-submissions and aborts with steps, so the scheduler itself stays single-threaded code.
+`StreamChunk`s through a callback. They never touch the Scheduler: commands go through an inbox
+that the step loop drains at each step boundary, so the scheduler stays single-threaded code
+without a lock. Detokenising and the callbacks run on a second thread, off the step path.
 """
 
 from __future__ import annotations
 
-import contextlib
+import queue
 import threading
-import time
 import traceback
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
-from goodspec.scheduler.policy import SpeculationPolicy
-from goodspec.scheduler.request import Request
+from goodspec.scheduler.errors import EngineUnhealthy
+from goodspec.scheduler.plan import RequestOutput
+from goodspec.scheduler.policy import PolicySpec
+from goodspec.scheduler.request import FinishReason, Request
 from goodspec.scheduler.scheduler import Scheduler
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.tokenizer import IncrementalDetokenizer, TextCodec
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,7 +52,7 @@ class Completion:
     prompt: str
     text: str
     token_ids: list[int]
-    finish_reason: str
+    finish_reason: FinishReason | None  # None: still running
     usage: Usage
     replica: int = 0
     error: str | None = None
@@ -57,7 +62,8 @@ class Completion:
         u = self.usage
         return {
             "req_id": self.req_id, "prompt": self.prompt, "text": self.text,
-            "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason.value if self.finish_reason else "running",
             "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
             "draft_tokens_proposed": u.draft_tokens_proposed,
             "draft_tokens_accepted": u.draft_tokens_accepted, "mean_k": u.mean_k,
@@ -74,151 +80,172 @@ class StreamChunk:
     token_ids: list[int]
     text: str
     finished: bool = False
-    finish_reason: str | None = None  # FinishReason value once finished
+    finish_reason: FinishReason | None = None  # set once finished
     usage: Usage | None = None
     error: str | None = None
 
 
 @dataclass
 class _Stream:
+    """The emitter thread's state for one request's stream."""
+
+    req_id: str
     callback: Callable[[StreamChunk], None]
     detok: IncrementalDetokenizer
-    prompt: str = ""
-    submitted: float = field(default_factory=time.monotonic)
+    output_ids: list[int] = field(default_factory=list)
 
 
-class _StepLock:
-    """The scheduler's lock. The step loop takes it for a whole step and retakes it at once, and
-    a plain Lock is not fair: a submit waiting on another thread could sit out several steps (at
-    8 req/s, tens of ms of time-to-first-token). Callers from other threads are let in first at
-    the next step boundary."""
+@dataclass(frozen=True)
+class _Emit:
+    """What a step produced for one stream, taken by the loop thread for the emitter."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._count_lock = threading.Lock()
-        self._callers = 0
-        self._no_callers = threading.Event()
-        self._no_callers.set()
-
-    def __enter__(self) -> None:
-        with self._count_lock:
-            self._callers += 1
-            self._no_callers.clear()
-        self._lock.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self._lock.release()
-        with self._count_lock:
-            self._callers -= 1
-            if self._callers == 0:
-                self._no_callers.set()
-
-    @contextlib.contextmanager
-    def for_step(self):
-        self._no_callers.wait()
-        with self._lock:
-            yield
+    stream: _Stream
+    new_token_ids: list[int]
+    num_output: int  # output length after the step (a stop string may have cut earlier tokens)
+    finish_reason: FinishReason | None
+    usage: Usage | None
+    error: str | None
 
 
 class SchedulerService:
+    """Owns the Scheduler on one thread, the step loop. Other threads put commands in an inbox
+    the loop drains at each step boundary (submit, abort, or any read of its state through
+    `call`) and get each answer through a Future."""
+
     def __init__(self, scheduler: Scheduler, codec: TextCodec, idle_wait_s: float = 0.05) -> None:
         self.scheduler = scheduler
         self.codec = codec
-        self._streams: dict[str, _Stream] = {}
-        self._lock = _StepLock()
-        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}  # the loop thread's
+        self._inbox: queue.SimpleQueue[tuple[Callable[[], object], Future]] = queue.SimpleQueue()
+        self._emits: queue.SimpleQueue[list[_Emit] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._idle_wait_s = idle_wait_s
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self.loop_error: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="goodspec-scheduler", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name="goodspec-scheduler", daemon=True),
+                         threading.Thread(target=self._emit_loop, name="goodspec-emitter", daemon=True)]
+        for t in self._threads:
+            t.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._inbox.put((lambda: None, Future()))  # wakes an idle loop
+        for t in self._threads:
+            t.join(timeout=10)
 
-    # -- requests -------------------------------------------------------------------------------
-    def submit(
-        self, req_id: str, prompt: str, sampling: SamplingParams,
-        callback: Callable[[StreamChunk], None], policy: SpeculationPolicy | None = None,
+    # -- commands (from any thread) --------------------------------------------------------------
+    def call_async(self, fn: Callable[[Scheduler], T]) -> Future:
+        """fn(scheduler), run on the loop thread at the next step boundary."""
+        future: Future = Future()
+        if self._stop.is_set():
+            future.set_exception(EngineUnhealthy("the scheduler service has stopped"))
+        else:
+            self._inbox.put((lambda: fn(self.scheduler), future))
+        return future
+
+    def call(self, fn: Callable[[Scheduler], T]) -> T:
+        return self.call_async(fn).result()
+
+    def submit_async(
+        self, req_id: str, prompt_ids: list[int], sampling: SamplingParams,
+        callback: Callable[[StreamChunk], None], policy: PolicySpec | None = None,
         max_k: int | None = None,
-    ) -> Request:
-        """Queue a request; raises RequestRejected / EngineUnhealthy / ValueError at once."""
-        prompt_ids = self.codec.encode(prompt)
-        with self._lock:
+    ) -> Future:
+        """Queue a request; the future raises RequestRejected / EngineUnhealthy if it is refused.
+        `callback` gets its chunks, in order, on the emitter thread."""
+        def submit(scheduler: Scheduler) -> None:
             if self.loop_error is not None:
-                from goodspec.scheduler.scheduler import EngineUnhealthy
-
                 raise EngineUnhealthy(self.loop_error)
-            req = self.scheduler.add_request(req_id, prompt_ids, sampling, policy, max_k)
-            self._streams[req_id] = _Stream(callback, IncrementalDetokenizer(self.codec, sampling.stop), prompt)
-        self._wake.set()
-        return req
+            scheduler.add_request(req_id, prompt_ids, sampling, policy, max_k)
+            self._streams[req_id] = _Stream(req_id, callback, IncrementalDetokenizer(self.codec, sampling.stop))
+
+        return self.call_async(submit)
+
+    def submit(self, *args, **kwargs) -> None:
+        self.submit_async(*args, **kwargs).result()
+
+    def abort_async(self, req_id: str) -> Future:
+        """Cancel: the caches are freed when the future resolves; the stream gets a final chunk."""
+        return self.call_async(lambda s: s.abort(req_id))
 
     def abort(self, req_id: str) -> bool:
-        """Cancel now: caches are freed before this returns; the stream gets a final chunk."""
-        with self._lock:
-            found = self.scheduler.abort(req_id)
-        self._wake.set()
-        return found
+        return self.abort_async(req_id).result()
 
-    def load(self) -> int:
-        """Outstanding tokens: what the router balances on (prompt to prefill + tokens to go)."""
-        with self._lock:
-            s = self.scheduler
-            return sum(
-                max(0, len(r.token_ids) - r.target_len) + r.sampling.max_new_tokens - r.num_output
-                for r in list(s.running) + list(s.waiting)
-            )
-
-    def locked(self) -> _StepLock:
-        """Hold this to read the scheduler's state consistently from another thread."""
-        return self._lock
-
-    def num_unfinished(self) -> int:
-        with self._lock:
-            return len(self.scheduler.running) + len(self.scheduler.waiting)
-
-    # -- the loop -------------------------------------------------------------------------------
+    # -- the loop thread -------------------------------------------------------------------------
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            with self._lock.for_step():
-                busy = self.scheduler.has_work()
-                if busy:
-                    try:
-                        outputs = self.scheduler.step()
-                    except Exception:  # a bug, not a worker failure: fail loudly, stay up
-                        self.loop_error = "scheduler step failed:\n" + traceback.format_exc()
-                        outputs = self.scheduler.fail_all(self.loop_error)
-                    chunks = [self._chunk(o) for o in outputs]
-            if busy:
-                for stream, chunk in chunks:
-                    if stream is not None:
-                        stream.callback(chunk)
+        try:
+            while not self._stop.is_set():
+                self._drain(0.0 if self.scheduler.has_work() else self._idle_wait_s)
+                if self._stop.is_set() or not self.scheduler.has_work():
+                    continue
+                try:
+                    outputs = self.scheduler.step()
+                except Exception:  # a bug, not a worker failure: fail loudly, stay up
+                    self.loop_error = "scheduler step failed:\n" + traceback.format_exc()
+                    outputs = self.scheduler.fail_all(self.loop_error)
+                self._emits.put([e for e in map(self._take, outputs) if e is not None])
                 if self.loop_error is not None:
                     return
-                continue
-            self._wake.wait(self._idle_wait_s)
-            self._wake.clear()
+        finally:
+            self._emits.put(None)
+            self._refuse_queued()
 
-    def _chunk(self, out) -> tuple[_Stream | None, StreamChunk]:
-        """Called under the lock."""
+    def _drain(self, wait_s: float) -> None:
+        """Run the queued commands; with none queued, wait up to wait_s for one."""
+        try:
+            item = self._inbox.get(timeout=wait_s) if wait_s > 0 else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            command, future = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(command())
+                except BaseException as e:  # noqa: BLE001 - raised to the caller
+                    future.set_exception(e)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _refuse_queued(self) -> None:
+        while True:
+            try:
+                _, future = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineUnhealthy(self.loop_error or "the scheduler service has stopped"))
+
+    def _take(self, out: RequestOutput) -> _Emit | None:
         stream = self._streams.get(out.req_id)
         req = self.scheduler.requests.get(out.req_id)
         if stream is None or req is None:
-            return None, StreamChunk(out.req_id, [], "")
-        text = stream.detok.update(req.output_ids, final=out.finished)
-        chunk = StreamChunk(out.req_id, list(out.new_token_ids), text, out.finished)
+            return None
+        emit = _Emit(stream, list(out.new_token_ids), req.num_output,
+                     out.finish_reason if out.finished else None,
+                     usage_of(req) if out.finished else None, req.error)
         if out.finished:
-            chunk.finish_reason = out.finish_reason.value if out.finish_reason else None
-            chunk.error = req.error
-            chunk.usage = usage_of(req)
-            self._streams.pop(out.req_id, None)
+            del self._streams[out.req_id]
             self.scheduler.pop_finished(out.req_id)
-        return stream, chunk
+        return emit
+
+    # -- the emitter thread ----------------------------------------------------------------------
+    def _emit_loop(self) -> None:
+        while (batch := self._emits.get()) is not None:
+            for e in batch:
+                stream = e.stream
+                stream.output_ids += e.new_token_ids
+                del stream.output_ids[e.num_output:]
+                finished = e.finish_reason is not None
+                chunk = StreamChunk(stream.req_id, e.new_token_ids,
+                                    stream.detok.update(stream.output_ids, final=finished), finished)
+                if finished:
+                    chunk.finish_reason, chunk.usage, chunk.error = e.finish_reason, e.usage, e.error
+                try:
+                    stream.callback(chunk)
+                except Exception:  # noqa: BLE001 - one consumer's bug must not stop the others
+                    traceback.print_exc()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from goodspec.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
-from goodspec.scheduler.scheduler import SchedulerConfig
+from goodspec.scheduler.config import SchedulerConfig
 
 # Two cores: keep torch from oversubscribing when workers share the process.
 torch.set_num_threads(int(os.environ.get("GOODSPEC_TEST_THREADS", "2")))

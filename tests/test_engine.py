@@ -7,7 +7,8 @@ import torch
 
 from goodspec.engine import LLMEngine
 from goodspec.scheduler.policy import SpeculationPolicy
-from goodspec.scheduler.scheduler import RequestRejected, SchedulerConfig
+from goodspec.scheduler.config import SchedulerConfig
+from goodspec.scheduler.errors import RequestRejected
 from goodspec.workers.sampling import SamplingParams
 from tests.conftest import engine_config
 

@@ -42,7 +42,7 @@ def test_step_time_model_predicts_held_out_real_steps_within_15_percent(goodput_
     live = [r for r in engine.scheduler.step_records[start:] if r.num_decode == r.batch_size]
     assert len(live) >= 40
     model = StepTimeModel()
-    model.fit(live[0::2], prior=engine.scheduler.profile_records)
+    model.fit(live[0::2], prior=engine.scheduler.policies.profile_records)
     held_out = mape(model, live[1::2])
     online = statistics.mean(abs(p - m) / m for p, m in policy.prediction_log)
     print(f"\nheld-out step-time MAPE {held_out:.3f} over {len(live[1::2])} steps; "

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from goodspec.config import SMOLLM2_DRAFT, EngineConfig, model_pair
-from goodspec.scheduler.scheduler import SchedulerConfig
+from goodspec.scheduler.config import SchedulerConfig
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.tokenizer import TextCodec
 

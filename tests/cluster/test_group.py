@@ -68,7 +68,7 @@ def test_32_concurrent_mixed_requests_match_target_only_greedy(group, sharegpt_p
         assert last.finished and last.finish_reason in ("length", "eos")
         assert ids == greedy_reference[p][1]
     stats = group.stats()[0]
-    assert stats["running"] == stats["waiting"] == 0 and stats["target_blocks_used"] == 0
+    assert stats.running == stats.waiting == 0 and stats.target_blocks_used == 0
     assert group.worker_blocks_used() == [{"target": 0, "draft": 0}]
 
 
@@ -93,15 +93,15 @@ def test_killed_worker_is_restarted_and_requests_finish_unchanged(group, sharegp
     import ray
 
     prompts = sharegpt_prompts[:12]
-    before = group.stats()[0]["worker_failures"]
+    before = group.stats()[0].worker_failures
     pid = ray.get(group.engines[0].actor.worker_pids.remote())[which]
     got = asyncio.run(_staggered(group, prompts, greedy_reference, kill=lambda: os.kill(pid, signal.SIGKILL)))
     for p in prompts:
         ids, last = got[p]
         assert last.finished and ids == greedy_reference[p][1], p
     stats = group.stats()[0]
-    assert stats["worker_failures"] > before, "the kill was meant to land mid-generation"
-    assert not stats["unhealthy"]
+    assert stats.worker_failures > before, "the kill was meant to land mid-generation"
+    assert not stats.unhealthy
     assert ray.get(group.engines[0].actor.worker_pids.remote())[which] != pid
 
 

@@ -12,9 +12,9 @@ import pytest
 
 from goodspec.scheduler.policy import FixedPolicy, OffPolicy
 from goodspec.scheduler.request import FinishReason
-from goodspec.scheduler.scheduler import (
-    EngineUnhealthy, KVBudget, RequestRejected, Scheduler, SchedulerConfig, WorkerGone, WorkerLost,
-)
+from goodspec.scheduler.config import KVBudget, SchedulerConfig
+from goodspec.scheduler.errors import EngineUnhealthy, RequestRejected, WorkerGone, WorkerLost
+from goodspec.scheduler.scheduler import Scheduler
 from goodspec.workers.messages import Proposal, VerifyResult
 from goodspec.workers.sampling import SamplingParams
 
@@ -326,17 +326,19 @@ def test_worker_gone_for_good_fails_requests_at_its_first_failure():
 
 def test_per_request_policy_spellings_share_one_cached_policy_and_the_cache_is_bounded():
     """Each distinct policy string used to be parsed and kept forever ('fixed:0...03' by the
-    thousand); now a spelling maps to its canonical policy and at most one instance each."""
-    from goodspec.scheduler.policy import MAX_FIXED_K
+    thousand); now a spelling parses to one PolicySpec and the book keeps one policy per spec."""
+    from goodspec.scheduler.policy import MAX_FIXED_K, PolicySpec
 
     s, _, _ = make(OffPolicy(), draft=FakeDraft())
+    book = s.policies
     spellings = ["fixed:3", "FIXED:3", " fixed:03 ", "fixed:0003", "Fixed:3"]
-    policies = {id(s.resolve_policy(p)) for p in spellings}
-    assert len(policies) == 1 and s.resolve_policy("off") is s.policy
+    assert {PolicySpec.parse(p) for p in spellings} == {PolicySpec("fixed", 3)}
+    assert len({id(book.resolve(PolicySpec.parse(p))) for p in spellings}) == 1
+    assert book.resolve(PolicySpec.parse("off")) is s.policy and book.resolve(None) is s.policy
     for k in range(MAX_FIXED_K + 1):
-        s.resolve_policy(f"fixed:{k:04d}")
-    s.resolve_policy("goodput")
-    assert len(s._policies) <= MAX_FIXED_K + 2
-    for bad in ("fixed:" + "0" * 10 + "1", f"fixed:{MAX_FIXED_K + 1}", "fixed:-1", "sometimes"):
+        book.resolve(PolicySpec.parse(f"fixed:{k:04d}"))
+    book.resolve(PolicySpec.parse("goodput"))
+    assert len(book.all()) == 1 + (MAX_FIXED_K + 1) + 1  # the server's, fixed:0..K, goodput
+    for bad in ("fixed:" + "0" * 10 + "1", f"fixed:{MAX_FIXED_K + 1}", "fixed:-1", "sometimes", "x" * 33):
         with pytest.raises(ValueError):
-            s.resolve_policy(bad)
+            PolicySpec.parse(bad)

@@ -1,0 +1,77 @@
+"""Which speculation policy each request follows, and the policies' view of every step."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from goodspec.scheduler.policy import PolicySpec, SpeculationPolicy
+from goodspec.scheduler.request import Request
+from goodspec.scheduler.step_record import StepRecord
+
+
+class PolicyBook:
+    """The server's policy and one shared instance per distinct per-request `PolicySpec` (so
+    every 'goodput' request shares one learned model: the server's own when the specs match).
+    At most one entry per spec, and specs are bounded (fixed:K has K <= MAX_FIXED_K)."""
+
+    def __init__(self, server: SpeculationPolicy) -> None:
+        self.server = server
+        self._by_name: dict[str, SpeculationPolicy] = {}
+        self.profile_records: list[StepRecord] = []  # the start-up sweep, seeds goodput policies
+
+    def resolve(self, spec: PolicySpec | SpeculationPolicy | None) -> SpeculationPolicy:
+        """The policy a request with this spec follows (None: the server's). A policy object
+        (in-process callers, tests) is followed as it is."""
+        if isinstance(spec, SpeculationPolicy):
+            return spec
+        if spec is None or spec.name == self.server.name:
+            return self.server
+        if spec.name not in self._by_name:
+            policy = spec.build()
+            if hasattr(policy, "seed") and self.profile_records:
+                policy.seed(self.profile_records)
+            self._by_name[spec.name] = policy
+        return self._by_name[spec.name]
+
+    def all(self) -> list[SpeculationPolicy]:
+        return [self.server, *self._by_name.values()]
+
+    def learning(self) -> list[SpeculationPolicy]:
+        """The policies that learn from profiled steps (goodput)."""
+        return [p for p in self.all() if hasattr(p, "seed")]
+
+    def seed(self, records: list[StepRecord]) -> None:
+        self.profile_records = list(records)
+        for policy in self.learning():
+            policy.seed(self.profile_records)
+
+    def choose(self, decode: Sequence[Request], caps: Sequence[int],
+               prefill: tuple[int, int]) -> list[int]:
+        """k per decoding request, each policy asked once for all of its requests, clipped to
+        the caps."""
+        ks = [0] * len(decode)
+        groups: dict[int, tuple[SpeculationPolicy, list[int]]] = {}
+        for i, r in enumerate(decode):
+            groups.setdefault(id(r.policy), (r.policy, []))[1].append(i)
+        for policy, idx in groups.values():
+            chosen = policy.choose([decode[i] for i in idx], [caps[i] for i in idx], prefill)
+            for i, k in zip(idx, chosen):
+                ks[i] = max(0, min(int(k), caps[i]))
+        return ks
+
+    def observe(self, outcomes: Sequence[tuple[Request, int, int]], record: StepRecord) -> None:
+        """(request, k, accepted) per decoding request: the server's policy sees every outcome
+        (its acceptance estimates cover the whole pair), another policy those of its own."""
+        by_policy: dict[int, tuple[SpeculationPolicy, list]] = {id(self.server): (self.server, [])}
+        for r, k, accepted in outcomes:
+            outcome = (r.req_id, k, accepted)
+            by_policy[id(self.server)][1].append(outcome)
+            if r.policy is not self.server:
+                by_policy.setdefault(id(r.policy), (r.policy, []))[1].append(outcome)
+        for policy, seen in by_policy.values():
+            policy.observe(seen, record)
+
+    def forget(self, r: Request) -> None:
+        self.server.forget(r.req_id)
+        if r.policy is not self.server:
+            r.policy.forget(r.req_id)
