@@ -52,6 +52,8 @@ class DistillConfig:
     # (measured here: 334 vs 149 tokens/s) and the draft learns a distribution, not bits. The
     # held-out evaluation runs the target in float32, the dtype goodspec serves with on a CPU.
     data_dtype: str = "bfloat16"
+    # Mixed precision for the draft's forward and backward (weights and optimiser stay float32).
+    train_dtype: str = "bfloat16"
     top_logprobs: int = 20  # teacher distribution kept per position
     draft_vocab: int = 8192
     draft_layers: int = 2
@@ -78,11 +80,28 @@ def chat_prompts(tokenizer, held_out: bool, limit: int, max_user_tokens: int) ->
             for p, _ in first_turn_prompts(held_out=held_out, limit=limit)]
 
 
+class _TopLogprobs:
+    """A logits processor that keeps the top-k log-probabilities of each step and changes
+    nothing: with `output_logits` instead, a batch of 64 held 128 vocabulary-wide rows per
+    sequence (several GB) until the end of generation."""
+
+    def __init__(self, top: int) -> None:
+        self.top = top
+        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        lp, ids = F.log_softmax(scores.float(), -1).topk(self.top, -1)
+        self.steps.append((lp.half(), ids.to(torch.int32)))
+        return scores
+
+
 @torch.no_grad()
 def target_replies(target, tokenizer, prompts: list[list[int]], new_tokens: int, batch: int,
                    top: int, desc: str) -> list[dict]:
     """Greedy replies, batched by prompt length; per reply the generated ids up to and including
     the end token, and the target's top-`top` ids and log-probs at each generated position."""
+    from transformers import LogitsProcessorList
+
     eos = tokenizer.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[dict | None] = [None] * len(prompts)
@@ -94,17 +113,18 @@ def target_replies(target, tokenizer, prompts: list[list[int]], new_tokens: int,
         for r, i in enumerate(idx):  # left padding: every reply starts at column `width`
             ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[r, width - len(prompts[i]):] = 1
-        gen = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                              do_sample=False, output_logits=True, return_dict_in_generate=True,
-                              pad_token_id=eos)
-        logp = F.log_softmax(torch.stack(gen.logits, 1).float(), -1)  # [b, n, V]
-        top_lp, top_id = logp.topk(top, -1)
-        reply = gen.sequences[:, width:]
+        keep = _TopLogprobs(top)
+        seqs = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
+                               do_sample=False, logits_processor=LogitsProcessorList([keep]),
+                               pad_token_id=eos)
+        top_lp = torch.stack([lp for lp, _ in keep.steps], 1)  # [b, n, top]
+        top_id = torch.stack([i for _, i in keep.steps], 1)
+        reply = seqs[:, width:]
         for r, i in enumerate(idx):
             ends = (reply[r] == eos).nonzero()
             n = int(ends[0]) + 1 if len(ends) else reply.shape[1]
             out[i] = {"prompt": prompts[i], "reply": reply[r, :n].tolist(),
-                      "top_ids": top_id[r, :n].to(torch.int32), "top_logp": top_lp[r, :n].half()}
+                      "top_ids": top_id[r, :n].clone(), "top_logp": top_lp[r, :n].clone()}
     return out  # type: ignore[return-value]
 
 
@@ -186,10 +206,13 @@ def train(draft, data: list[dict], table: torch.Tensor, cfg: DistillConfig):
         for i, s in enumerate(seqs):
             x[i, :len(s)] = table[torch.tensor(s)]
             mask[i, :len(s)] = 1
-        hidden = draft.model(input_ids=x, attention_mask=mask).last_hidden_state  # [B, T, d]
-        picks = [hidden[i, len(r["prompt"]) - 1:len(r["prompt"]) - 1 + len(r["reply"])]
-                 for i, r in enumerate(rows)]  # the positions that predict each reply token
-        student = F.log_softmax(draft.lm_head(torch.cat(picks)), -1)  # [N, V']
+        with torch.autocast("cpu", dtype=getattr(torch, cfg.train_dtype),
+                            enabled=cfg.train_dtype != "float32"):
+            hidden = draft.model(input_ids=x, attention_mask=mask).last_hidden_state  # [B, T, d]
+            picks = [hidden[i, len(r["prompt"]) - 1:len(r["prompt"]) - 1 + len(r["reply"])]
+                     for i, r in enumerate(rows)]  # the positions that predict each reply token
+            logits = draft.lm_head(torch.cat(picks))
+        student = F.log_softmax(logits.float(), -1)  # [N, V']
         ids = table[torch.cat([r["top_ids"] for r in rows]).long()]  # [N, top], 0 = outside
         weight = torch.cat([r["top_logp"] for r in rows]).float().exp() * (ids != 0)
         weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-12)
