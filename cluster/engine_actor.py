@@ -42,11 +42,6 @@ class EngineActor:
         )
         self.service = SchedulerService(scheduler, self.codec)
         self.service.start()
-        # For Ray Client drivers: the requests they opened, and chunks not yet polled.
-        self._polled: set[str] = set()
-        self._outbox: list[tuple[int, StreamChunk]] = []  # (number, chunk), numbered from 1
-        self._sent = 0
-        self._outbox_ready = asyncio.Event()
 
     def ready(self) -> dict:
         return {"replica": self.replica, "target": self.worker_info["target"],
@@ -82,48 +77,6 @@ class EngineActor:
         finally:
             if not finished:
                 self._abort_soon(req_id)
-
-    # Ray Client (ray://) cannot carry streaming actor methods. A driver connected that way
-    # opens requests and long-polls the chunks of all of them: one call through the client
-    # proxy per step, not one per request per step.
-    async def open(self, req_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                   policy: PolicySpec | None = None, max_k: int | None = None) -> None:
-        self._polled.add(req_id)
-        try:
-            await self._submit(req_id, prompt_ids, sampling, policy, max_k, self._to_outbox)
-        except BaseException:
-            self._polled.discard(req_id)
-            raise
-
-    def _to_outbox(self, chunk: StreamChunk) -> None:
-        self._sent += 1
-        self._outbox.append((self._sent, chunk))
-        self._outbox_ready.set()
-        if chunk.finished:
-            self._polled.discard(chunk.req_id)
-
-    async def poll(self, acked: int, wait_s: float) -> tuple[int, list[StreamChunk]]:
-        """Every chunk after number `acked` (the last one the driver handled), waiting up to
-        wait_s for one; returns the number of the last chunk too. Chunks stay until a later
-        poll acknowledges them: a poll whose answer the driver never read (its event loop
-        ended mid-call) then loses nothing."""
-        done = 0
-        while done < len(self._outbox) and self._outbox[done][0] <= acked:
-            done += 1
-        del self._outbox[:done]
-        if not self._outbox:
-            self._outbox_ready.clear()
-            try:
-                await asyncio.wait_for(self._outbox_ready.wait(), wait_s)
-            except asyncio.TimeoutError:
-                return acked, []
-        return self._outbox[-1][0], [chunk for _, chunk in self._outbox]
-
-    async def close(self, req_id: str) -> None:
-        """The consumer is done: abort the request if it has not finished."""
-        if req_id in self._polled:
-            self._polled.discard(req_id)
-            self._abort_soon(req_id)
 
     def _abort_soon(self, req_id: str) -> None:
         """Abort at the scheduler's next step boundary, without waiting for it."""

@@ -16,7 +16,6 @@ from typing import AsyncIterator
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
-from ray.util.client import ray as ray_client
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -63,8 +62,6 @@ class EngineGroup:
         self.config = config
         self.codec = TextCodec.load(config.engine.target_dir, config.engine.draft_dir)
         self._owns_ray = init_ray(config.cluster, loopback=config.server.host in LOOPBACK_HOSTS)
-        self._client_mode = ray_client.is_connected()  # ray://: no streaming actor methods
-        self._pollers: dict[int, _ChunkPoller] = {}
         self.engines: list[_Engine] = []
         self._ids = itertools.count()
         try:
@@ -163,8 +160,7 @@ class EngineGroup:
         engine = engine or self._pick()
         cost = len(prompt_ids) + sampling.max_new_tokens
         engine.outstanding += cost
-        chunks = (self._polled if self._client_mode else self._streamed)(
-            engine, req_id, prompt_ids, sampling, policy, max_k)
+        chunks = self._streamed(engine, req_id, prompt_ids, sampling, policy, max_k)
         try:
             async with contextlib.aclosing(chunks):
                 async for chunk in chunks:
@@ -191,23 +187,6 @@ class EngineGroup:
         finally:
             if not finished:
                 ray.cancel(gen)  # the actor's generator aborts the request and frees its cache
-
-    async def _polled(self, engine: _Engine, req_id: str, *args) -> AsyncIterator[StreamChunk]:
-        poller = self._pollers.setdefault(engine.index, _ChunkPoller(engine.actor))
-        queue = poller.register(req_id)  # before open: the first chunks may come at once
-        finished = False
-        try:
-            await engine.actor.open.remote(req_id, *args)
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            poller.unregister(req_id)
-            if not finished:
-                engine.actor.close.remote(req_id)  # aborts the request and frees its cache
 
     async def complete(self, prompt: str, sampling: SamplingParams, **kw) -> Completion:
         text, ids, last, replica = [], [], None, 0
@@ -305,7 +284,6 @@ class EngineGroup:
             _stop_engine(new)
             raise
         self._ready[index] = ready
-        self._pollers.pop(index, None)
         self.engines[index] = new
 
     def shutdown(self) -> None:
@@ -315,41 +293,6 @@ class EngineGroup:
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
             self._owns_ray = False
-
-
-class _ChunkPoller:
-    """Ray Client mode: one long-poll loop per engine, on the event loop of the requests it
-    serves, handing each chunk to its request's queue (an error to all of them)."""
-
-    def __init__(self, actor) -> None:
-        self.actor = actor
-        self.queues: dict[str, asyncio.Queue] = {}
-        self.task: asyncio.Task | None = None
-        self.acked = 0  # number of the last chunk handed on (the actor keeps the rest)
-
-    def register(self, req_id: str) -> asyncio.Queue:
-        loop = asyncio.get_running_loop()
-        self.queues[req_id] = queue = asyncio.Queue()
-        if self.task is None or self.task.done() or self.task.get_loop() is not loop:
-            self.task = loop.create_task(self._run())
-        return queue
-
-    def unregister(self, req_id: str) -> None:
-        self.queues.pop(req_id, None)
-
-    async def _run(self) -> None:
-        while self.queues:  # ends when the last request is done; register starts it again
-            try:
-                last, chunks = await self.actor.poll.remote(self.acked, 1.0)
-            except Exception as e:  # noqa: BLE001 - every waiting request gets it, as its own stream would
-                for q in self.queues.values():
-                    q.put_nowait(e)
-                return
-            for chunk in chunks:
-                queue = self.queues.get(chunk.req_id)
-                if queue is not None:  # else: a request its consumer already closed
-                    queue.put_nowait(chunk)
-            self.acked = last
 
 
 def _stop_engine(e: _Engine) -> None:

@@ -74,22 +74,19 @@ def init_ray(cluster: ClusterConfig, loopback: bool = False) -> bool:
         return False
     if cluster.ray_address:
         address = cluster.ray_address
+        if address.startswith("ray://"):
+            raise ValueError(
+                f"ray_address {address!r}: Ray Client (ray://) is not supported. Run goodspec on a "
+                f"node of the cluster (ray_address auto or HEAD:6379), or deploy the gRPC server "
+                f"into the cluster (goodspec.cluster.serve_app, deploy/kuberay/rayservice.yaml)")
         if address != "auto":
-            # ray.init would retry a dead GCS for minutes, and a dead Ray Client port for 30 s.
-            _probe(address.removeprefix("ray://"), cluster.connect_timeout_s)
-        # Ray Client's server forks one process per client and, now and then, that process
-        # hangs at start (seen here: 4 of 29 first connections to a fresh `ray start` head);
-        # a second connection is served normally.
-        attempts = 3 if address.startswith("ray://") else 1
-        for attempt in range(1, attempts + 1):
-            try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False)
-                break
-            except ConnectionError as e:
-                ray.shutdown()
-                if attempt == attempts:
-                    raise ClusterUnreachable(f"cannot join the Ray cluster at {address!r}: {e}") from e
-                log.warning("joining %s failed (%s); trying again", address, e)
+            # ray.init would retry a dead GCS for minutes.
+            _probe(address, cluster.connect_timeout_s)
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        except ConnectionError as e:
+            ray.shutdown()
+            raise ClusterUnreachable(f"cannot join the Ray cluster at {address!r}: {e}") from e
         return True
     num_cpus = cluster.num_cpus or 3 * cluster.replicas
     # "local": a new Ray of our own even when `ray start` left a cluster on this machine (a
@@ -102,7 +99,7 @@ def init_ray(cluster: ClusterConfig, loopback: bool = False) -> bool:
 def _probe(address: str, timeout_s: float) -> None:
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"ray_address must be auto, ray://HOST:PORT or HOST:PORT; got {address!r}")
+        raise ValueError(f"ray_address must be auto or HOST:PORT; got {address!r}")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as e:

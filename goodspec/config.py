@@ -89,7 +89,7 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    ray_address: str | None = _f(None, "Ray cluster to join (auto | HOST:6379 | ray://HOST:10001); "
+    ray_address: str | None = _f(None, "Ray cluster to join from one of its nodes (auto | HOST:6379); "
                                        "unset = start a local Ray")
     connect_timeout_s: float = _f(15.0, "seconds to wait for the cluster at ray_address to answer")
     num_cpus: int | None = _f(None, "CPUs for the local Ray (unset = 3 per replica)")
@@ -246,6 +246,13 @@ def build_config(args: argparse.Namespace | None = None, yaml_path: Path | None 
                 _set(tree, key[5:].split("__"), value)
     for key, value in overrides.items():
         _set(tree, key.split("__"), value)
+    return _from_tree(root, tree, ())
+
+
+def config_from_tree(tree: dict, root=GoodspecConfig):
+    """The config a nested mapping describes (as a YAML file would); unknown keys raise."""
+    if not isinstance(tree, dict):
+        raise ValueError("expected a mapping at the top level")
     return _from_tree(root, tree, ())
 
 

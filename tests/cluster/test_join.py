@@ -1,6 +1,6 @@
-"""Joining an existing Ray cluster (`--ray-address HOST:PORT` and `ray://HOST:PORT`) instead of
-starting the embedded one: a real `ray start --head` in its own temp dir, drivers as
-subprocesses (one Ray per process)."""
+"""Joining an existing Ray cluster (`--ray-address HOST:PORT`, a driver on a node of the
+cluster) instead of starting the embedded one: a real `ray start --head` in its own temp dir,
+drivers as subprocesses (one Ray per process). Ray Client (`ray://`) is refused."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -41,16 +39,16 @@ def ray_head():
     """A head node as `ray start` makes one, with token auth (its default) and a token of its
     own. Its own --temp-dir keeps other processes' bare ray.init() from finding it."""
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    gcs, client = _free_port(), _free_port()
+    gcs = _free_port()
     temp = tempfile.mkdtemp(prefix="gsr", dir="/tmp")  # short: Ray's socket paths live under it
     head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", f"--port={gcs}", f"--ray-client-server-port={client}",
+        ["ray", "start", "--head", "--block", f"--port={gcs}",
          f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=4", "--include-dashboard=false",
          "--disable-usage-stats", f"--temp-dir={temp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        assert _wait_listening(gcs, 60) and _wait_listening(client, 60), "ray start --head did not come up"
-        yield env, f"127.0.0.1:{gcs}", f"ray://127.0.0.1:{client}"
+        assert _wait_listening(gcs, 60), "ray start --head did not come up"
+        yield env, f"127.0.0.1:{gcs}"
     finally:
         head.terminate()  # --block: stopping it stops the head's processes
         try:
@@ -67,13 +65,11 @@ def _generate(env: dict, address: str, prompt: str, n: int, timeout: float = 300
         capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.mark.parametrize("which", ["gcs", "ray_client"])
-def test_generate_on_an_existing_cluster_matches_target_only_greedy(ray_head, which, sharegpt_prompts,
-                                                                    greedy_reference):
-    env, gcs, client = ray_head
+def test_generate_on_an_existing_cluster_matches_target_only_greedy(ray_head, sharegpt_prompts, greedy_reference):
+    env, gcs = ray_head
     prompt = sharegpt_prompts[0]
     n, want = greedy_reference[prompt]
-    res = _generate(env, gcs if which == "gcs" else client, prompt, n)
+    res = _generate(env, gcs, prompt, n)
     assert res.returncode == 0, res.stderr[-3000:]
     row = json.loads(res.stdout.splitlines()[0])
     assert row["token_ids"] == want and row["finish_reason"] in ("length", "eos")
@@ -91,51 +87,12 @@ def test_unreachable_cluster_is_a_clear_error_not_a_hang():
     assert time.monotonic() - t0 < 60
 
 
-def test_serve_over_ray_client_with_the_deploy_config(ray_head, tmp_path, sharegpt_prompts, greedy_reference):
-    """The front door as deploy/kuberay runs it (its ConfigMap, `goodspec serve` joined through
-    Ray Client), on the CPU: greedy output of concurrent streams unchanged, a cancelled stream
-    frees its cache, health SERVING once warm, SIGTERM drains and exits 0."""
-    import signal
-
-    import yaml
-
-    from goodspec.client import GenerationClient
-    from tests.cluster.test_grpc import wait_idle, wait_serving
-
-    env, _, client_address = ray_head
-    docs = {d["kind"]: d for d in yaml.safe_load_all(
-        (Path(__file__).resolve().parents[2] / "deploy" / "kuberay" / "goodspec-server.yaml").read_text())}
-    cfg = yaml.safe_load(docs["ConfigMap"]["data"]["goodspec.yaml"])
-    port = _free_port()
-    cfg["engine"].update(model="tiny", device="cpu", dtype="float32", threads=1)
-    cfg["cluster"].update(ray_address=client_address, replicas=1, worker_gpus=0.0)
-    cfg["server"].update(host="127.0.0.1", port=port)
-    (tmp_path / "goodspec.yaml").write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([sys.executable, "-m", "goodspec.cli", "serve", "--config", str(tmp_path / "goodspec.yaml")],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        with GenerationClient(f"127.0.0.1:{port}") as c:
-            wait_serving(c, proc)
-            prompts = sharegpt_prompts[1:7]  # concurrent: one engine poll carries all their chunks
-
-            def one(p):
-                with GenerationClient(f"127.0.0.1:{port}") as own:
-                    n = greedy_reference[p][0]
-                    return [t for m in own.generate(p, max_new_tokens=n, policy="fixed:3") for t in m.token_ids]
-
-            with ThreadPoolExecutor(len(prompts)) as pool:
-                got = list(pool.map(one, prompts))
-            assert got == [greedy_reference[p][1] for p in prompts]
-            call = c.generate("Tell me a long story about the sea.", max_new_tokens=500, ignore_eos=True)
-            for _ in range(3):
-                next(call)
-            call.cancel()
-            assert wait_idle(c, timeout=20), c.server_stats()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+def test_ray_client_is_refused_with_what_to_do_instead():
+    res = subprocess.run(
+        [sys.executable, "-m", "goodspec.cli", "generate", "--model", "tiny", "--ray-address", "ray://127.0.0.1:10001",
+         "Hello"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "Ray Client (ray://) is not supported" in res.stderr and "serve_app" in res.stderr
 
 
 DRIVER = """
@@ -155,12 +112,12 @@ finally:
 """
 
 
-def test_ray_client_driver_runs_one_batch_after_another(ray_head, sharegpt_prompts):
-    """Each complete_all is its own event loop; the previous loop's long poll may still be
-    waiting in the engine when the next batch starts, and must not swallow its tokens."""
-    env, _, client = ray_head
+def test_a_driver_on_the_cluster_runs_one_batch_after_another(ray_head, sharegpt_prompts):
+    """Each complete_all is its own event loop over the same engines: the streams of one batch
+    must not leak into the next."""
+    env, gcs = ray_head
     prompts = sharegpt_prompts[:4]
-    res = subprocess.run([sys.executable, "-c", DRIVER, client, json.dumps(prompts)],
+    res = subprocess.run([sys.executable, "-c", DRIVER, gcs, json.dumps(prompts)],
                          capture_output=True, text=True, timeout=240, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     batches = [json.loads(line) for line in res.stdout.splitlines()]

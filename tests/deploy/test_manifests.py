@@ -1,19 +1,20 @@
-"""The Kubernetes manifests agree with the code and with each other. Nothing here needs a
-Kubernetes cluster: what can drift (a renamed flag or config key, an engine that no longer fits
-a worker pod, a port or secret named differently in two places, an image on another Ray) is
-checked against goodspec's own parser, config loader and placement arithmetic."""
+"""The Kubernetes manifests agree with the code, with each other and with Kubernetes' schemas.
+Nothing here needs a Kubernetes cluster: what can drift (a renamed config key, an engine that no
+longer fits a worker pod, a port or secret named differently in two places, an image on another
+Ray, an unknown field) is checked against goodspec's own config loader and placement arithmetic
+and against Kubernetes' strict OpenAPI schemas."""
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from goodspec.cli import build_parser
-from goodspec.config import build_config
+from goodspec.config import config_from_tree
 
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
@@ -21,25 +22,28 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 
 
-def _docs(name: str) -> dict[str, dict]:
-    return {d["kind"]: d for d in yaml.safe_load_all((DEPLOY / "kuberay" / name).read_text())}
+@pytest.fixture(scope="module")
+def service() -> dict:
+    (doc,) = [d for d in yaml.safe_load_all((DEPLOY / "kuberay" / "rayservice.yaml").read_text()) if d]
+    assert doc["kind"] == "RayService" and doc["apiVersion"] == "ray.io/v1"
+    return doc
 
 
 @pytest.fixture(scope="module")
-def ray_cluster() -> dict:
-    return _docs("raycluster.yaml")["RayCluster"]
+def ray_cluster(service) -> dict:
+    return service["spec"]["rayClusterConfig"]
 
 
 @pytest.fixture(scope="module")
-def server() -> dict[str, dict]:
-    return _docs("goodspec-server.yaml")
+def application(service) -> dict:
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    return app
 
 
 @pytest.fixture(scope="module")
-def config(server, tmp_path_factory):
-    path = tmp_path_factory.mktemp("cm") / "goodspec.yaml"
-    path.write_text(server["ConfigMap"]["data"]["goodspec.yaml"])
-    return build_config(yaml_path=path)  # unknown keys and bad values raise here
+def config(application):
+    return config_from_tree(application["args"])  # unknown keys and bad values raise here
 
 
 def _container(pod_template: dict) -> dict:
@@ -52,55 +56,48 @@ def _quantity(q) -> float:
     return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
 
 
-def test_server_command_parses_and_reads_the_mounted_config(server, config):
-    pod = server["Deployment"]["spec"]["template"]
-    c = _container(pod)
-    assert c["command"][0] == "goodspec"
-    args = build_parser().parse_args(c["command"][1:])
-    assert args.command == "serve"
-    mount = next(m for m in c["volumeMounts"] if m["name"] == "config")
-    cm_volume = next(v for v in pod["spec"]["volumes"] if v["name"] == "config")
-    assert cm_volume["configMap"]["name"] == server["ConfigMap"]["metadata"]["name"]
-    key = Path(args.config).name
-    assert Path(args.config).parent == Path(mount["mountPath"]) and key in server["ConfigMap"]["data"]
+def test_the_application_imports_goodspecs_front_door_with_this_config(application, config):
+    from goodspec.cluster import serve_app
+
+    module, _, name = application["import_path"].partition(":")
+    assert module == serve_app.__name__ and getattr(serve_app, name) is serve_app.build_app
+    (deployment,) = application["deployments"]
+    assert deployment["name"] == serve_app.FrontDoor.name
+    assert application["route_prefix"] is None  # nothing goes through Serve's HTTP proxy
     assert config.server.host == "0.0.0.0", "the server must listen beyond the pod's loopback"
 
 
-def test_server_ports_probes_and_service_agree(server, config):
-    pod = server["Deployment"]["spec"]["template"]
-    c = _container(pod)
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-    port = {"name": "grpc", "containerPort": ports["grpc"]}
-    assert port["containerPort"] == config.server.port
-    assert ports["metrics"] == config.server.metrics_port
-    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(config.server.metrics_port)
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"]["port"] == config.server.port, probe
-    (svc_port,) = server["Service"]["spec"]["ports"]
-    assert svc_port["targetPort"] == port["name"]
-    assert server["Service"]["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
-    assert pod["spec"]["terminationGracePeriodSeconds"] > config.server.drain_grace_s
+def test_the_front_door_runs_on_the_head_whose_service_exposes_its_ports(ray_cluster, application, config):
+    """The replica asks for a resource only the head advertises, and the head container
+    declares the gRPC and metrics ports (KubeRay's head Service exposes them)."""
+    head = ray_cluster["headGroupSpec"]
+    resources = application["deployments"][0]["ray_actor_options"]["resources"]
+    advertised = json.loads(yaml.safe_load(head["rayStartParams"]["resources"]))
+    assert resources.items() <= advertised.items()
+    for group in ray_cluster["workerGroupSpecs"]:
+        assert "resources" not in group["rayStartParams"]
+    ports = {p["name"]: p["containerPort"] for p in _container(head["template"])["ports"]}
+    assert ports["grpc"] == config.server.port and ports["metrics"] == config.server.metrics_port
+    assert head["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(config.server.metrics_port)
+    assert head["template"]["spec"]["terminationGracePeriodSeconds"] > config.server.drain_grace_s
 
 
-def test_server_reaches_the_head_through_ray_client(ray_cluster, config):
-    m = re.fullmatch(r"ray://([\w.-]+):(\d+)", config.cluster.ray_address or "")
-    assert m, config.cluster.ray_address
-    assert m.group(1).split(".")[0] == f"{ray_cluster['metadata']['name']}-head-svc"  # KubeRay's name
-    head = _container(ray_cluster["spec"]["headGroupSpec"]["template"])
-    assert int(m.group(2)) in {p["containerPort"] for p in head["ports"]}
+def test_upgrades_go_to_a_new_cluster_before_the_old_one_stops(service):
+    assert service["spec"]["upgradeStrategy"]["type"] == "NewCluster"
 
 
-def test_every_engine_fits_a_worker_pod(ray_cluster, config):
+def test_every_engine_fits_a_worker_pod(ray_cluster, config, application):
     """STRICT_PACK: an engine's three bundles (scheduler 1 CPU; target and draft 1 CPU and
     worker_gpus GPUs each) must fit one worker pod; the pods must hold cluster.replicas engines;
-    the head hosts none."""
-    head_params = ray_cluster["spec"]["headGroupSpec"]["rayStartParams"]
-    assert head_params.get("num-cpus") == "0"
+    the head holds the front door and no engine."""
+    head_params = ray_cluster["headGroupSpec"]["rayStartParams"]
+    front_door_cpus = application["deployments"][0]["ray_actor_options"]["num_cpus"]
+    assert head_params.get("num-gpus") == "0" and float(head_params["num-cpus"]) == front_door_cpus
     workers = 2 if config.engine.draft_dir and config.engine.proposer == "draft" else 1
     engine_cpus, engine_gpus = 1 + workers, workers * config.cluster.worker_gpus
     assert config.cluster.placement_strategy == "STRICT_PACK"
     capacity = 0
-    for group in ray_cluster["spec"]["workerGroupSpecs"]:
+    for group in ray_cluster["workerGroupSpecs"]:
         limits = _container(group["template"])["resources"]["limits"]
         cpus, gpus = _quantity(limits["cpu"]), _quantity(limits.get("nvidia.com/gpu", 0))
         per_pod = min(cpus // engine_cpus, gpus // engine_gpus if engine_gpus else cpus // engine_cpus)
@@ -108,18 +105,16 @@ def test_every_engine_fits_a_worker_pod(ray_cluster, config):
     assert capacity >= config.cluster.replicas, (capacity, config.cluster.replicas)
 
 
-def test_one_ray_version_and_one_image_everywhere(ray_cluster, server):
+def test_one_ray_version_and_one_image_everywhere(ray_cluster):
     base = re.search(r"^ARG RAY_IMAGE=rayproject/ray:(\d+\.\d+\.\d+)-", (DEPLOY / "Dockerfile").read_text(), re.M)
-    assert base and base.group(1) == ray_cluster["spec"]["rayVersion"]
-    images = {_container(ray_cluster["spec"]["headGroupSpec"]["template"])["image"],
-              _container(server["Deployment"]["spec"]["template"])["image"]}
-    images |= {_container(g["template"])["image"] for g in ray_cluster["spec"]["workerGroupSpecs"]}
-    assert len(images) == 1, "Ray Client needs the same Python and Ray on both ends"
+    assert base and base.group(1) == ray_cluster["rayVersion"]
+    images = {_container(ray_cluster["headGroupSpec"]["template"])["image"]}
+    images |= {_container(g["template"])["image"] for g in ray_cluster["workerGroupSpecs"]}
+    assert len(images) == 1
 
 
-def test_every_ray_process_shares_one_auth_token(ray_cluster, server):
-    templates = [ray_cluster["spec"]["headGroupSpec"]["template"], server["Deployment"]["spec"]["template"]]
-    templates += [g["template"] for g in ray_cluster["spec"]["workerGroupSpecs"]]
+def test_every_ray_process_shares_one_auth_token(ray_cluster):
+    templates = [ray_cluster["headGroupSpec"]["template"]] + [g["template"] for g in ray_cluster["workerGroupSpecs"]]
     secrets = set()
     for t in templates:
         env = {e["name"]: e for e in _container(t)["env"]}
@@ -153,6 +148,8 @@ K8S_VERSIONS = ("1.28.0", "1.37.0")  # the oldest Kubernetes the manifests suppo
 # and a worker group may set. KubeRay's CRD ships in no package registry this project can install
 # from, so its own schema cannot be loaded here; the pod templates inside, which are most of each
 # spec, are checked against Kubernetes' strict PodTemplateSpec schema below.
+RAYSERVICE_FIELDS = {"serveConfigV2", "rayClusterConfig", "upgradeStrategy", "excludeHeadPodFromServeSvc",
+                     "serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold"}
 RAYCLUSTER_FIELDS = {"rayVersion", "headGroupSpec", "workerGroupSpecs", "enableInTreeAutoscaling",
                      "autoscalerOptions", "headServiceAnnotations", "suspend", "managedBy",
                      "gcsFaultToleranceOptions"}
@@ -167,8 +164,8 @@ def _manifests() -> list[dict]:
 
 
 def _pod_templates(doc: dict) -> list[dict]:
-    if doc["kind"] == "RayCluster":
-        spec = doc["spec"]
+    if doc["kind"] in ("RayCluster", "RayService"):
+        spec = doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterConfig"]
         return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
     if doc["kind"] in ("Deployment", "StatefulSet", "Job"):
         return [doc["spec"]["template"]]
@@ -194,18 +191,21 @@ def test_every_manifest_passes_kubernetes_strict_schemas(version):
 def test_the_strict_check_refuses_an_unknown_field():
     import kubernetes_validate
 
-    (deployment,) = [d for d in _manifests() if d["kind"] == "Deployment"]
-    _container(deployment["spec"]["template"])["readinessProbe"]["timeoutSecond"] = 5
+    (service,) = _manifests()
+    template = _pod_templates(service)[0]
+    _container(template)["readinessProbe"] = {"grpc": {"port": 50051}, "timeoutSecond": 5}
     with pytest.raises(kubernetes_validate.ValidationError, match="timeoutSecond"):
-        kubernetes_validate.validate(deployment, K8S_VERSIONS[0], strict=True)
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"},
+                                      "template": template}, K8S_VERSIONS[0], strict=True)
 
 
-def test_rayclusters_set_only_fields_of_kuberays_v1_api():
-    for doc in _manifests():
-        if doc["kind"] != "RayCluster":
-            continue
-        assert doc["apiVersion"] == "ray.io/v1"
-        spec = doc["spec"]
+def test_rayservices_set_only_fields_of_kuberays_v1_api():
+    docs = [d for d in _manifests() if d["apiVersion"].startswith("ray.io/")]
+    assert docs
+    for doc in docs:
+        assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
+        assert set(doc["spec"]) <= RAYSERVICE_FIELDS, set(doc["spec"]) - RAYSERVICE_FIELDS
+        spec = doc["spec"]["rayClusterConfig"]
         assert set(spec) <= RAYCLUSTER_FIELDS, set(spec) - RAYCLUSTER_FIELDS
         assert set(spec["headGroupSpec"]) <= HEAD_GROUP_FIELDS
         for group in spec["workerGroupSpecs"]:
@@ -220,7 +220,7 @@ def test_every_pod_meets_pod_security_restricted():
     allowed_volumes = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
                        "persistentVolumeClaim", "projected", "secret"}
     templates = [t for d in _manifests() for t in _pod_templates(d)]
-    assert len(templates) == 3  # Ray head, Ray GPU workers, the gRPC server
+    assert len(templates) == 2  # the Ray head (with the gRPC front door), the GPU workers
     for t in templates:
         pod = t["spec"]
         psc = pod.get("securityContext", {})
