@@ -1,5 +1,5 @@
-"""`goodspec bench`: latency against request rate on ShareGPT, several speculation policies on
-one identical trace, driven over gRPC like any client would (vLLM's serving benchmark, SmartSpec's
+"""`goodspec bench`: latency against request rate on a workload (goodspec.workloads: ShareGPT
+chat, copy-heavy, sampled, mixed, or a JSONL file), several speculation policies on one identical trace, driven over gRPC like any client would (vLLM's serving benchmark, SmartSpec's
 figures). Writes raw records (JSON), a Markdown table and a latency-vs-rate plot (PNG)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from goodspec.client import AsyncGenerationClient, GenerationClient
+from goodspec.workloads import WorkloadItem, build_workload
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,8 @@ class TraceItem:
     prompt: str
     max_new_tokens: int
     arrival_s: float  # offset from the start of the run
+    temperature: float = 0.0
+    kind: str = "chat"  # which part of the workload (mixed: chat, copy, sampled)
 
 
 @dataclass
@@ -27,6 +30,7 @@ class RequestRecord:
     policy: str
     rate: float
     index: int
+    kind: str = "chat"
     prompt_tokens: int = 0
     output_tokens: int = 0
     arrival_s: float = 0.0
@@ -57,39 +61,16 @@ class RunSummary:
     acceptance_rate: float | None
     k_histogram: dict = field(default_factory=dict)
     repeat_mean_latencies_s: list = field(default_factory=list)  # one per repeat of the trace
+    kind_mean_latencies_s: dict = field(default_factory=dict)  # per part of a mixed workload
 
 
-# -- workload ---------------------------------------------------------------------------------
-def sharegpt_workload(codec, num: int, seed: int, max_prompt_tokens: int = 384,
-                      max_output_tokens: int = 128, min_output_tokens: int = 8,
-                      chat: bool = False) -> list[tuple[str, int]]:
-    """First-turn human prompts (with `chat`, rendered through the target's chat template, as a
-    chat client's request would be); each request's output length is the dataset reply's own
-    token length, capped (as vLLM's serving benchmark does). Prompts that do not fit are skipped."""
-    from goodspec.sharegpt import first_turn_prompts
-
-    pool = []
-    for prompt, reply in first_turn_prompts():
-        if chat:
-            prompt = codec.render_chat([("user", prompt)])
-        n_prompt = len(codec.encode(prompt))
-        if n_prompt > max_prompt_tokens:
-            continue
-        n_out = min(max_output_tokens, len(codec.encode(reply)))
-        if n_out >= min_output_tokens:
-            pool.append((prompt, n_out))
-        if len(pool) >= 20 * num:
-            break
-    rng = random.Random(seed)
-    return rng.sample(pool, min(num, len(pool)))
-
-
-def poisson_trace(workload: list[tuple[str, int]], rate: float, seed: int) -> list[TraceItem]:
+# -- trace ------------------------------------------------------------------------------------
+def poisson_trace(workload: list[WorkloadItem], rate: float, seed: int) -> list[TraceItem]:
     rng = random.Random(seed)
     t = 0.0
     out = []
-    for prompt, n in workload:
-        out.append(TraceItem(prompt, n, t))
+    for item in workload:
+        out.append(TraceItem(item.prompt, item.max_new_tokens, t, item.temperature, item.kind))
         t += rng.expovariate(rate)
     return out
 
@@ -101,12 +82,15 @@ async def run_trace(address: str, trace: list[TraceItem], policy: str, rate: flo
         t0 = time.perf_counter()
 
         async def one(i: int, item: TraceItem) -> RequestRecord:
-            rec = RequestRecord(policy=policy, rate=rate, index=i, arrival_s=item.arrival_s)
+            rec = RequestRecord(policy=policy, rate=rate, index=i, kind=item.kind, arrival_s=item.arrival_s)
             await asyncio.sleep(max(0.0, item.arrival_s - (time.perf_counter() - t0)))
             start = time.perf_counter()
+            # A sampled request has the same seed under every policy: lossless speculation then
+            # gives it the same tokens, so every policy does the same work.
+            sampling = dict(temperature=item.temperature, seed=i) if item.temperature > 0 else {}
             try:
                 async for msg in client.generate(item.prompt, max_new_tokens=item.max_new_tokens,
-                                                 ignore_eos=True, policy=policy):
+                                                 ignore_eos=True, policy=policy, **sampling):
                     if msg.token_ids and rec.ttft_s == 0.0:
                         rec.ttft_s = time.perf_counter() - start
                     rec.output_tokens += len(msg.token_ids)
@@ -158,6 +142,8 @@ def summarise(records: list[RequestRecord], k_hist: dict) -> RunSummary:
         accepted_draft_tokens_per_s=accepted / span,
         acceptance_rate=accepted / proposed if proposed else None, k_histogram=k_hist,
         repeat_mean_latencies_s=per_repeat,
+        kind_mean_latencies_s={k: statistics.mean(r.latency_s for r in ok if r.kind == k)
+                               for k in sorted({r.kind for r in ok})},
     )
 
 
@@ -172,11 +158,12 @@ def _k_histogram(address: str, token: str | None) -> dict[int, int]:
 
 def run_benchmark(address: str, rates: list[float], policies: list[str], num_requests: int,
                   seed: int, warmup: int, codec, max_output_tokens: int, progress: bool = True,
-                  token: str | None = None, repeats: int = 1,
-                  chat: bool = False) -> tuple[list[RequestRecord], list[RunSummary]]:
+                  token: str | None = None, repeats: int = 1, chat: bool = False,
+                  workload_name: str = "chat") -> tuple[list[RequestRecord], list[RunSummary]]:
     """Every policy replays the identical trace at each rate, `repeats` times, the policies'
     order rotating between repeats so slow drifts of a shared machine hit every policy alike."""
-    workload = sharegpt_workload(codec, num_requests, seed, max_output_tokens=max_output_tokens, chat=chat)
+    workload = build_workload(workload_name, codec, num_requests, seed, max_output_tokens=max_output_tokens,
+                              chat=chat)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -292,6 +279,10 @@ def write_results(out_dir: Path, records, summaries, meta: dict, peers: dict | N
     (out_dir / "results.json").write_text(json.dumps(data, indent=1))
     md = [f"# goodspec bench\n\n`{meta.get('command', '')}`\n", markdown_table(summaries), ""]
     md += [f"- {line}" for line in ratio_lines(rows)]
+    if any(len(s.kind_mean_latencies_s) > 1 for s in summaries):
+        md += ["", "Mean latency (s) by part of the workload:", ""]
+        md += [f"- rate {s.rate:g}, {s.policy}: " + ", ".join(f"{k} {v:.2f}" for k, v in s.kind_mean_latencies_s.items())
+               for s in summaries]
     if peers:
         md += ["", "## Peers (same prompts, offline)", "", peers_table(peers)]
     (out_dir / "results.md").write_text("\n".join(md) + "\n")

@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rates", default="0.5,1,2,4", help="comma-separated request rates (req/s)")
     bench.add_argument("--policies", default="off,fixed:1,fixed:3,fixed:5,goodput")
     bench.add_argument("--num-requests", type=int, default=32, help="requests per rate and policy")
+    bench.add_argument("--workload", default="chat",
+                       help="chat | copy (answers copy from the prompt) | sampled (temperature 0.7-1.0) | "
+                            "mixed (the three in one trace) | FILE.jsonl (one request per line: prompt or "
+                            "messages, max_new_tokens, optional temperature and kind)")
     bench.add_argument("--max-output-tokens", type=int, default=128, help="cap on each reply length")
     bench.add_argument("--warmup", type=int, default=4, help="warm-up requests per policy (not measured)")
     bench.add_argument("--repeats", type=int, default=1,
@@ -293,10 +297,12 @@ def cmd_bench(args) -> int:
         records, summaries = bench.run_benchmark(address, rates, policies, args.num_requests, args.seed,
                                                  args.warmup, codec, args.max_output_tokens,
                                                  progress=True, token=args.token, repeats=args.repeats,
-                                                 chat=chat)
+                                                 chat=chat, workload_name=args.workload)
         peers = None
         if args.peers:
-            prompts = [p for p, _ in bench.sharegpt_workload(codec, args.peer_requests, args.seed + 1, chat=chat)]
+            from goodspec.workloads import build_workload
+
+            prompts = [it.prompt for it in build_workload("chat", codec, args.peer_requests, args.seed + 1, chat=chat)]
             n = args.peer_max_new_tokens
             print("peers: goodspec offline, HF assisted generation, transformers generate_batch ...", file=sys.stderr)
             peers = {"goodspec": bench_peers.goodspec_offline(address, prompts, n, token=args.token)}
@@ -309,7 +315,7 @@ def cmd_bench(args) -> int:
         meta = {"command": "goodspec " + " ".join(sys.argv[1:]), "rates": rates, "policies": policies,
                 "num_requests": args.num_requests, "repeats": args.repeats, "seed": args.seed, "machine": platform.platform(),
                 "cpus": __import__("os").cpu_count(), "device": config.engine.device,
-                "model": source_name(config.engine.target_dir), "chat": chat}
+                "model": source_name(config.engine.target_dir), "chat": chat, "workload": args.workload}
         bench.write_results(Path(args.out), records, summaries, meta, peers)
     finally:
         if server is not None:
