@@ -55,7 +55,7 @@ class EngineConfig:
                          aliases=("--target",))
     draft_dir: str | None = _f("", "draft model directory (same tokenizer; unset = the named pair's); "
                                    "none = no draft", aliases=("--draft",))
-    policy: str = _f("fixed:3", "speculation policy: off | fixed:K | goodput")
+    policy: str = _f("fixed:3", "speculation policy: off | fixed:K | goodput | goodput-uniform (one k per batch)")
     proposer: str = _f("draft", "who proposes draft tokens: draft (the draft model) | ngram (prompt lookup, no model)")
     device: str = _f("auto", "auto (cuda when present) | cpu | cuda | cuda:N")
     dtype: str = _f("auto", "auto (float32 on cpu, bfloat16 on cuda) | float32 | float16 | bfloat16")

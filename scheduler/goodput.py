@@ -258,7 +258,8 @@ class AcceptanceEstimator:
 # -- the choice of k --------------------------------------------------------------------------
 def best_ks(alphas: Sequence[float] | None, contexts: Sequence[int], caps: Sequence[int],
             model: StepTimeModel, catchups: Sequence[int] | None = None,
-            prefill: tuple[int, int] = (0, 0), gains: np.ndarray | None = None) -> list[int]:
+            prefill: tuple[int, int] = (0, 0), gains: np.ndarray | None = None,
+            uniform: bool = False) -> list[int]:
     """The k_i that maximise predicted goodput sum_i E_i(k_i) / T(k). E_i(k) is `gains[i, k]`
     when given (AcceptanceEstimator.expected_tokens; alphas may then be None), else geometric
     in alphas[i].
@@ -270,6 +271,8 @@ def best_ks(alphas: Sequence[float] | None, contexts: Sequence[int], caps: Seque
     method: at a goodput level G, request i takes the k <= min(m, cap_i) that maximises
     E_i(k) - G * (its draft tokens' cost), or 0 when its catch-up is not repaid;
     G is then updated to the new ratio until the choice stops changing. The best m wins.
+    `uniform`: one k for the whole batch (each request's capped to its own limit), the best m
+    alone: SmartSpec's batch-level choice, kept to measure what per-request choice adds.
     (Request-by-request +1 moves cannot get here: the first request to go one deeper pays a whole
     extra draft pass alone, so a batch of requests that would all gain stays shallow.)"""
     n = len(caps)
@@ -302,6 +305,12 @@ def best_ks(alphas: Sequence[float] | None, contexts: Sequence[int], caps: Seque
 
     best = np.zeros(n, dtype=int)
     best_g = goodput(best)
+    if uniform:
+        for m in range(1, kmax + 1):
+            ks = np.minimum(cap, m)
+            if goodput(ks) > best_g * (1 + 1e-9):
+                best, best_g = ks, goodput(ks)
+        return [int(k) for k in best]
     for m in range(1, kmax + 1):
         limit = np.minimum(cap, m)
         allowed = ks_grid[None, :] <= limit[:, None]  # [n, kmax + 1]

@@ -49,7 +49,7 @@ class FixedPolicy(SpeculationPolicy):
         return [min(self.k, c) for c in caps]
 
 
-POLICY_NAMES = ("off", "fixed:K", "goodput")
+POLICY_NAMES = ("off", "fixed:K", "goodput", "goodput-uniform")
 MAX_FIXED_K = 64
 MAX_POLICY_CHARS = 32  # longer text is refused before it is looked at
 
@@ -59,7 +59,7 @@ class PolicySpec:
     """A speculation policy as the server or a request names it, parsed once where the text
     enters (CLI flag, gRPC field) and carried typed from there; `build` makes the policy."""
 
-    kind: Literal["off", "fixed", "goodput"]
+    kind: Literal["off", "fixed", "goodput", "goodput-uniform"]
     k: int = 0  # fixed:K only
 
     @classmethod
@@ -69,7 +69,7 @@ class PolicySpec:
         if len(text) > MAX_POLICY_CHARS:
             raise ValueError(f"a speculation policy is at most {MAX_POLICY_CHARS} characters")
         norm = text.strip().lower()
-        if norm in ("off", "goodput"):
+        if norm in ("off", "goodput", "goodput-uniform"):
             return cls(norm)  # type: ignore[arg-type]
         if norm.startswith("fixed:"):
             digits = norm.split(":", 1)[1]
@@ -91,6 +91,8 @@ class PolicySpec:
             return OffPolicy()
         if self.kind == "goodput":
             return GoodputPolicy()
+        if self.kind == "goodput-uniform":
+            return GoodputPolicy(uniform=True)
         return FixedPolicy(self.k)
 
 
@@ -101,13 +103,16 @@ class GoodputPolicy(SpeculationPolicy):
 
     name = "goodput"
 
-    def __init__(self, refit_every: int = 16, warmup_k: int = 2) -> None:
+    def __init__(self, refit_every: int = 16, warmup_k: int = 2, uniform: bool = False) -> None:
         from goodspec.scheduler.goodput import AcceptanceEstimator, StepTimeModel
 
         self.time_model = StepTimeModel()
         self.acceptance = AcceptanceEstimator()
         self.refit_every = refit_every
         self.warmup_k = warmup_k
+        self.uniform = uniform  # one k for the whole batch (SmartSpec's choice), for A/B
+        if uniform:
+            self.name = "goodput-uniform"
         self._records: list = []  # live steps
         self._profile: list = []  # the start-up sweep
         self._since_fit = 0
@@ -144,7 +149,7 @@ class GoodputPolicy(SpeculationPolicy):
         # out, they made goodput look higher than it is and so every draft token look too costly
         # (shallow k whenever requests arrive, i.e. all the time near saturation).
         ks = best_ks(None, contexts, caps, self.time_model,
-                     [c / h for c, h in zip(catchups, horizons)], prefill, gains)
+                     [c / h for c, h in zip(catchups, horizons)], prefill, gains, uniform=self.uniform)
         if not any(ks) and self._steps % self.explore_every == 0:
             ks = [min(1, c) for c in caps]
         self._predicted = self.time_model.predict_step_time(ks, contexts, catchups)

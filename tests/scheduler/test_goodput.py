@@ -201,3 +201,23 @@ def test_a_request_tried_only_shallow_is_compared_at_the_same_positions():
         verify("shallow", 1)
     assert est.alpha("shallow") < 0.8 * est.global_alpha  # its pooled rate looks poor...
     assert 0.8 < est.scale("shallow") < 1.2  # ...but at the positions it was tried it is average
+
+
+def test_the_batch_uniform_variant_gives_everyone_one_k_and_never_predicts_more_goodput():
+    """SmartSpec's choice (one k for the batch), kept for the A/B: on a batch whose requests
+    accept differently, per-request k is at least as good by the same model."""
+    from goodspec.scheduler.goodput import expected_tokens
+
+    model, alphas, ctx = fitted(), [0.9, 0.2, 0.6, 0.85], [200] * 4
+    caps = [8, 8, 3, 8]
+    uniform = best_ks(alphas, ctx, caps, model, uniform=True)
+    per_request = best_ks(alphas, ctx, caps, model)
+    m = max(uniform)
+    assert uniform == [min(m, c) for c in caps]  # one k, cut only by a request's own cap
+
+    def goodput(ks):
+        gained = sum(expected_tokens(a, k) for a, k in zip(alphas, ks))
+        return gained / model.predict_step_time(ks, ctx)
+
+    assert goodput(per_request) >= goodput(uniform) * (1 - 1e-9)
+    assert per_request != uniform  # the low-acceptance request is treated differently
