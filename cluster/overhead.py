@@ -24,12 +24,14 @@ class OverheadReport:
     draft_compute_ms: float
     verify_call_ms: float
     verify_compute_ms: float
+    choose_share: float = 0.0  # of step time: the policy choosing k (part of `share`)
 
     def line(self) -> str:
         return (f"{self.policy:10s} batch {self.batch_size}: outside the models {self.share:6.1%} of "
                 f"{self.steps} steps | median step {self.step_ms:6.2f} ms = draft call "
                 f"{self.draft_call_ms:5.2f} (compute {self.draft_compute_ms:5.2f}) + verify call "
-                f"{self.verify_call_ms:5.2f} (compute {self.verify_compute_ms:5.2f}) + scheduling")
+                f"{self.verify_call_ms:5.2f} (compute {self.verify_compute_ms:5.2f}) + scheduling "
+                f"(choosing k: {self.choose_share:.2%} of step time)")
 
 
 def measure_overhead(group: EngineGroup, prompts: list[str], policy: str,
@@ -52,4 +54,5 @@ def measure_overhead(group: EngineGroup, prompts: list[str], policy: str,
         return statistics.median(r[key] for r in rs) * 1e3
 
     return OverheadReport(policy, n, len(rs), 1 - compute / step, med("step_time"), med("draft_time"),
-                          med("draft_compute_time"), med("verify_time"), med("verify_compute_time"))
+                          med("draft_compute_time"), med("verify_time"), med("verify_compute_time"),
+                          sum(r["choose_time"] for r in rs) / step)

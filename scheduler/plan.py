@@ -28,6 +28,7 @@ class StepPlan:
     verify_reqs: list[Request] = field(default_factory=list)
     ks: dict[str, int] = field(default_factory=dict)
     draft_catchup: int = 0  # committed tokens the draft catches up on beyond the pending ones
+    choose_time: float = 0.0  # seconds the policies took to choose the ks
 
     def decode_outcomes(self, result: VerifyResult) -> list[tuple[Request, int, int]]:
         """(request, k, accepted) for each decoding request of the step."""
@@ -55,5 +56,6 @@ class StepPlan:
             draft_compute_time=proposal.elapsed_s if proposal is not None else 0.0,
             verify_compute_time=result.elapsed_s,
             step_time=t_step,
+            choose_time=self.choose_time,
             ks=ks,
         )

@@ -171,7 +171,9 @@ class Scheduler:
         caps = [self._k_cap(r) for r in decode]
         room = max(0, cfg.max_num_batched_tokens - len(decode))
         prefill_tokens = min(room, sum(r.num_pending for r in prefill))
+        t0 = time.perf_counter()
         ks = self.policies.choose(decode, caps, (len(prefill) if prefill_tokens else 0, prefill_tokens))
+        choose_time = time.perf_counter() - t0
         budget = cfg.max_num_batched_tokens - sum(1 + k for k in ks)
         chunks: dict[str, int] = {}
         for r in prefill:
@@ -183,7 +185,7 @@ class Scheduler:
         ks_by_id = {r.req_id: k for r, k in zip(decode, ks)}
         ks_by_id = self._fit_kv(ks_by_id, chunks)
 
-        plan = StepPlan(ks=ks_by_id)
+        plan = StepPlan(ks=ks_by_id, choose_time=choose_time)
         for r in self.running:
             if r.req_id in ks_by_id:
                 tokens = r.token_ids[r.target_len:]

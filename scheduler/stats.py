@@ -22,6 +22,7 @@ class EngineStats:
     worker_failures: int = 0  # failed worker calls since the engine started
     unhealthy: str | None = None  # why the engine serves no more; None while it can
     overhead_share: float = 0.0  # of recent step time, what was spent outside the models
+    choose_share: float = 0.0  # of recent step time, what choosing k took (the policies' cost)
     k_histogram: dict[int, int] = field(default_factory=dict)  # recent steps: k -> request-steps
     mean_k: float = 0.0
     draft_tokens_proposed: int = 0
@@ -51,6 +52,7 @@ class EngineStats:
             worker_failures=scheduler.num_worker_failures,
             unhealthy=scheduler.unhealthy or loop_error,
             overhead_share=(1 - compute / step) if step > 0 else 0.0,
+            choose_share=sum(r.choose_time for r in recent) / step if step > 0 else 0.0,
             k_histogram=dict(sorted(k_hist.items())),
             mean_k=(sum(k * n for k, n in k_hist.items()) / sum(k_hist.values())) if k_hist else 0.0,
             draft_tokens_proposed=proposed, draft_tokens_accepted=accepted,
