@@ -221,3 +221,47 @@ def test_the_batch_uniform_variant_gives_everyone_one_k_and_never_predicts_more_
 
     assert goodput(per_request) >= goodput(uniform) * (1 - 1e-9)
     assert per_request != uniform  # the low-acceptance request is treated differently
+
+
+def test_after_the_load_jumps_8x_the_chosen_k_settles_within_20_steps():
+    """A closed loop on a simulated machine whose verify pass has a large fixed cost (as on a
+    GPU, where speculation pays at light load) and acceptance 0.8: 2 requests decode for 100
+    steps, then 16 (the request rate jumped 8x). Within 20 steps of the jump the mean k must be
+    near the level it settles at, well below the light-load level.
+
+    (The first ~50 light steps choose k = 0: a new policy starts from a pessimistic global
+    acceptance of 0.5 and only its periodic exploration step measures the real one.)"""
+    from goodspec.scheduler.policy import GoodputPolicy
+    from goodspec.scheduler.request import Request
+    from goodspec.workers.sampling import SamplingParams
+
+    verify = np.array([0.02, 0.0006, 0.001, 0.0005])  # launch, per request, per token, per ctx/1000
+    rng = random.Random(5)
+    policy = GoodputPolicy()
+    policy.seed(synthetic_records(seed=1, verify=verify))
+    sampling = SamplingParams(max_new_tokens=100_000, seed=1)
+    mean_k = []
+    for step in range(200):
+        n = 2 if step < 100 else 16
+        reqs = [Request(f"r{i}", [5] * 200, sampling) for i in range(n)]
+        for r in reqs:
+            r.target_len = r.draft_len = len(r.token_ids) - 1
+        ks = policy.choose(reqs, [8] * n)
+        accepted = []
+        for k in ks:
+            a = 0
+            while a < k and rng.random() < 0.8:
+                a += 1
+            accepted.append(a)
+        record = StepRecord(batch_size=n, num_decode=n, num_draft_reqs=sum(k > 0 for k in ks),
+                            draft_tokens=sum(ks), verify_tokens=n + sum(ks), context_tokens=200 * n,
+                            max_context=200 + max(ks), max_k=max(ks), num_accepted=sum(accepted),
+                            draft_time=0.0, verify_time=0.0, draft_compute_time=0.0,
+                            verify_compute_time=0.0, step_time=0.0, ks=list(ks))
+        d, v = record_features(record)
+        record.draft_time, record.verify_time = float(np.dot(TRUE_DRAFT, d)), float(np.dot(verify, v))
+        policy.observe([(r.req_id, k, a) for r, k, a in zip(reqs, ks, accepted)], record)
+        mean_k.append(sum(ks) / n)
+    light, settled = np.mean(mean_k[70:100]), np.mean(mean_k[160:200])
+    assert light - settled >= 2.0, (light, settled)  # the load matters: a real change to react to
+    assert all(abs(k - settled) <= 0.75 for k in mean_k[120:200]), (settled, mean_k[100:140])
