@@ -117,6 +117,11 @@ class GoodputPolicy(SpeculationPolicy):
         self._profile: list = []  # the start-up sweep
         self._since_fit = 0
         self.explore_every = 50  # an occasional speculative step keeps alpha estimates alive
+        # Until this many speculative verifications were seen, the global acceptance is the
+        # prior's 0.5, which made a new engine choose k = 0 and learn nothing until an
+        # exploration step (50 steps of no speculation where it paid): speculate to measure.
+        self.min_observations = 16
+        self._observations = 0
         self._steps = 0
         self._predicted: float | None = None
         self.prediction_log: list[tuple[float, float]] = []  # (predicted, measured) step seconds
@@ -131,7 +136,7 @@ class GoodputPolicy(SpeculationPolicy):
         from goodspec.scheduler.goodput import best_ks
 
         self._steps += 1
-        if not self.time_model.ready:
+        if not self.time_model.ready or self._observations < self.min_observations:
             return [min(self.warmup_k, c) for c in caps]
         ids = [r.req_id for r in requests]
         gains = self.acceptance.expected_tokens(ids, max(caps, default=0))
@@ -158,6 +163,7 @@ class GoodputPolicy(SpeculationPolicy):
     def observe(self, outcomes, record) -> None:
         for req_id, k, accepted in outcomes:
             self.acceptance.observe(req_id, k, accepted)
+            self._observations += k > 0
         # Only steps that were pure decode batches are what the prediction was made for.
         if self._predicted is not None and record.num_decode == record.batch_size:
             self.prediction_log.append((self._predicted, record.draft_time + record.verify_time))
