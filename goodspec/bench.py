@@ -1,5 +1,6 @@
 """`goodspec bench`: latency against request rate on a workload (goodspec.workloads: ShareGPT
-chat, copy-heavy, sampled, mixed, or a JSONL file), several speculation policies on one identical trace, driven over gRPC like any client would (vLLM's serving benchmark, SmartSpec's
+chat, copy-heavy, sampled, mixed, or a JSONL file), several speculation policies on one
+identical trace, driven over gRPC like any client would (vLLM's serving benchmark, SmartSpec's
 figures). Writes raw records (JSON), a Markdown table and a latency-vs-rate plot (PNG)."""
 
 from __future__ import annotations

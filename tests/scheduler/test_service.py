@@ -25,14 +25,15 @@ def test_a_submit_from_another_thread_waits_only_for_the_step_in_progress(shareg
     service.start()
     try:
         for i in range(4):  # a busy batch: every step drafts 5 tokens for each
-            service.submit(f"long-{i}", engine.codec.encode(sharegpt_prompts[i]), SamplingParams(max_new_tokens=400, ignore_eos=True),
-                           on_chunk)
+            service.submit(f"long-{i}", engine.codec.encode(sharegpt_prompts[i]),
+                           SamplingParams(max_new_tokens=400, ignore_eos=True), on_chunk)
         waited = []
         for i in range(20):
             time.sleep(0.003)
             steps = engine.scheduler.step_records
             before = len(steps)
-            service.submit(f"short-{i}", engine.codec.encode("Hello"), SamplingParams(max_new_tokens=2, ignore_eos=True), on_chunk)
+            service.submit(f"short-{i}", engine.codec.encode("Hello"),
+                           SamplingParams(max_new_tokens=2, ignore_eos=True), on_chunk)
             waited.append(len(steps) - before)
         # At most the step in progress, plus one that began between reading the count and asking.
         assert max(waited) <= 2, waited
