@@ -44,7 +44,7 @@ PART_PROMPTS = 512  # prompts per cached file of target replies
 @dataclass(frozen=True)
 class DistillConfig:
     seed: int = 0
-    train_prompts: int = 12000
+    train_prompts: int = 7168
     prompt_user_tokens: int = 192  # a long user turn is cut to its first tokens
     new_tokens: int = 128  # greedy target tokens generated per prompt
     gen_batch: int = 64
@@ -57,7 +57,7 @@ class DistillConfig:
     top_logprobs: int = 20  # teacher distribution kept per position
     draft_vocab: int = 8192
     draft_layers: int = 2
-    steps: int = 1400
+    steps: int = 3000
     batch_size: int = 16
     lr: float = 6e-4
     warmup_steps: int = 50
@@ -285,9 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     prompts = chat_prompts(tokenizer, False, cfg.train_prompts, cfg.prompt_user_tokens)
     key = f"{cfg.new_tokens}-{cfg.prompt_user_tokens}-{cfg.data_dtype}"
-    generator = target.to(getattr(torch, cfg.data_dtype))
+    generator = AutoModelForCausalLM.from_pretrained(target_dir, dtype=getattr(torch, cfg.data_dtype)).eval()
     data = cached_replies(generator, tokenizer, prompts, cfg, args.work / f"replies-{key}")
-    target = generator.float()
+    del generator  # (casting `target` instead would leave it rounded to bfloat16 for the evaluation)
     if args.data_only:
         print(f"{len(data)} replies cached under {args.work}")
         return
