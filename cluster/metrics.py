@@ -36,11 +36,11 @@ class _EngineCollector(Collector):
         }
         for s in rows:
             r = str(s.replica)
-            families.running.add_metric([r], s.running)
-            families.waiting.add_metric([r], s.waiting)
+            families["running"].add_metric([r], s.running)
+            families["waiting"].add_metric([r], s.waiting)
             families["kv"].add_metric([r, "target"], s.target_blocks_used)
             families["kv"].add_metric([r, "draft"], s.draft_blocks_used)
-            families.mean_k.add_metric([r], s.mean_k)
+            families["mean_k"].add_metric([r], s.mean_k)
             if s.acceptance_rate is not None:
                 families["accept"].add_metric([r], s.acceptance_rate)
             families["fail"].add_metric([r], s.worker_failures)

@@ -13,6 +13,7 @@ import pytest
 
 from goodspec.cluster.group import EngineGroup
 from goodspec.config import build_config
+from goodspec.scheduler.policy import PolicySpec
 from goodspec.workers.sampling import SamplingParams
 
 
@@ -39,8 +40,8 @@ async def _staggered(group: EngineGroup, prompts, reference, kill=None, policies
         await asyncio.sleep(0.03 * i)
         n = reference[p][0]
         ids, last = [], None
-        policy = policies[i % len(policies)] if policies else None
-        async for _, chunk in group.generate(p, SamplingParams(max_new_tokens=n), policy=policy):
+        policy = PolicySpec.parse(policies[i % len(policies)]) if policies else None
+        async for _, chunk in group.generate(group.codec.encode(p), SamplingParams(max_new_tokens=n), policy=policy):
             ids += chunk.token_ids
             last = chunk
             if ids:
