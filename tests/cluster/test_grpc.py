@@ -394,6 +394,39 @@ def test_server_replaces_an_engine_whose_worker_ray_gave_up_on(ray_session, shar
         g.shutdown()
 
 
+def test_a_killed_scheduler_actor_fails_its_streams_and_the_engine_is_replaced(ray_session, sharegpt_prompts,
+                                                                              greedy_reference):
+    """The scheduler actor holds every request's state, so Ray does not restart it: its streams
+    end UNAVAILABLE saying so, and the server puts a fresh engine (scheduler and workers) in its
+    place and serves target-only greedy output again."""
+    import ray
+
+    g = make_group()
+    s = ServerThread(g, health_check_s=0.3)
+    try:
+        with GenerationClient(s.address) as c:
+            old_actor = g.engines[0].actor
+            stream = c.generate("Tell me a long story about the sea.", max_new_tokens=400, ignore_eos=True)
+            next(stream)
+            t0 = time.monotonic()
+            ray.kill(old_actor, no_restart=True)
+            with pytest.raises(grpc.RpcError) as err:
+                for _ in stream:
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "scheduler actor died" in err.value.details()
+            assert time.monotonic() - t0 < 20
+            assert _wait_for(lambda: c.health() == "SERVING" and g.engines[0].actor is not old_actor
+                             and not c.server_stats().engines[0].unhealthy, 180)
+            prompt = sharegpt_prompts[3]
+            n, want = greedy_reference[prompt]
+            assert list(c.complete(prompt, max_new_tokens=n, policy="fixed:3").token_ids) == want
+            assert wait_idle(c)
+    finally:
+        s.stop()
+        g.shutdown()
+
+
 def test_prometheus_metrics_follow_requests_and_engines(group):
     from urllib.request import urlopen
 
