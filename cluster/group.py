@@ -200,26 +200,13 @@ class EngineGroup:
     def complete_all(self, prompts: list[str], sampling: SamplingParams | list[SamplingParams],
                      policy: PolicySpec | None = None, progress: bool = False) -> list[Completion]:
         """All prompts concurrently (continuously batched by the engines), results in order."""
+        from tqdm.asyncio import tqdm
+
         params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
 
-        async def run():
-            bar = None
-            if progress:
-                from tqdm import tqdm
-
-                bar = tqdm(total=len(prompts), desc="generate", unit="req")
-
-            async def one(p, s):
-                c = await self.complete(p, s, policy=policy)
-                if bar is not None:
-                    bar.update(1)
-                return c
-
-            try:
-                return await asyncio.gather(*(one(p, s) for p, s in zip(prompts, params)))
-            finally:
-                if bar is not None:
-                    bar.close()
+        async def run():  # tqdm's gather keeps the order of its arguments
+            return await tqdm.gather(*(self.complete(p, s, policy=policy) for p, s in zip(prompts, params)),
+                                     desc="generate", unit="req", disable=not progress)
 
         return asyncio.run(run())
 
@@ -235,6 +222,10 @@ class EngineGroup:
             except (RayActorError, GetTimeoutError) as exc:
                 rows.append(EngineStats.silent(e.index, f"scheduler actor does not answer ({type(exc).__name__})"))
         return rows
+
+    def step_records(self, index: int, last: int = 0) -> list[dict]:
+        """Engine `index`'s step records (the newest `last`; 0: all it keeps)."""
+        return ray.get(self.engines[index].actor.step_records.remote(last), timeout=60)
 
     async def check_health(self) -> bool:
         """Ask every engine how it is, record the answer for the router, and say whether any

@@ -352,7 +352,7 @@ def cmd_overhead(args) -> int:
     import itertools
 
     from goodspec.cluster.group import EngineGroup
-    from goodspec.cluster.overhead import measure_overhead
+    from goodspec.overhead import measure_overhead
     from goodspec.sharegpt import first_turn_prompts
     from goodspec.workers.sampling import SamplingParams
 

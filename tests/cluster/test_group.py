@@ -77,7 +77,7 @@ def test_actor_overhead_share_of_step_time_is_small_at_batch_8(group, sharegpt_p
     """Report: the share of scheduler-side step time spent outside the two models' forwards
     (worker channel calls, serialisation, scheduling), as `goodspec overhead` measures it.
     Asserted loosely here (a timing on a shared machine); the figure is in the README."""
-    from goodspec.cluster.overhead import measure_overhead
+    from goodspec.overhead import measure_overhead
 
     report = measure_overhead(group, sharegpt_prompts[:8], "fixed:3", max_new_tokens=32)
     print("\n" + report.line())

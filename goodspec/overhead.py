@@ -1,12 +1,11 @@
 """How much of an engine's step time is spent outside the two models' forwards: actor and channel
-calls, serialisation, scheduling. Measured on the real runtime (Ray actors, the worker channels)."""
+calls, serialisation, scheduling. Measured on the real runtime (Ray actors, the worker channels),
+through the EngineGroup's own API."""
 
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-
-import ray
 
 from goodspec.cluster.group import EngineGroup
 from goodspec.scheduler.policy import PolicySpec
@@ -38,11 +37,10 @@ def measure_overhead(group: EngineGroup, prompts: list[str], policy: str,
                      max_new_tokens: int) -> OverheadReport:
     """Run the prompts together under `policy` and report over the steps where all of them were
     decoding (prefill steps measure something else)."""
-    engine = group.engines[0]
-    start = ray.get(engine.actor.stats.remote(), timeout=60).num_steps
+    start = group.stats()[0].num_steps
     group.complete_all(prompts, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True),
                        policy=PolicySpec.parse(policy))
-    records = ray.get(engine.actor.step_records.remote(0), timeout=60)[start:]
+    records = group.step_records(0)[start:]
     n = len(prompts)
     rs = [r for r in records if r["batch_size"] == n and r["num_decode"] == n]
     if not rs:
