@@ -133,21 +133,29 @@ def _propose_in(h: Any, t: torch.Tensor | None) -> ProposeBatch:
     return ProposeBatch(items)
 
 
+def _unit(x: Any) -> float:
+    v = _float(x)
+    if not 0.0 <= v <= 1.0:
+        raise WireError("expected a probability")
+    return v
+
+
 def _proposal_out(p: Proposal) -> tuple[Any, torch.Tensor | None]:
-    return {"draft_ids": p.draft_ids, "elapsed_s": p.elapsed_s}, p.draft_probs
+    return {"draft_ids": p.draft_ids, "elapsed_s": p.elapsed_s, "draft_conf": p.draft_conf}, p.draft_probs
 
 
 def _proposal_in(h: Any, t: torch.Tensor | None) -> Proposal:
-    if type(h) is not dict or set(h) != {"draft_ids", "elapsed_s"}:
+    if type(h) is not dict or set(h) != {"draft_ids", "elapsed_s", "draft_conf"}:
         raise WireError("bad proposal")
-    return Proposal([_ids(r) for r in _list(h["draft_ids"])], t, _float(h["elapsed_s"]))
+    conf = None if h["draft_conf"] is None else [[_unit(c) for c in _list(r)] for r in _list(h["draft_conf"])]
+    return Proposal([_ids(r) for r in _list(h["draft_ids"])], t, _float(h["elapsed_s"]), conf)
 
 
 def _verify_out(b: VerifyBatch) -> tuple[Any, torch.Tensor | None]:
     items = [[i.req_id, i.start_pos, i.token_ids, i.sample, _sampling_out(i.sampling), i.draft_ids,
               i.proposal_row] for i in b.items]
-    proposal = None if b.proposal is None else {"draft_ids": b.proposal.draft_ids,
-                                                 "elapsed_s": b.proposal.elapsed_s}
+    proposal = None if b.proposal is None else {"draft_ids": b.proposal.draft_ids,  # the target
+                                                 "elapsed_s": b.proposal.elapsed_s, "draft_conf": None}
     return {"items": items, "proposal": proposal}, None if b.proposal is None else b.proposal.draft_probs
 
 

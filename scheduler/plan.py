@@ -39,17 +39,20 @@ class StepPlan:
     def record(self, proposal: Proposal | None, result: VerifyResult, t_draft: float,
                t_verify: float, t_step: float) -> StepRecord:
         items = self.verify
-        ks = [len(it.draft_ids) for it in items if it.sample]
+        ks = [len(it.draft_ids) for it in items if it.sample]  # verified
+        # Drafted: a policy may verify less than the draft proposed (adaptive verification).
+        drafted = [len(proposal.draft_ids[it.proposal_row]) if proposal is not None and it.proposal_row >= 0
+                   else 0 for it in items if it.sample]
         return StepRecord(
             batch_size=len(items),
             num_decode=sum(1 for r in self.verify_reqs if r.req_id in self.ks),
-            num_draft_reqs=sum(1 for k in ks if k > 0),
-            draft_tokens=sum(ks),
+            num_draft_reqs=sum(1 for k in drafted if k > 0),
+            draft_tokens=sum(drafted),
             draft_catchup_tokens=self.draft_catchup,
             verify_tokens=sum(len(it.token_ids) + len(it.draft_ids) for it in items),
             context_tokens=sum(it.start_pos + len(it.token_ids) for it in items),
             max_context=max(it.start_pos + len(it.token_ids) + len(it.draft_ids) for it in items),
-            max_k=max(ks, default=0),
+            max_k=max(drafted, default=0),
             num_accepted=sum(result.num_accepted),
             draft_time=t_draft,
             verify_time=t_verify,

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 from goodspec.scheduler.request import Request
+
+if TYPE_CHECKING:
+    from goodspec.scheduler.confidence import VerifyShape
 
 
 class SpeculationPolicy(ABC):
@@ -21,6 +24,12 @@ class SpeculationPolicy(ABC):
         """k for each request, each in 0..caps[i]. `prefill` = (sequences, tokens) of prompt
         chunks that will share the step's target forward (an estimate made before the chunks
         are cut: they get the token budget the decodes leave)."""
+
+    def trim(self, requests: Sequence[Request], draft_conf: Sequence[Sequence[float]],
+             shape: "VerifyShape") -> list[int] | None:
+        """After the draft proposed: how many of each request's draft tokens to verify, given
+        the draft's confidence in each (None: all of them)."""
+        return None
 
     def observe(self, outcomes: Sequence[tuple[str, int, int]], record) -> None:
         """After each step: (req_id, k, accepted) per decoding request and the StepRecord."""
@@ -49,7 +58,7 @@ class FixedPolicy(SpeculationPolicy):
         return [min(self.k, c) for c in caps]
 
 
-POLICY_NAMES = ("off", "fixed:K", "goodput", "goodput-uniform")
+POLICY_NAMES = ("off", "fixed:K", "goodput", "goodput-uniform", "goodput-conf")
 MAX_FIXED_K = 64
 MAX_POLICY_CHARS = 32  # longer text is refused before it is looked at
 
@@ -59,7 +68,7 @@ class PolicySpec:
     """A speculation policy as the server or a request names it, parsed once where the text
     enters (CLI flag, gRPC field) and carried typed from there; `build` makes the policy."""
 
-    kind: Literal["off", "fixed", "goodput", "goodput-uniform"]
+    kind: Literal["off", "fixed", "goodput", "goodput-uniform", "goodput-conf"]
     k: int = 0  # fixed:K only
 
     @classmethod
@@ -69,7 +78,7 @@ class PolicySpec:
         if len(text) > MAX_POLICY_CHARS:
             raise ValueError(f"a speculation policy is at most {MAX_POLICY_CHARS} characters")
         norm = text.strip().lower()
-        if norm in ("off", "goodput", "goodput-uniform"):
+        if norm in ("off", "goodput", "goodput-uniform", "goodput-conf"):
             return cls(norm)  # type: ignore[arg-type]
         if norm.startswith("fixed:"):
             digits = norm.split(":", 1)[1]
@@ -93,6 +102,8 @@ class PolicySpec:
             return GoodputPolicy()
         if self.kind == "goodput-uniform":
             return GoodputPolicy(uniform=True)
+        if self.kind == "goodput-conf":
+            return GoodputPolicy(confidence=True)
         return FixedPolicy(self.k)
 
 
@@ -103,7 +114,9 @@ class GoodputPolicy(SpeculationPolicy):
 
     name = "goodput"
 
-    def __init__(self, refit_every: int = 16, warmup_k: int = 2, uniform: bool = False) -> None:
+    def __init__(self, refit_every: int = 16, warmup_k: int = 2, uniform: bool = False,
+                 confidence: bool = False) -> None:
+        from goodspec.scheduler.confidence import ConfidenceCalibrator
         from goodspec.scheduler.goodput import AcceptanceEstimator, StepTimeModel
 
         self.time_model = StepTimeModel()
@@ -113,6 +126,13 @@ class GoodputPolicy(SpeculationPolicy):
         self.uniform = uniform  # one k for the whole batch (SmartSpec's choice), for A/B
         if uniform:
             self.name = "goodput-uniform"
+        # Adaptive verification (goodspec.scheduler.confidence): verify only the slots whose
+        # calibrated survival is worth their verify time.
+        self.calibrator = ConfidenceCalibrator() if confidence else None
+        if confidence:
+            self.name = "goodput-conf"
+        self._verifying: dict[str, tuple[list[float], bool]] = {}  # req_id -> (confidences, greedy)
+        self._level: float | None = None  # the last step's goodput level (tokens per second)
         self._records: list = []  # live steps
         self._profile: list = []  # the start-up sweep
         self._since_fit = 0
@@ -160,10 +180,25 @@ class GoodputPolicy(SpeculationPolicy):
         self._predicted = self.time_model.predict_step_time(ks, contexts, catchups)
         return ks
 
+    def trim(self, requests, draft_conf, shape) -> list[int] | None:
+        from goodspec.scheduler.confidence import verify_lengths
+
+        if self.calibrator is None or not self.time_model.ready:
+            return None
+        greedy = [r.sampling.temperature <= 0 for r in requests]
+        survival = [self.calibrator.survival(c, g) for c, g in zip(draft_conf, greedy)]
+        lengths, self._level = verify_lengths(survival, greedy, shape, self.time_model, self._level)
+        for r, c, g, n in zip(requests, draft_conf, greedy, lengths):
+            self._verifying[r.req_id] = (list(c[:n]), g)
+        return lengths
+
     def observe(self, outcomes, record) -> None:
         for req_id, k, accepted in outcomes:
             self.acceptance.observe(req_id, k, accepted)
             self._observations += k > 0
+            if self.calibrator is not None and req_id in self._verifying:
+                conf, greedy = self._verifying.pop(req_id)
+                self.calibrator.observe(conf, accepted, greedy)
         # Only steps that were pure decode batches are what the prediction was made for.
         if self._predicted is not None and record.num_decode == record.batch_size:
             self.prediction_log.append((self._predicted, record.draft_time + record.verify_time))
@@ -181,3 +216,4 @@ class GoodputPolicy(SpeculationPolicy):
 
     def forget(self, req_id: str) -> None:
         self.acceptance.forget(req_id)
+        self._verifying.pop(req_id, None)

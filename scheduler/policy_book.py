@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from goodspec.scheduler.confidence import VerifyShape
+from goodspec.scheduler.plan import StepPlan
 from goodspec.scheduler.policy import PolicySpec, SpeculationPolicy
 from goodspec.scheduler.request import Request
 from goodspec.scheduler.step_record import StepRecord
+from goodspec.workers.messages import Proposal
 
 
 class PolicyBook:
@@ -58,6 +61,27 @@ class PolicyBook:
             for i, k in zip(idx, chosen):
                 ks[i] = max(0, min(int(k), caps[i]))
         return ks
+
+    def trim(self, plan: StepPlan, proposal: Proposal, draft_time: float) -> None:
+        """Let each policy cut its requests' proposals to what is worth verifying (adaptive
+        verification); the cut tokens are never sent to the target."""
+        if proposal.draft_conf is None:
+            return
+        groups: dict[int, tuple[SpeculationPolicy, list]] = {}
+        for item, r in zip(plan.verify, plan.verify_reqs):
+            if item.draft_ids:
+                groups.setdefault(id(r.policy), (r.policy, []))[1].append((item, r))
+        if not groups:
+            return
+        shape = VerifyShape(
+            num_items=len(plan.verify), tokens=sum(len(it.token_ids) for it in plan.verify),
+            emitting=sum(it.sample for it in plan.verify),
+            longest=max(it.start_pos + len(it.token_ids) for it in plan.verify), draft_time=draft_time)
+        for policy, members in groups.values():
+            lengths = policy.trim([r for _, r in members],
+                                  [proposal.draft_conf[it.proposal_row] for it, _ in members], shape)
+            for (item, _), n in zip(members, lengths or ()):
+                item.draft_ids = item.draft_ids[:n]
 
     def observe(self, outcomes: Sequence[tuple[Request, int, int]], record: StepRecord) -> None:
         """(request, k, accepted) per decoding request: the server's policy sees every outcome

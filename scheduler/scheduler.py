@@ -139,6 +139,8 @@ class Scheduler:
         try:
             proposal, t_draft = self._propose(plan)
             self._failures["draft"] = 0
+            if proposal is not None:
+                self.policies.trim(plan, proposal, t_draft)
         except WorkerLost as e:
             outputs += self._worker_lost("draft", e)
             if self.unhealthy is not None:

@@ -28,6 +28,23 @@ class MixedKPolicy(SpeculationPolicy):
         return [min(c, (self.calls + int(r.req_id.split("-")[-1])) % 6) for r, c in zip(requests, caps)]
 
 
+class TrimmingPolicy(SpeculationPolicy):
+    """Drafts 3, verifies only the leading positions whose draft confidence is at least 0.3 (a
+    stopping rule: whether position j is verified depends on the draft tokens before it)."""
+
+    name = "trim"
+
+    def choose(self, requests, caps, prefill=(0, 0)):
+        return [min(3, c) for c in caps]
+
+    def trim(self, requests, draft_conf, shape):
+        return [next((j for j, c in enumerate(conf) if c < 0.3), len(conf)) for conf in draft_conf]
+
+
+def _trimmed_some(engine) -> bool:
+    return any(r.draft_tokens > sum(r.ks) for r in engine.scheduler.step_records)
+
+
 def _run_staggered(engine: LLMEngine, prompts: list[str], reference, policy) -> dict[str, list[int]]:
     """Half the prompts start together, the rest join two at a time while others decode."""
     ids: dict[str, str] = {}
@@ -48,13 +65,15 @@ def _run_staggered(engine: LLMEngine, prompts: list[str], reference, policy) -> 
     return {p: engine.take_completion(rid).token_ids for rid, p in ids.items()}
 
 
-@pytest.mark.parametrize("policy", ["off", "fixed:1", "fixed:3", "fixed:5", "mixed"])
+@pytest.mark.parametrize("policy", ["off", "fixed:1", "fixed:3", "fixed:5", "mixed", "trim"])
 def test_greedy_output_equals_target_only_output_while_requests_join_and_leave(
     shared_engine, sharegpt_prompts, greedy_reference, policy
 ):
     prompts = sharegpt_prompts[:NUM_PROMPTS]
-    pol = MixedKPolicy() if policy == "mixed" else policy
+    pol = {"mixed": MixedKPolicy, "trim": TrimmingPolicy}.get(policy, lambda: policy)()
     got = _run_staggered(shared_engine, prompts, greedy_reference, pol)
+    if policy == "trim":
+        assert _trimmed_some(shared_engine), "the trimming policy never cut a proposal"
     mismatches = [p for p in prompts if got[p] != greedy_reference[p][1]]
     assert not mismatches, f"{len(mismatches)} prompts differ, e.g. {got[mismatches[0]]} vs " \
                            f"{greedy_reference[mismatches[0]][1]}"
@@ -111,6 +130,11 @@ def test_speculative_sampling_matches_target_only_sampling(shared_engine, shareg
     plain = _sample_tokens(shared_engine, prompt, "off", range(10_000, 10_000 + n))
     for j in range(2):
         assert _homogeneous(spec[j], plain[j]) > 1e-3
+    # Verifying only a confidence-chosen prefix of each proposal (adaptive verification).
+    trimmed = _sample_tokens(shared_engine, prompt, TrimmingPolicy(), range(30_000, 30_000 + n))
+    assert _trimmed_some(shared_engine)
+    for j in range(2):
+        assert _homogeneous(trimmed[j], plain[j]) > 1e-3
 
     draft_only = LLMEngine(engine_config("off", target_dir=shared_engine.config.draft_dir, draft_dir=None))
     biased = _sample_tokens(draft_only, prompt, "off", range(20_000, 20_000 + n))

@@ -17,16 +17,20 @@ def goodput_engine():
     return LLMEngine(engine_config("goodput"))
 
 
-@pytest.mark.parametrize("proposer", ["draft", "ngram"])
+@pytest.mark.parametrize("proposer", ["draft", "ngram", "draft, goodput-conf"])
 def test_greedy_output_under_goodput_equals_target_only(proposer, goodput_engine, sharegpt_prompts,
                                                         greedy_reference):
-    engine = goodput_engine if proposer == "draft" else LLMEngine(engine_config("goodput", proposer="ngram"))
+    engine = {"draft": lambda: goodput_engine,
+              "ngram": lambda: LLMEngine(engine_config("goodput", proposer="ngram")),
+              "draft, goodput-conf": lambda: LLMEngine(engine_config("goodput-conf"))}[proposer]()
     prompts = sharegpt_prompts[:20]
     got = _run_staggered(engine, prompts, greedy_reference, None)
     for p in prompts:
         assert got[p] == greedy_reference[p][1]
     records = engine.scheduler.step_records
     assert any(r.draft_tokens for r in records), "goodput never speculated"
+    if proposer.endswith("goodput-conf"):  # adaptive verification cut some proposals
+        assert any(r.draft_tokens > sum(r.ks) for r in records)
 
 
 def test_step_time_model_predicts_held_out_real_steps_within_15_percent(goodput_engine, sharegpt_prompts):

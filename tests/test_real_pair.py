@@ -98,7 +98,7 @@ def test_the_draft_is_small_and_maps_into_the_targets_vocabulary(pair):
     assert torch.isfinite(logits[0, ~outside]).all()
 
 
-@pytest.mark.parametrize("policy", ["off", "fixed:3", "goodput"])
+@pytest.mark.parametrize("policy", ["off", "fixed:3", "goodput", "goodput-conf"])
 def test_greedy_output_equals_the_targets_own_on_held_out_chat_prompts(pair, chat_prompts, reference, policy):
     from goodspec.engine import LLMEngine
 

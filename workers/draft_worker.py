@@ -33,6 +33,7 @@ class DraftWorker:
         keep_probs = not params.all_greedy
         vocab = self.runner.vocab_size
         draft = torch.zeros(num_items, max_k, dtype=torch.long, device=dev)
+        conf = torch.zeros(num_items, max_k, device=dev)  # the draft's confidence at each position
         probs_out = torch.zeros(num_items, max_k, vocab, device=dev) if keep_probs else None
         # Position of the next token each request drafts.
         next_pos = torch.tensor([it.start_pos + len(it.token_ids) for it in items], device=dev)
@@ -47,12 +48,20 @@ class DraftWorker:
             logits = self.runner.forward(seq_ids, starts, inputs, [1] * len(seq_ids), target_vocab=False)
             pos = next_pos[active] + j
             if probs_out is None:  # all greedy: q is the one-hot of the argmax, never built
-                tokens = self.runner.target_ids(logits.argmax(-1))
+                top_p, top_id = torch.softmax(logits.float(), -1).max(-1)
+                tokens = self.runner.target_ids(top_id)
+                conf[active, j] = top_p
             else:
                 sub = params.select(active)
                 probs = logits_to_probs(logits, sub.temperature, sub.top_k, sub.top_p)  # [active, V']
-                tokens = self.runner.target_ids(sample_from_probs(probs, hash_uniform(sub.seeds, pos, STREAM_DRAFT)))
+                picked = sample_from_probs(probs, hash_uniform(sub.seeds, pos, STREAM_DRAFT))
+                tokens = self.runner.target_ids(picked)
                 probs_out[active, j] = self.runner.probs_to_target(probs)
+                # The top probability of q, not q(drafted token): it must not depend on the token
+                # drawn, or verifying by it would bias sampled output (goodspec.scheduler.confidence).
+                # A greedy row's q is one-hot: its confidence is the temperature-1 top probability.
+                soft = torch.softmax(logits.float(), -1).max(-1).values
+                conf[active, j] = torch.where(sub.temperature > 0, probs.max(-1).values, soft)
             draft[active, j] = tokens
             still = num_draft[active] > j + 1
             if not bool(still.any()):
@@ -64,8 +73,11 @@ class DraftWorker:
             starts = [pos_list[i] for i in idx]  # the draft token j sits at position pos
             inputs = [[token_list[i]] for i in idx]
         self.runner.synchronize()
-        ids = [row[:k] for row, k in zip(draft.tolist(), num_draft.tolist())]
-        return Proposal(draft_ids=ids, draft_probs=probs_out, elapsed_s=time.perf_counter() - t0)
+        ks = num_draft.tolist()
+        ids = [row[:k] for row, k in zip(draft.tolist(), ks)]
+        confs = [row[:k] for row, k in zip(conf.tolist(), ks)]
+        return Proposal(draft_ids=ids, draft_probs=probs_out, elapsed_s=time.perf_counter() - t0,
+                        draft_conf=confs)
 
     def free(self, req_ids: list[str]) -> None:
         self.runner.free(req_ids)

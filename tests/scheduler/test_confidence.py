@@ -1,0 +1,74 @@
+"""Adaptive verification: calibrating draft confidence and choosing how much to verify."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from goodspec.scheduler.confidence import ConfidenceCalibrator, VerifyShape, verify_lengths
+from goodspec.scheduler.goodput import StepTimeModel
+
+
+def _model(per_token: float, base: float = 0.02) -> StepTimeModel:
+    m = StepTimeModel()
+    m.verify.coef = np.array([base, 0.0, per_token, 0.0])
+    m.num_fitted = 1
+    return m
+
+
+SHAPE = VerifyShape(num_items=4, tokens=4, emitting=4, longest=100, draft_time=0.005)
+
+
+def test_the_calibrator_learns_what_a_confidence_is_worth_per_sampling_mode():
+    rng = np.random.default_rng(0)
+    cal = ConfidenceCalibrator()
+    for _ in range(3000):  # a draft that is overconfident when it says 0.95, honest at 0.15
+        conf = rng.choice([0.15, 0.95], size=4)
+        accepted = 0
+        for c in conf:
+            if rng.random() < (0.6 if c > 0.5 else 0.15):
+                accepted += 1
+            else:
+                break
+        cal.observe(list(conf), accepted, greedy=True)
+    rates = cal.rates(greedy=True)
+    assert abs(rates[19] - 0.6) < 0.05 and abs(rates[3] - 0.15) < 0.05
+    assert np.allclose(cal.survival([0.95, 0.95, 0.15], greedy=True),
+                       np.cumprod([rates[19], rates[19], rates[3]]))
+    # Sampled requests learn apart: untouched, their rates are the prior (the draft's word).
+    assert abs(cal.rates(greedy=False)[19] - 0.975) < 1e-9
+
+
+def test_positions_after_the_first_rejection_are_not_counted():
+    cal = ConfidenceCalibrator(prior=0.0)
+    cal.observe([0.55, 0.55, 0.05, 0.05], accepted=1, greedy=True)
+    accepted, trials = cal._counts[0]
+    assert trials[11] == 2 and accepted[11] == 1 and trials[1] == 0
+
+
+def test_greedy_proposals_are_cut_where_a_slot_no_longer_pays_for_its_verify_time():
+    survival = [np.array([0.9, 0.8, 0.3, 0.05]), np.array([0.5, 0.1]), np.array([0.95, 0.9, 0.85])]
+    greedy = [True] * 3
+    free, _ = verify_lengths(survival, greedy, SHAPE, _model(per_token=1e-7), None)
+    assert free == [4, 2, 3]  # verifying costs nothing more: every slot
+    costly, level = verify_lengths(survival, greedy, SHAPE, _model(per_token=2e-3), None)
+    assert costly == [2, 1, 3]  # the low-survival tails go
+    # The chosen B is the best of all cuts by expected tokens per second.
+    def ratio(ls):
+        gain = SHAPE.emitting + sum(s[:n].sum() for s, n in zip(survival, ls))
+        return gain / (SHAPE.draft_time + 0.02 + 2e-3 * (SHAPE.tokens + sum(ls)))
+    assert abs(level - ratio(costly)) < 1e-9
+    assert ratio(costly) >= max(ratio([a, b, c]) for a in range(5) for b in range(3) for c in range(4)) - 1e-12
+    assert verify_lengths(survival, greedy, SHAPE, _model(per_token=1.0), None)[0] == [0, 0, 0]
+
+
+def test_a_sampled_proposal_is_cut_by_a_rule_fixed_before_its_tokens_are_seen():
+    """Position j is verified iff its survival clears the previous step's level: changing what
+    lies after position j never changes whether j is verified (a stopping rule)."""
+    model = _model(per_token=1e-3)
+    level = 200.0  # tokens per second: a slot must be worth 0.2 tokens
+    a, _ = verify_lengths([np.array([0.9, 0.5, 0.25, 0.1])], [False], SHAPE, model, level)
+    b, _ = verify_lengths([np.array([0.9, 0.5, 0.19, 0.18])], [False], SHAPE, model, level)
+    assert a == [3] and b == [2]
+    c, _ = verify_lengths([np.array([0.9, 0.5, 0.25, 0.24])], [False], SHAPE, model, level)
+    assert c == [4]
+    assert verify_lengths([np.array([0.9, 0.05])], [False], SHAPE, model, None)[0] == [2]  # no level yet
