@@ -28,7 +28,7 @@ class StepPlan:
     verify_reqs: list[Request] = field(default_factory=list)
     ks: dict[str, int] = field(default_factory=dict)
     draft_catchup: int = 0  # committed tokens the draft catches up on beyond the pending ones
-    choose_time: float = 0.0  # seconds the policies took to choose the ks
+    choose_time: float = 0.0  # seconds the policies took to choose the ks and what to verify
 
     def decode_outcomes(self, result: VerifyResult) -> list[tuple[Request, int, int]]:
         """(request, k, accepted) for each decoding request of the step."""

@@ -140,7 +140,9 @@ class Scheduler:
             proposal, t_draft = self._propose(plan)
             self._failures["draft"] = 0
             if proposal is not None:
+                t0 = time.perf_counter()
                 self.policies.trim(plan, proposal, t_draft)
+                plan.choose_time += time.perf_counter() - t0  # deciding what to verify is choosing too
         except WorkerLost as e:
             outputs += self._worker_lost("draft", e)
             if self.unhealthy is not None:

@@ -25,7 +25,7 @@ class StepRecord:
     # Committed tokens the draft had to catch up on beyond the one pending token per request
     # (after steps without speculation, or after a restart): its first pass processes them too.
     draft_catchup_tokens: int = 0
-    choose_time: float = 0.0  # seconds the speculation policies took to choose this step's ks
+    choose_time: float = 0.0  # seconds the speculation policies took to choose this step's ks (and cuts)
 
     def to_dict(self) -> dict:
         return asdict(self)
