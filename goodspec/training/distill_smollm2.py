@@ -23,6 +23,7 @@ The draft is saved in float16 with `vocab_map.json` (draft id -> target id) besi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import shutil
@@ -45,6 +46,9 @@ PART_PROMPTS = 512  # prompts per cached file of target replies
 class DistillConfig:
     seed: int = 0
     train_prompts: int = 7168
+    # Skip this many training prompts: with --resume, the draft already learned the target's
+    # replies to the first ones, and new prompts teach it more than the same replies again.
+    prompt_offset: int = 0
     prompt_user_tokens: int = 192  # a long user turn is cut to its first tokens
     new_tokens: int = 128  # greedy target tokens generated per prompt
     gen_batch: int = 64
@@ -55,6 +59,14 @@ class DistillConfig:
     # Mixed precision for the draft's forward and backward (weights and optimiser stay float32).
     train_dtype: str = "bfloat16"
     top_logprobs: int = 20  # teacher distribution kept per position
+    # Teacher-forced data: the target reads ShareGPT's own assistant replies (one parallel
+    # forward per batch, several times cheaper per token than generating) and its top-k at each
+    # reply position is kept. Off-policy text, but far more of it: the on-policy replies alone
+    # were the limit (the draft overfits them). `forced_share` of each batch comes from here.
+    forced_exchanges: int = 0
+    forced_reply_tokens: int = 192
+    forced_batch_tokens: int = 3072
+    forced_share: float = 0.5
     draft_vocab: int = 8192
     draft_layers: int = 2
     steps: int = 3000
@@ -73,11 +85,26 @@ def render(tokenizer, user_text: str, max_user_tokens: int) -> list[int]:
                                          add_generation_prompt=True, return_dict=False)
 
 
-def chat_prompts(tokenizer, held_out: bool, limit: int, max_user_tokens: int) -> list[list[int]]:
+def chat_prompts(tokenizer, held_out: bool, limit: int, max_user_tokens: int,
+                 offset: int = 0) -> list[list[int]]:
     from goodspec.sharegpt import first_turn_prompts
 
-    return [render(tokenizer, p, max_user_tokens)
-            for p, _ in first_turn_prompts(held_out=held_out, limit=limit)]
+    pairs = itertools.islice(first_turn_prompts(held_out=held_out, limit=offset + limit), offset, None)
+    return [render(tokenizer, p, max_user_tokens) for p, _ in pairs]
+
+
+def chat_exchanges(tokenizer, start: int, limit: int, cfg: DistillConfig) -> list[tuple[list[int], list[int]]]:
+    """(rendered prompt, assistant reply ids ending in the end-of-turn token unless cut) for the
+    training conversations' first exchanges from index `start` on."""
+    from goodspec.sharegpt import first_turn_prompts
+
+    eos = tokenizer.eos_token_id
+    out = []
+    for user, reply in itertools.islice(first_turn_prompts(held_out=False, limit=start + limit), start, None):
+        ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
+        ids = ids[:cfg.forced_reply_tokens] if len(ids) >= cfg.forced_reply_tokens else ids + [eos]
+        out.append((render(tokenizer, user, cfg.prompt_user_tokens), ids))
+    return out
 
 
 class _TopLogprobs:
@@ -147,6 +174,55 @@ def cached_replies(target, tokenizer, prompts: list[list[int]], cfg: DistillConf
     return data
 
 
+@torch.no_grad()
+def teacher_forced(target, pairs: list[tuple[list[int], list[int]]], cfg: DistillConfig,
+                   desc: str) -> list[dict]:
+    """The target's top-k at every reply position of given (prompt, reply) pairs, one padded
+    forward per batch of similar lengths; the same record layout as `target_replies`."""
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
+    out: list[dict | None] = [None] * len(pairs)
+    batches, cur = [], []
+    for i in order:  # at most forced_batch_tokens padded tokens per forward
+        width = len(pairs[i][0]) + len(pairs[i][1]) - 1
+        if cur and width * (len(cur) + 1) > cfg.forced_batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    batches += [cur] if cur else []
+    for idx in tqdm(batches, desc=desc, unit="batch", leave=False):
+        seqs = [pairs[i][0] + pairs[i][1][:-1] for i in idx]
+        width = max(len(q) for q in seqs)
+        ids = torch.zeros(len(idx), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, q in enumerate(seqs):  # right padding: positions start at 0 for every row
+            ids[r, :len(q)] = torch.tensor(q)
+            mask[r, :len(q)] = 1
+        hidden = target.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        for r, i in enumerate(idx):
+            prompt, reply = pairs[i]
+            h = hidden[r, len(prompt) - 1:len(prompt) - 1 + len(reply)]
+            lp, top = F.log_softmax(target.lm_head(h).float(), -1).topk(cfg.top_logprobs, -1)
+            out[i] = {"prompt": prompt, "reply": reply, "top_ids": top.to(torch.int32),
+                      "top_logp": lp.half()}
+    return out  # type: ignore[return-value]
+
+
+def cached_forced(target, pairs: list[tuple[list[int], list[int]]], cfg: DistillConfig,
+                  parts_dir: Path) -> list[dict]:
+    """`teacher_forced` for every pair, `PART_PROMPTS` pairs per cached file (resumable)."""
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    data: list[dict] = []
+    starts = range(0, len(pairs), PART_PROMPTS)
+    for n, start in enumerate(tqdm(starts, desc="teacher-forced replies (training)", unit="part")):
+        chunk = pairs[start:start + PART_PROMPTS]
+        part = parts_dir / f"part-{n:04d}-{len(chunk)}.pt"
+        if not part.is_file():
+            torch.save(teacher_forced(target, chunk, cfg, f"part {n}"), part.with_suffix(".tmp"))
+            part.with_suffix(".tmp").rename(part)
+        data.extend(torch.load(part))
+    return data
+
+
 def choose_vocab(data: list[dict], size: int, always: list[int]) -> list[int]:
     """The `size` target ids most frequent in the replies (then in the prompts), sorted, with
     id 0 first: draft id 0 is where every other target id maps."""
@@ -191,14 +267,19 @@ def build_draft(target, cfg: DistillConfig, target_ids: list[int]):
     return draft
 
 
-def train(draft, data: list[dict], table: torch.Tensor, cfg: DistillConfig):
+def train(draft, data: list[dict], table: torch.Tensor, cfg: DistillConfig, forced: list[dict] = ()):
     """KL(target || draft) at the generated positions, the teacher's top-k renormalised within
     the draft's vocabulary (the draft can put no mass elsewhere; a position whose top-k lies
-    wholly outside it teaches nothing). The output layer runs on those positions only."""
+    wholly outside it teaches nothing). The output layer runs on those positions only. With
+    teacher-forced records, `forced_share` of every batch is drawn from them."""
     gen = torch.Generator().manual_seed(cfg.seed + 1)
+    n_forced = round(cfg.batch_size * cfg.forced_share) if forced else 0
+
+    def draw(pool: list[dict], n: int) -> list[dict]:
+        return [pool[int(i)] for i in torch.randint(0, len(pool), (n,), generator=gen)]
 
     def loss_at_step() -> torch.Tensor:
-        rows = [data[int(i)] for i in torch.randint(0, len(data), (cfg.batch_size,), generator=gen)]
+        rows = draw(data, cfg.batch_size - n_forced) + (draw(forced, n_forced) if n_forced else [])
         seqs = [r["prompt"] + r["reply"][:-1] for r in rows]  # the last reply token is never input
         width = max(len(s) for s in seqs)
         x = torch.zeros(len(rows), width, dtype=torch.long)
@@ -267,14 +348,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "goodspec" / "distill")
     ap.add_argument("--steps", type=int, default=DistillConfig.steps)
     ap.add_argument("--train-prompts", type=int, default=DistillConfig.train_prompts)
+    ap.add_argument("--prompt-offset", type=int, default=DistillConfig.prompt_offset,
+                    help="skip the first N training prompts (with --resume: those already learned)")
+    ap.add_argument("--forced-exchanges", type=int, default=DistillConfig.forced_exchanges,
+                    help="ShareGPT replies the target reads teacher-forced (cheaper data, off-policy)")
+    ap.add_argument("--forced-share", type=float, default=DistillConfig.forced_share)
+    ap.add_argument("--lr", type=float, default=DistillConfig.lr)
     ap.add_argument("--seed", type=int, default=DistillConfig.seed)
-    ap.add_argument("--resume", action="store_true",
-                    help="continue training the draft already in --out (same vocabulary) instead of "
-                         "starting from the target's layers")
+    ap.add_argument("--resume", nargs="?", type=Path, const=True, default=None, metavar="DIR",
+                    help="continue training the draft in DIR (default: --out), keeping its vocabulary, "
+                         "instead of starting from the target's layers")
     ap.add_argument("--data-only", action="store_true", help="generate (or complete) the cached "
                     "target replies and stop")
     args = ap.parse_args(argv)
-    cfg = DistillConfig(seed=args.seed, steps=args.steps, train_prompts=args.train_prompts)
+    cfg = DistillConfig(seed=args.seed, steps=args.steps, train_prompts=args.train_prompts,
+                        prompt_offset=args.prompt_offset, forced_exchanges=args.forced_exchanges,
+                        forced_share=args.forced_share, lr=args.lr)
     torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
     t0 = time.time()
@@ -283,29 +372,35 @@ def main(argv: list[str] | None = None) -> None:
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
 
     args.work.mkdir(parents=True, exist_ok=True)
-    prompts = chat_prompts(tokenizer, False, cfg.train_prompts, cfg.prompt_user_tokens)
+    prompts = chat_prompts(tokenizer, False, cfg.train_prompts, cfg.prompt_user_tokens, cfg.prompt_offset)
     key = f"{cfg.new_tokens}-{cfg.prompt_user_tokens}-{cfg.data_dtype}"
+    offset = f"-from{cfg.prompt_offset}" if cfg.prompt_offset else ""
     generator = AutoModelForCausalLM.from_pretrained(target_dir, dtype=getattr(torch, cfg.data_dtype)).eval()
-    data = cached_replies(generator, tokenizer, prompts, cfg, args.work / f"replies-{key}")
+    data = cached_replies(generator, tokenizer, prompts, cfg, args.work / f"replies-{key}{offset}")
+    forced: list[dict] = []
+    if cfg.forced_exchanges:
+        start = cfg.prompt_offset + cfg.train_prompts  # conversations the on-policy set did not use
+        pairs = chat_exchanges(tokenizer, start, cfg.forced_exchanges, cfg)
+        forced = cached_forced(generator, pairs, cfg, args.work /
+                               f"forced-{cfg.forced_reply_tokens}-{cfg.prompt_user_tokens}-{cfg.data_dtype}-from{start}")
     del generator  # (casting `target` instead would leave it rounded to bfloat16 for the evaluation)
     if args.data_only:
-        print(f"{len(data)} replies cached under {args.work}")
+        print(f"{len(data)} replies and {len(forced)} teacher-forced replies cached under {args.work}")
         return
     t_data = time.time() - t0
 
-    specials = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens]
-    target_ids = choose_vocab(data, cfg.draft_vocab, specials)
+    if args.resume:  # the draft keeps the vocabulary it was trained with
+        start_dir = args.out if args.resume is True else args.resume
+        target_ids = json.loads((start_dir / VOCAB_MAP_FILE).read_text())["target_ids"]
+        draft = AutoModelForCausalLM.from_pretrained(start_dir, dtype=torch.float32)
+    else:  # chosen from the target's own replies, the text the draft must predict
+        specials = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens]
+        target_ids = choose_vocab(data, cfg.draft_vocab, specials)
+        draft = build_draft(target, cfg, target_ids)
     table = to_draft_ids(target_ids, target.config.vocab_size)
     reply_tokens = sum(len(d["reply"]) for d in data)
     covered = sum(int((table[torch.tensor(d["reply"])] != 0).sum()) for d in data) / reply_tokens
-    if args.resume:
-        saved = json.loads((args.out / VOCAB_MAP_FILE).read_text())["target_ids"]
-        if saved != target_ids:
-            raise ValueError(f"--resume: {args.out} was trained on another vocabulary (other data or seed)")
-        draft = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32)
-    else:
-        draft = build_draft(target, cfg, target_ids)
-    draft = train(draft, data, table, cfg)
+    draft = train(draft, data, table, cfg, forced)
     t_train = time.time() - t0 - t_data
 
     report = evaluate(target, draft, tokenizer, table, target_ids, cfg)
@@ -318,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
         "draft_vocab": len(target_ids),
         "reply_tokens_in_draft_vocab": covered,
         "train_sequences": len(data), "train_reply_tokens": reply_tokens,
+        "forced_sequences": len(forced), "forced_reply_tokens": sum(len(d["reply"]) for d in forced),
         "forward_ms_batch16_context200": {"target": target_ms, "draft": draft_ms},
         "draft_cost_ratio": draft_ms / target_ms,
         "data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1),
