@@ -203,20 +203,25 @@ def run_benchmark(address: str, rates: list[float], policies: list[str], num_req
 
 # -- reporting --------------------------------------------------------------------------------
 def ratios(summaries: list[RunSummary]) -> list[dict]:
-    """Per rate: goodput's mean latency over the best static policy's and over off's."""
+    """Per rate: each goodput policy's mean latency over the best static policy's (off or
+    fixed:K) and over off's."""
     out = []
     for rate in sorted({s.rate for s in summaries}):
         at = {s.policy: s for s in summaries if s.rate == rate}
-        if "goodput" not in at:
+        adaptive = [p for p in at if p.startswith("goodput")]
+        if not adaptive:
             continue
-        static = {p: s for p, s in at.items() if p != "goodput"}
-        row = {"rate": rate}
-        if static:
-            best = min(static.values(), key=lambda s: s.mean_latency_s)
+        static = {p: s for p, s in at.items() if p == "off" or p.startswith("fixed:")}
+        best = min(static.values(), key=lambda s: s.mean_latency_s) if static else None
+        row: dict = {"rate": rate}
+        if best is not None:
             row["best_static"] = best.policy
-            row["goodput_over_best_static"] = at["goodput"].mean_latency_s / best.mean_latency_s
-        if "off" in at:
-            row["goodput_over_off"] = at["goodput"].mean_latency_s / at["off"].mean_latency_s
+        for p in adaptive:
+            key = p.replace("-", "_")
+            if best is not None:
+                row[f"{key}_over_best_static"] = at[p].mean_latency_s / best.mean_latency_s
+            if "off" in at:
+                row[f"{key}_over_off"] = at[p].mean_latency_s / at["off"].mean_latency_s
         out.append(row)
     return out
 
@@ -243,10 +248,13 @@ def ratio_lines(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
         parts = [f"rate {r['rate']:g} req/s:"]
-        if "goodput_over_best_static" in r:
-            parts.append(f"goodput / best static ({r['best_static']}) = {r['goodput_over_best_static']:.3f}")
-        if "goodput_over_off" in r:
-            parts.append(f"goodput / off = {r['goodput_over_off']:.3f}")
+        for key in [k.removesuffix("_over_off") for k in r if k.endswith("_over_off")] or \
+                [k.removesuffix("_over_best_static") for k in r if k.endswith("_over_best_static")]:
+            name = key.replace("_", "-")
+            if f"{key}_over_best_static" in r:
+                parts.append(f"{name} / best static ({r['best_static']}) = {r[f'{key}_over_best_static']:.3f}")
+            if f"{key}_over_off" in r:
+                parts.append(f"{name} / off = {r[f'{key}_over_off']:.3f}")
         out.append("  ".join(parts))
     return out
 
