@@ -198,7 +198,8 @@ class GoodputPolicy(SpeculationPolicy):
             self._observations += k > 0
             if self.calibrator is not None and req_id in self._verifying:
                 conf, greedy = self._verifying.pop(req_id)
-                self.calibrator.observe(conf, accepted, greedy)
+                if len(conf) == k:  # else the cut's step never verified (a worker was lost)
+                    self.calibrator.observe(conf, accepted, greedy)
         # Only steps that were pure decode batches are what the prediction was made for.
         if self._predicted is not None and record.num_decode == record.batch_size:
             self.prediction_log.append((self._predicted, record.draft_time + record.verify_time))
