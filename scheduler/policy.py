@@ -176,8 +176,20 @@ class GoodputPolicy(SpeculationPolicy):
         ks = best_ks(None, contexts, caps, self.time_model,
                      [c / h for c, h in zip(catchups, horizons)], prefill, gains, uniform=self.uniform)
         if not any(ks) and self._steps % self.explore_every == 0:
-            ks = [min(1, c) for c in caps]
+            ks = self._explore(catchups, caps)
         self._predicted = self.time_model.predict_step_time(ks, contexts, catchups)
+        return ks
+
+    @staticmethod
+    def _explore(catchups: Sequence[int], caps: Sequence[int]) -> list[int]:
+        """One draft token for the one request whose draft is furthest along: a measurement,
+        not a bet. (k = 1 for every request made the draft first catch up on every token it had
+        skipped, whole prompts included: at saturation on the mixed workload that cost more
+        than all the speculation it measured, and goodput trailed off by 6%.)"""
+        ks = [0] * len(caps)
+        open_ = [i for i, c in enumerate(caps) if c > 0]
+        if open_:
+            ks[min(open_, key=lambda i: catchups[i])] = 1
         return ks
 
     def trim(self, requests, draft_conf, shape) -> list[int] | None:

@@ -264,3 +264,10 @@ def test_after_the_load_jumps_8x_the_chosen_k_settles_within_20_steps():
     light, settled = np.mean(mean_k[70:100]), np.mean(mean_k[160:200])
     assert light - settled >= 2.0, (light, settled)  # the load matters: a real change to react to
     assert all(abs(k - settled) <= 0.75 for k in mean_k[120:200]), (settled, mean_k[100:140])
+
+
+def test_exploration_measures_with_one_request_whose_draft_is_furthest_along():
+    from goodspec.scheduler.policy import GoodputPolicy
+
+    assert GoodputPolicy._explore([400, 3, 0, 0], [2, 2, 0, 2]) == [0, 0, 0, 1]
+    assert GoodputPolicy._explore([5, 3], [0, 0]) == [0, 0]
