@@ -60,8 +60,11 @@ class DraftWorker:
                 # The top probability of q, not q(drafted token): it must not depend on the token
                 # drawn, or verifying by it would bias sampled output (goodspec.scheduler.confidence).
                 # A greedy row's q is one-hot: its confidence is the temperature-1 top probability.
-                soft = torch.softmax(logits.float(), -1).max(-1).values
-                conf[active, j] = torch.where(sub.temperature > 0, probs.max(-1).values, soft)
+                top = probs.max(-1).values
+                greedy_rows = sub.temperature <= 0
+                if bool(greedy_rows.any()):  # (the softmax only where a greedy row needs it)
+                    top = torch.where(greedy_rows, torch.softmax(logits.float(), -1).max(-1).values, top)
+                conf[active, j] = top
             draft[active, j] = tokens
             still = num_draft[active] > j + 1
             if not bool(still.any()):
