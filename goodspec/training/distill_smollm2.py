@@ -23,7 +23,6 @@ The draft is saved in float16 with `vocab_map.json` (draft id -> target id) besi
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import random
 import shutil
@@ -36,10 +35,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from goodspec.training.teacher_data import (
+    cached_forced, cached_replies, chat_exchanges, chat_prompts, target_replies,
+)
 from goodspec.training.train_pair import optimise
 
 VOCAB_MAP_FILE = "vocab_map.json"
-PART_PROMPTS = 512  # prompts per cached file of target replies
 
 
 @dataclass(frozen=True)
@@ -76,151 +77,6 @@ class DistillConfig:
     eval_prompts: int = 64
     eval_new_tokens: int = 64
     threads: int = 2
-
-
-def render(tokenizer, user_text: str, max_user_tokens: int) -> list[int]:
-    ids = tokenizer(user_text, add_special_tokens=False)["input_ids"][:max_user_tokens]
-    text = tokenizer.decode(ids)
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                         add_generation_prompt=True, return_dict=False)
-
-
-def chat_prompts(tokenizer, held_out: bool, limit: int, max_user_tokens: int,
-                 offset: int = 0) -> list[list[int]]:
-    from goodspec.sharegpt import first_turn_prompts
-
-    pairs = itertools.islice(first_turn_prompts(held_out=held_out, limit=offset + limit), offset, None)
-    return [render(tokenizer, p, max_user_tokens) for p, _ in pairs]
-
-
-def chat_exchanges(tokenizer, start: int, limit: int, cfg: DistillConfig) -> list[tuple[list[int], list[int]]]:
-    """(rendered prompt, assistant reply ids ending in the end-of-turn token unless cut) for the
-    training conversations' first exchanges from index `start` on."""
-    from goodspec.sharegpt import first_turn_prompts
-
-    eos = tokenizer.eos_token_id
-    out = []
-    for user, reply in itertools.islice(first_turn_prompts(held_out=False, limit=start + limit), start, None):
-        ids = tokenizer(reply, add_special_tokens=False)["input_ids"]
-        ids = ids[:cfg.forced_reply_tokens] if len(ids) >= cfg.forced_reply_tokens else ids + [eos]
-        out.append((render(tokenizer, user, cfg.prompt_user_tokens), ids))
-    return out
-
-
-class _TopLogprobs:
-    """A logits processor that keeps the top-k log-probabilities of each step and changes
-    nothing: with `output_logits` instead, a batch of 64 held 128 vocabulary-wide rows per
-    sequence (several GB) until the end of generation."""
-
-    def __init__(self, top: int) -> None:
-        self.top = top
-        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        lp, ids = F.log_softmax(scores.float(), -1).topk(self.top, -1)
-        self.steps.append((lp.half(), ids.to(torch.int32)))
-        return scores
-
-
-@torch.no_grad()
-def target_replies(target, tokenizer, prompts: list[list[int]], new_tokens: int, batch: int,
-                   top: int, desc: str) -> list[dict]:
-    """Greedy replies, batched by prompt length; per reply the generated ids up to and including
-    the end token, and the target's top-`top` ids and log-probs at each generated position."""
-    from transformers import LogitsProcessorList
-
-    eos = tokenizer.eos_token_id
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[dict | None] = [None] * len(prompts)
-    for s in tqdm(range(0, len(order), batch), desc=desc, unit="batch", leave=False):
-        idx = order[s:s + batch]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), eos, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(idx):  # left padding: every reply starts at column `width`
-            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[r, width - len(prompts[i]):] = 1
-        keep = _TopLogprobs(top)
-        seqs = target.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
-                               do_sample=False, logits_processor=LogitsProcessorList([keep]),
-                               pad_token_id=eos)
-        top_lp = torch.stack([lp for lp, _ in keep.steps], 1)  # [b, n, top]
-        top_id = torch.stack([i for _, i in keep.steps], 1)
-        reply = seqs[:, width:]
-        for r, i in enumerate(idx):
-            ends = (reply[r] == eos).nonzero()
-            n = int(ends[0]) + 1 if len(ends) else reply.shape[1]
-            out[i] = {"prompt": prompts[i], "reply": reply[r, :n].tolist(),
-                      "top_ids": top_id[r, :n].clone(), "top_logp": top_lp[r, :n].clone()}
-    return out  # type: ignore[return-value]
-
-
-def cached_replies(target, tokenizer, prompts: list[list[int]], cfg: DistillConfig,
-                   parts_dir: Path) -> list[dict]:
-    """`target_replies` for every prompt, `PART_PROMPTS` prompts per file under `parts_dir`: an
-    interrupted run (hours of CPU) resumes from the last finished part."""
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    data: list[dict] = []
-    starts = range(0, len(prompts), PART_PROMPTS)
-    for n, start in enumerate(tqdm(starts, desc="target replies (training)", unit="part")):
-        chunk_prompts = prompts[start:start + PART_PROMPTS]
-        part = parts_dir / f"part-{n:04d}-{len(chunk_prompts)}.pt"  # a count-agnostic cache
-        if not part.is_file():
-            chunk = target_replies(target, tokenizer, chunk_prompts,
-                                   cfg.new_tokens, cfg.gen_batch, cfg.top_logprobs, f"part {n}")
-            torch.save(chunk, part.with_suffix(".tmp"))
-            part.with_suffix(".tmp").rename(part)
-        data.extend(torch.load(part))
-    return data
-
-
-@torch.no_grad()
-def teacher_forced(target, pairs: list[tuple[list[int], list[int]]], cfg: DistillConfig,
-                   desc: str) -> list[dict]:
-    """The target's top-k at every reply position of given (prompt, reply) pairs, one padded
-    forward per batch of similar lengths; the same record layout as `target_replies`."""
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
-    out: list[dict | None] = [None] * len(pairs)
-    batches, cur = [], []
-    for i in order:  # at most forced_batch_tokens padded tokens per forward
-        width = len(pairs[i][0]) + len(pairs[i][1]) - 1
-        if cur and width * (len(cur) + 1) > cfg.forced_batch_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    batches += [cur] if cur else []
-    for idx in tqdm(batches, desc=desc, unit="batch", leave=False):
-        seqs = [pairs[i][0] + pairs[i][1][:-1] for i in idx]
-        width = max(len(q) for q in seqs)
-        ids = torch.zeros(len(idx), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, q in enumerate(seqs):  # right padding: positions start at 0 for every row
-            ids[r, :len(q)] = torch.tensor(q)
-            mask[r, :len(q)] = 1
-        hidden = target.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        for r, i in enumerate(idx):
-            prompt, reply = pairs[i]
-            h = hidden[r, len(prompt) - 1:len(prompt) - 1 + len(reply)]
-            lp, top = F.log_softmax(target.lm_head(h).float(), -1).topk(cfg.top_logprobs, -1)
-            out[i] = {"prompt": prompt, "reply": reply, "top_ids": top.to(torch.int32),
-                      "top_logp": lp.half()}
-    return out  # type: ignore[return-value]
-
-
-def cached_forced(target, pairs: list[tuple[list[int], list[int]]], cfg: DistillConfig,
-                  parts_dir: Path) -> list[dict]:
-    """`teacher_forced` for every pair, `PART_PROMPTS` pairs per cached file (resumable)."""
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    data: list[dict] = []
-    starts = range(0, len(pairs), PART_PROMPTS)
-    for n, start in enumerate(tqdm(starts, desc="teacher-forced replies (training)", unit="part")):
-        chunk = pairs[start:start + PART_PROMPTS]
-        part = parts_dir / f"part-{n:04d}-{len(chunk)}.pt"
-        if not part.is_file():
-            torch.save(teacher_forced(target, chunk, cfg, f"part {n}"), part.with_suffix(".tmp"))
-            part.with_suffix(".tmp").rename(part)
-        data.extend(torch.load(part))
-    return data
 
 
 def choose_vocab(data: list[dict], size: int, always: list[int]) -> list[int]:
