@@ -139,10 +139,6 @@ class Scheduler:
         try:
             proposal, t_draft = self._propose(plan)
             self._failures["draft"] = 0
-            if proposal is not None:
-                t0 = time.perf_counter()
-                self.policies.trim(plan, proposal, t_draft)
-                plan.choose_time += time.perf_counter() - t0  # deciding what to verify is choosing too
         except WorkerLost as e:
             outputs += self._worker_lost("draft", e)
             if self.unhealthy is not None:
@@ -150,6 +146,10 @@ class Scheduler:
             proposal, t_draft = None, 0.0  # verify this step without drafts
             for item in plan.verify:
                 item.draft_ids, item.proposal_row = [], -1
+        if proposal is not None:
+            t0 = time.perf_counter()
+            self.policies.trim(plan, proposal, t_draft)
+            plan.choose_time += time.perf_counter() - t0  # deciding what to verify is choosing too
         batch = VerifyBatch(plan.verify, proposal)
         t0 = time.perf_counter()
         try:

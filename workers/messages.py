@@ -37,8 +37,9 @@ class Proposal:
     # q is the one-hot of the draft token and the verifier rebuilds it).
     draft_probs: torch.Tensor | None
     elapsed_s: float = 0.0
-    # Per item, the draft's own probability of each token it drafted (None: the proposer has no
-    # distribution, as prompt lookup). What a policy calibrates to decide how much to verify.
+    # Per item, the top probability of the draft's distribution at each drafted position (not the
+    # drawn token's: see goodspec.scheduler.confidence); None when the proposer has no
+    # distribution (prompt lookup). What a policy calibrates to decide how much to verify.
     draft_conf: list[list[float]] | None = None
 
 
