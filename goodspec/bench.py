@@ -213,7 +213,7 @@ def ratios(summaries: list[RunSummary]) -> list[dict]:
             continue
         static = {p: s for p, s in at.items() if p == "off" or p.startswith("fixed:")}
         best = min(static.values(), key=lambda s: s.mean_latency_s) if static else None
-        row: dict = {"rate": rate}
+        row: dict = {"rate": rate, "adaptive": adaptive}
         if best is not None:
             row["best_static"] = best.policy
         for p in adaptive:
@@ -248,9 +248,8 @@ def ratio_lines(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
         parts = [f"rate {r['rate']:g} req/s:"]
-        for key in [k.removesuffix("_over_off") for k in r if k.endswith("_over_off")] or \
-                [k.removesuffix("_over_best_static") for k in r if k.endswith("_over_best_static")]:
-            name = key.replace("_", "-")
+        for name in r["adaptive"]:
+            key = name.replace("-", "_")
             if f"{key}_over_best_static" in r:
                 parts.append(f"{name} / best static ({r['best_static']}) = {r[f'{key}_over_best_static']:.3f}")
             if f"{key}_over_off" in r:
