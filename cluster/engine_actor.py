@@ -34,6 +34,8 @@ class EngineActor:
         t_info = ray.get(target_handle.info.remote(), timeout=startup_timeout_s)
         d_info = ray.get(draft_handle.info.remote(), timeout=startup_timeout_s) if draft_handle else None
         self.worker_info = {"target": t_info, "draft": d_info}
+        if d_info is not None and config.proposer != "ngram":
+            self.draft.reads_features = d_info.reads_features
         scheduler = build_scheduler(
             config, self.codec, self.target, KVBudget(t_info.num_blocks, t_info.block_size),
             t_info.max_context, self.draft,

@@ -122,7 +122,7 @@ def _tensor(meta: Any, blob: memoryview) -> torch.Tensor | None:
 
 # -- the calls ---------------------------------------------------------------------------------
 def _propose_out(b: ProposeBatch) -> tuple[Any, torch.Tensor | None]:
-    return [[i.req_id, i.start_pos, i.token_ids, i.num_draft, _sampling_out(i.sampling)] for i in b.items], None
+    return [[i.req_id, i.start_pos, i.token_ids, i.num_draft, _sampling_out(i.sampling)] for i in b.items], b.features
 
 
 def _propose_in(h: Any, t: torch.Tensor | None) -> ProposeBatch:
@@ -130,7 +130,14 @@ def _propose_in(h: Any, t: torch.Tensor | None) -> ProposeBatch:
     for row in _list(h):
         req_id, start, ids, k, s = _list(row)
         items.append(ProposeItem(_str(req_id), _int(start), _ids(ids), _int(k, 1, 1 << 16), _sampling(s)))
-    return ProposeBatch(items)
+    _feature_rows(t, sum(len(i.token_ids) for i in items))
+    return ProposeBatch(items, t)
+
+
+def _feature_rows(t: torch.Tensor | None, rows: int) -> None:
+    """A feature tensor has one row per token it goes with (the worker checks its width)."""
+    if t is not None and (t.dim() != 2 or t.shape[0] != rows):
+        raise WireError(f"features must have {rows} rows of one feature each; got shape {list(t.shape)}")
 
 
 def _unit(x: Any) -> float:
@@ -156,11 +163,12 @@ def _verify_out(b: VerifyBatch) -> tuple[Any, torch.Tensor | None]:
               i.proposal_row] for i in b.items]
     proposal = None if b.proposal is None else {"draft_ids": b.proposal.draft_ids,  # the target
                                                  "elapsed_s": b.proposal.elapsed_s, "draft_conf": None}
-    return {"items": items, "proposal": proposal}, None if b.proposal is None else b.proposal.draft_probs
+    return ({"items": items, "proposal": proposal, "want_features": b.want_features},
+            None if b.proposal is None else b.proposal.draft_probs)
 
 
 def _verify_in(h: Any, t: torch.Tensor | None) -> VerifyBatch:
-    if type(h) is not dict or set(h) != {"items", "proposal"}:
+    if type(h) is not dict or set(h) != {"items", "proposal", "want_features"}:
         raise WireError("bad verify batch")
     items = []
     for row in _list(h["items"]):
@@ -170,16 +178,17 @@ def _verify_in(h: Any, t: torch.Tensor | None) -> VerifyBatch:
     proposal = None if h["proposal"] is None else _proposal_in(h["proposal"], t)
     if proposal is None and t is not None:
         raise WireError("tensor without a proposal")
-    return VerifyBatch(items, proposal)
+    return VerifyBatch(items, proposal, _bool(h["want_features"]))
 
 
 def _result_out(r: VerifyResult) -> tuple[Any, torch.Tensor | None]:
-    return [r.num_accepted, r.output_ids, r.elapsed_s], None
+    return [r.num_accepted, r.output_ids, r.elapsed_s], r.features
 
 
 def _result_in(h: Any, t: torch.Tensor | None) -> VerifyResult:
+    # (the scheduler checks the rows against its own batch: only it knows what it sent)
     accepted, outputs, elapsed = _list(h)
-    return VerifyResult(_ids(accepted), [_ids(o) for o in _list(outputs)], _float(elapsed))
+    return VerifyResult(_ids(accepted), [_ids(o) for o in _list(outputs)], _float(elapsed), t)
 
 
 def _free_out(req_ids: list[str]) -> tuple[Any, None]:

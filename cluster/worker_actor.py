@@ -27,6 +27,7 @@ class WorkerInfo:
     vocab_size: int
     model_dir: str
     channel: tuple[str, int]  # where the scheduler connects for propose/verify/free
+    reads_features: bool = False  # a feature draft: propose needs the target's hidden states
 
 
 class WorkerActor:
@@ -57,7 +58,8 @@ class WorkerActor:
         spec = runner.cache.spec
         self._info = WorkerInfo(kind, os.getpid(), str(runner.device), str(runner.dtype).replace("torch.", ""),
                                 spec.num_blocks, spec.block_size, runner.max_context,
-                                runner.vocab_size, config.model_dir, self.channel.address)
+                                runner.vocab_size, config.model_dir, self.channel.address,
+                                runner.feature_input is not None)
 
     def info(self) -> WorkerInfo:
         return self._info

@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from goodspec.scheduler.features import FeatureBuffer
 from goodspec.workers.sampling import SamplingParams
 
 
@@ -40,6 +41,8 @@ class Request:
     # newest token is fed in the next step.
     target_len: int = 0
     draft_len: int = 0
+    # For a feature draft: the target's hidden states it has yet to read.
+    features: FeatureBuffer = field(default_factory=FeatureBuffer)
     num_preemptions: int = 0
     num_draft_proposed: int = 0
     num_draft_accepted: int = 0
@@ -80,3 +83,4 @@ class Request:
         """After preemption or a worker restart: both caches are recomputed from position 0."""
         self.target_len = 0
         self.draft_len = 0
+        self.features.clear()

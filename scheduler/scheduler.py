@@ -17,6 +17,8 @@ from collections import deque
 from dataclasses import replace
 from typing import Protocol
 
+import torch
+
 from goodspec.scheduler.config import KVBudget, SchedulerConfig
 from goodspec.scheduler.errors import EngineUnhealthy, RequestRejected, WorkerGone, WorkerLost
 from goodspec.scheduler.kv_planner import KVPlanner
@@ -54,6 +56,9 @@ class Scheduler:
         stop_checker=None,
     ) -> None:
         self.draft_stateless = bool(getattr(draft, "stateless", False))
+        # A feature draft reads the target's hidden states: verification returns them.
+        self.draft_reads_features = bool(getattr(draft, "reads_features", False))
+        self._feature_width = 0  # learned from the first verification that returns features
         if draft is not None and draft_kv is None and not self.draft_stateless:
             raise ValueError("a draft worker with a KV cache needs its KV budget")
         self.config = config
@@ -150,7 +155,7 @@ class Scheduler:
             t0 = time.perf_counter()
             self.policies.trim(plan, proposal, t_draft)
             plan.choose_time += time.perf_counter() - t0  # deciding what to verify is choosing too
-        batch = VerifyBatch(plan.verify, proposal)
+        batch = VerifyBatch(plan.verify, proposal, want_features=self.draft_reads_features)
         t0 = time.perf_counter()
         try:
             result = self.target.verify(batch)
@@ -158,6 +163,8 @@ class Scheduler:
         except WorkerLost as e:
             return outputs + self._worker_lost("target", e)
         t_verify = time.perf_counter() - t0
+        if self.draft_reads_features:
+            self._keep_features(plan, result)
         outputs += self._commit(plan, result)
         record = plan.record(proposal, result, t_draft, t_verify, time.perf_counter() - t_start)
         self.step_records.append(record)
@@ -253,6 +260,7 @@ class Scheduler:
 
     def _propose(self, plan: StepPlan) -> tuple[Proposal | None, float]:
         items = []
+        features = []
         for row_item, r in zip(plan.verify, plan.verify_reqs):
             k = plan.ks.get(r.req_id, 0)
             if k == 0:
@@ -262,17 +270,34 @@ class Scheduler:
             items.append(ProposeItem(r.req_id, start, r.token_ids[start:], k, r.sampling))
             if not self.draft_stateless:
                 plan.draft_catchup += len(r.token_ids) - start - 1
+            if self.draft_reads_features and self._feature_width:
+                features.append(r.features.take(start, len(r.token_ids) - start, self._feature_width))
         if not items:
             return None, 0.0
         t0 = time.perf_counter()
-        proposal = self.draft.propose(ProposeBatch(items))
+        proposal = self.draft.propose(ProposeBatch(items, torch.cat(features) if features else None))
         elapsed = time.perf_counter() - t0
         for row_item, r in zip(plan.verify, plan.verify_reqs):
             if row_item.proposal_row >= 0:
                 row_item.draft_ids = proposal.draft_ids[row_item.proposal_row]
-                if not self.draft_stateless:
+                if self.draft_reads_features:
+                    # Its drafted tokens read its own guessed features: the next proposal feeds
+                    # the accepted ones again, with the target's.
+                    r.draft_len = len(r.token_ids)
+                    r.features.drop_before(r.draft_len - 1)
+                elif not self.draft_stateless:
                     r.draft_len = len(r.token_ids) + len(row_item.draft_ids) - 1
         return proposal, elapsed
+
+    def _keep_features(self, plan: StepPlan, result: VerifyResult) -> None:
+        """Each request's rows of the target's hidden states, for its next proposal."""
+        kept = [len(item.token_ids) + a for item, a in zip(plan.verify, result.num_accepted)]
+        if result.features is None or result.features.shape[0] != sum(kept):
+            raise RuntimeError(f"the target returned {None if result.features is None else result.features.shape[0]} "
+                               f"feature rows for {sum(kept)} committed tokens")
+        self._feature_width = result.features.shape[1]
+        for item, r, rows in zip(plan.verify, plan.verify_reqs, result.features.split(kept)):
+            r.features.put(item.start_pos, rows)
 
     def _commit(self, plan: StepPlan, result: VerifyResult) -> list[RequestOutput]:
         now = time.monotonic()

@@ -1,4 +1,5 @@
-"""DraftWorker: proposes k_i draft tokens for each request of a batch with the small model."""
+"""DraftWorker: proposes k_i draft tokens for each request of a batch with the small model
+(a token-only draft, or a feature draft that also reads the target's hidden states)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,11 @@ from goodspec.workers.sampling_tensors import SamplingTensors
 class DraftWorker:
     def __init__(self, config: RunnerConfig) -> None:
         self.runner = ModelRunner(config)
+
+    @property
+    def reads_features(self) -> bool:
+        """A feature draft: its proposals read the target's hidden states (ProposeBatch.features)."""
+        return self.runner.feature_input is not None
 
     def propose(self, batch: ProposeBatch) -> Proposal:
         """max_k sequential passes: the first appends each request's unseen committed tokens (any
@@ -42,10 +48,13 @@ class DraftWorker:
         seq_ids = [it.req_id for it in items]
         starts = [it.start_pos for it in items]
         inputs = [it.token_ids for it in items]
+        reads_features = self.runner.feature_input is not None
+        features = batch.features if reads_features else None  # pass 0: the target's
         for j in range(max_k):
             # In the draft's own vocabulary (a reduced one is mapped to the target's only where
             # needed: scattering every row to 49152 ids cost 14% of a batch-16 draft step).
-            logits = self.runner.forward(seq_ids, starts, inputs, [1] * len(seq_ids), target_vocab=False)
+            logits, hidden = self.runner.run(seq_ids, starts, inputs, [1] * len(seq_ids), target_vocab=False,
+                                             features=features)
             pos = next_pos[active] + j
             if probs_out is None:  # all greedy: q is the one-hot of the argmax, never built
                 top_p, top_id = torch.softmax(logits.float(), -1).max(-1)
@@ -70,6 +79,8 @@ class DraftWorker:
             if not bool(still.any()):
                 break
             active = active[still]
+            if reads_features:  # pass j + 1 reads the state this pass predicted
+                features = hidden[still]
             idx = still.nonzero().squeeze(1).tolist()
             pos_list, token_list = pos.tolist(), tokens.tolist()
             seq_ids = [seq_ids[i] for i in idx]

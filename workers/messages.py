@@ -28,6 +28,10 @@ class ProposeItem:
 @dataclass
 class ProposeBatch:
     items: list[ProposeItem]
+    # For a feature draft: [sum(len(item.token_ids)), d], the target's hidden state at the
+    # position before each of the items' tokens, rows in item order. None: zeros (a profiling
+    # run; drafts are worse, never wrong).
+    features: torch.Tensor | None = None
 
 
 @dataclass
@@ -58,6 +62,7 @@ class VerifyItem:
 class VerifyBatch:
     items: list[VerifyItem]
     proposal: Proposal | None = None
+    want_features: bool = False  # return the hidden states a feature draft reads
 
 
 @dataclass
@@ -65,3 +70,6 @@ class VerifyResult:
     num_accepted: list[int]  # per item (0 for items without drafts)
     output_ids: list[list[int]]  # per item: accepted draft tokens + 1 recovered/bonus token
     elapsed_s: float = 0.0
+    # With VerifyBatch.want_features: [sum over items of len(token_ids) + num_accepted, d], the
+    # target's last hidden state at each committed position it computed, rows in item order.
+    features: torch.Tensor | None = None

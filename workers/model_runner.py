@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from goodspec.workers.attention import ATTENTION_NAME, AttentionMetadata
+from goodspec.workers.feature_draft import FeatureInput
 from goodspec.workers.kv_cache import KVCacheSpec, PagedKVCache
 
 
@@ -118,6 +119,8 @@ class ModelRunner:
         mc = self.model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         self.vocab_map = VocabMap.load(path, self.device)
+        self.feature_input = FeatureInput.load(path, self.device, self.dtype)  # a feature draft's
+        self.hidden_size: int = mc.hidden_size
         self.vocab_size: int = self.vocab_map.target_vocab_size if self.vocab_map else mc.vocab_size
         self.max_context: int = mc.max_position_embeddings
         self.cache = PagedKVCache(
@@ -132,7 +135,6 @@ class ModelRunner:
             device=self.device,
         )
 
-    @torch.inference_mode()
     def forward(
         self, seq_ids: list[str], starts: list[int], token_ids: list[list[int]], num_logits: list[int],
         target_vocab: bool = True,
@@ -142,6 +144,16 @@ class ModelRunner:
         concatenated in order: [sum(num_logits), vocab]. All or nothing on KV exhaustion.
         A reduced-vocabulary draft's logits come in the target's vocabulary unless
         `target_vocab=False` (then in its own; map ids with `target_ids`)."""
+        return self.run(seq_ids, starts, token_ids, num_logits, target_vocab)[0]
+
+    @torch.inference_mode()
+    def run(
+        self, seq_ids: list[str], starts: list[int], token_ids: list[list[int]], num_logits: list[int],
+        target_vocab: bool = True, features: torch.Tensor | None = None, all_hidden: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`, and the post-norm last hidden states: of every new token with `all_hidden`
+        (what a feature draft reads), else of the tokens whose logits come back. A feature draft
+        reads `features` ([total new tokens, d], zeros when None) beside its tokens."""
         num_new = [len(t) for t in token_ids]
         if any(n == 0 for n in num_new):
             raise ValueError("every sequence in a forward needs at least one new token")
@@ -150,6 +162,9 @@ class ModelRunner:
                 raise ValueError(
                     f"sequence {s!r} would reach {start + n} tokens; the model's context is {self.max_context}"
                 )
+        total = sum(num_new)
+        if features is not None and tuple(features.shape) != (total, self.hidden_size):
+            raise ValueError(f"features must be [{total}, {self.hidden_size}]; got {list(features.shape)}")
         self.cache.prepare(list(zip(seq_ids, starts, num_new)))
         meta, positions = AttentionMetadata.build(self.cache, seq_ids, starts, num_new, self.device)
         flat = [t for ids in token_ids for t in ids]
@@ -161,18 +176,22 @@ class ModelRunner:
         # Packed indices of the last num_logits[i] tokens of each sequence.
         seq_of_kept = torch.repeat_interleave(torch.arange(len(num_new)), keep)
         offset_in_kept = torch.arange(int(keep.sum())) - (torch.cumsum(keep, 0) - keep)[seq_of_kept]
-        kept_index = (ends - keep)[seq_of_kept] + offset_in_kept
-        out = self.model(
-            input_ids=input_ids,
-            position_ids=positions.unsqueeze(0),
-            use_cache=False,
-            logits_to_keep=kept_index.to(self.device),
-            goodspec_meta=meta,
-        )
-        logits = out.logits[0].float()
-        if self.vocab_map is None or not target_vocab:
-            return logits
-        return self.vocab_map.to_target(logits, float("-inf"))
+        kept_index = ((ends - keep)[seq_of_kept] + offset_in_kept).to(self.device)
+        base = self.model.model  # the decoder; the output layer runs on the kept rows only
+        if self.feature_input is not None:
+            if features is None:
+                features = torch.zeros(total, self.hidden_size)
+            embeds = self.feature_input(base.embed_tokens(input_ids), features.to(self.device).unsqueeze(0))
+            args = {"inputs_embeds": embeds}
+        else:
+            args = {"input_ids": input_ids}
+        hidden = base(**args, position_ids=positions.unsqueeze(0), use_cache=False,
+                      goodspec_meta=meta).last_hidden_state[0]  # [total, d]
+        kept = hidden[kept_index]
+        logits = self.model.lm_head(kept).float()
+        if self.vocab_map is not None and target_vocab:
+            logits = self.vocab_map.to_target(logits, float("-inf"))
+        return logits, hidden if all_hidden else kept
 
     def target_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids of this model's own vocabulary as the target's."""

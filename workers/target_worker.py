@@ -29,11 +29,12 @@ class TargetWorker:
             if it.draft_ids and not it.sample:
                 raise ValueError(f"request {it.req_id!r}: draft tokens need sample=True")
         num_logits = [len(it.draft_ids) + 1 if it.sample else 0 for it in items]
-        logits = self.runner.forward(
+        logits, hidden = self.runner.run(
             [it.req_id for it in items],
             [it.start_pos for it in items],
             [it.token_ids + it.draft_ids for it in items],
             num_logits,
+            all_hidden=batch.want_features,
         )  # [sum(num_logits), vocab]
 
         emit = [i for i, it in enumerate(items) if it.sample]
@@ -48,8 +49,21 @@ class TargetWorker:
                 output_ids[i] = out[row][: a + 1]
                 # Forget the rejected draft tokens now: keep the committed tokens only.
                 self.runner.truncate(it.req_id, it.start_pos + len(it.token_ids) + a)
+        features = self._committed_rows(items, num_accepted, hidden) if batch.want_features else None
         self.runner.synchronize()
-        return VerifyResult(num_accepted, output_ids, elapsed_s=time.perf_counter() - t0)
+        return VerifyResult(num_accepted, output_ids, elapsed_s=time.perf_counter() - t0, features=features)
+
+    @staticmethod
+    def _committed_rows(items, num_accepted: list[int], hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden states of each item's committed tokens (its new tokens and accepted
+        drafts; rejected drafts' rows dropped), in bfloat16: half the bytes on the wire, and the
+        draft was trained on bfloat16 features."""
+        fed = torch.tensor([len(it.token_ids) + len(it.draft_ids) for it in items])
+        kept = torch.tensor([len(it.token_ids) + a for it, a in zip(items, num_accepted)])
+        first = torch.cumsum(fed, 0) - fed
+        row_of = torch.repeat_interleave(torch.arange(len(items)), kept)
+        offset = torch.arange(int(kept.sum())) - (torch.cumsum(kept, 0) - kept)[row_of]
+        return hidden[(first[row_of] + offset).to(hidden.device)].to(torch.bfloat16).cpu()
 
     def _accept(self, batch: VerifyBatch, emit: list[int], logits: torch.Tensor):
         items = [batch.items[i] for i in emit]

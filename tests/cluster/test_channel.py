@@ -76,6 +76,25 @@ def test_typed_calls_round_trip_with_the_draft_probabilities(worker_and_server):
     c.close()
 
 
+def test_a_feature_draft_s_hidden_states_cross_both_ways_and_bad_row_counts_are_refused():
+    from goodspec.cluster import wire
+
+    feats = torch.rand(3, 4).to(torch.bfloat16)
+    batch = ProposeBatch([ProposeItem("r1", 3, [5, 6], 2, GREEDY), ProposeItem("r2", 0, [7], 2, GREEDY)], feats)
+    codec = wire.CALLS["propose"]
+    got = codec.decode_arg(*wire.unpack(bytearray(wire.pack(*codec.encode_arg(batch)))))
+    assert got.items == batch.items and torch.equal(got.features, feats)
+    short = ProposeBatch(batch.items, feats[:2])  # a row short: refused before any worker code
+    with pytest.raises(wire.WireError, match="3 rows"):
+        codec.decode_arg(*wire.unpack(bytearray(wire.pack(*codec.encode_arg(short)))))
+    verify = wire.CALLS["verify"]
+    vb = VerifyBatch([VerifyItem("r1", 3, [5], True, GREEDY, [1, 2], 0)], None, want_features=True)
+    assert verify.decode_arg(*wire.unpack(bytearray(wire.pack(*verify.encode_arg(vb))))).want_features
+    result = VerifyResult([1], [[9, 8]], 0.5, feats[:2])
+    back = verify.decode_result(*wire.unpack(bytearray(wire.pack(*verify.encode_result(result)))))
+    assert back.num_accepted == [1] and torch.equal(back.features, feats[:2])
+
+
 def test_worker_errors_arrive_typed_and_free_is_ordered_before_the_next_call(worker_and_server):
     w, server = worker_and_server
     c = ChannelClient(server.address, TOKEN, timeout_s=5)

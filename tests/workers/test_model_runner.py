@@ -70,3 +70,35 @@ def test_context_longer_than_the_model_is_refused(runner):
     with pytest.raises(ValueError, match="context is 1024"):
         runner.forward(["long"], [0], [[5] * 1025], [1])
     assert runner.cache.num_used_blocks == 0
+
+
+def test_the_targets_hidden_states_for_a_feature_draft_are_its_committed_rows(runner, reference):
+    """What a verification hands a feature draft: the target's post-norm last hidden state at
+    each committed position (new tokens and accepted drafts), rejected drafts' rows left out."""
+    from goodspec.workers.messages import VerifyBatch, VerifyItem
+    from goodspec.workers.sampling import SamplingParams
+    from goodspec.workers.target_worker import TargetWorker
+
+    worker = TargetWorker.__new__(TargetWorker)
+    worker.runner = runner
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, 4000, (12,), generator=g).tolist()
+    greedy = SamplingParams(seed=1)
+    first = worker.verify(VerifyBatch([VerifyItem("f", 0, prompt, True, greedy)], want_features=True))
+    with torch.no_grad():
+        want = reference.model(input_ids=torch.tensor([prompt], device=runner.device)).last_hidden_state[0]
+    assert first.features.dtype == torch.bfloat16 and first.features.shape == (12, want.shape[1])
+    torch.testing.assert_close(first.features.float(), want.cpu().bfloat16().float(), atol=2e-2, rtol=2e-2)
+    # Draft the target's own next token, then a wrong one: one accepted, one rejected.
+    nxt = first.output_ids[0][0]
+    with torch.no_grad():
+        after = reference(input_ids=torch.tensor([prompt + [nxt]], device=runner.device)).logits[0, -1]
+    wrong = int(after.argsort()[0])
+    res = worker.verify(VerifyBatch([VerifyItem("f", 12, [nxt], True, greedy, [int(after.argmax()), wrong], -1)],
+                                    want_features=True))
+    assert res.num_accepted == [1] and res.features.shape[0] == 2  # the pending token + 1 accepted
+    with torch.no_grad():
+        full = reference.model(input_ids=torch.tensor([prompt + [nxt, int(after.argmax())]],
+                                                      device=runner.device)).last_hidden_state[0]
+    torch.testing.assert_close(res.features.float(), full[12:14].cpu().bfloat16().float(), atol=2e-2, rtol=2e-2)
+    runner.free(["f"])
