@@ -1,6 +1,9 @@
-"""Distil goodspec's draft for SmolLM2-135M-Instruct on the CPU (about an hour on 2 cores).
+"""Distil a token-only draft for SmolLM2-135M-Instruct on the CPU (about an hour on 2 cores).
 
-    python -m goodspec.training.distill_smollm2 --out goodspec/models/smollm2-draft
+    python -m goodspec.training.distill_smollm2 --out /tmp/token-draft
+
+The shipped draft starts from this one: goodspec.training.distill_feature_draft --init-from
+adds what the target's hidden states tell (README, "smollm2").
 
 Steps (seeded; the data step is cached under --work, so a rerun resumes from there):
   1. ShareGPT first-turn prompts of the training split (held-out conversations never seen),
@@ -39,6 +42,7 @@ from goodspec.training.teacher_data import (
     cached_forced, cached_replies, chat_exchanges, chat_prompts, target_replies,
 )
 from goodspec.training.train_pair import optimise
+from goodspec.workers.feature_draft import FEATURE_FILE
 
 VOCAB_MAP_FILE = "vocab_map.json"
 
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     from goodspec.gguf_import import converted_dir, smollm2_gguf_path
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "models" / "smollm2-draft")
+    ap.add_argument("--out", type=Path, default=Path.home() / ".cache" / "goodspec" / "token-draft")
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "goodspec" / "distill")
     ap.add_argument("--steps", type=int, default=DistillConfig.steps)
     ap.add_argument("--train-prompts", type=int, default=DistillConfig.train_prompts)
@@ -277,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     })
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    (out / FEATURE_FILE).unlink(missing_ok=True)  # a token-only draft: no feature layer
     draft.to(torch.float16).save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(target_dir / name, out / name)

