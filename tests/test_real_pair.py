@@ -91,6 +91,7 @@ def test_the_draft_is_small_and_maps_into_the_targets_vocabulary(pair):
     assert report["draft_cost_ratio"] <= 0.1
     runner = ModelRunner(RunnerConfig(SMOLLM2_DRAFT, "cpu", "float32", 256, 16))
     assert runner.vocab_size == 49152  # logits leave the runner in the target's vocabulary
+    assert runner.feature_input is not None  # a feature draft: it reads the target's hidden states
     logits = runner.forward(["a"], [0], [[1, 9690, 198, 49000]], [1])  # 49000: outside the draft's set
     outside = torch.ones(49152, dtype=torch.bool)
     outside[runner.vocab_map.target_ids] = False
