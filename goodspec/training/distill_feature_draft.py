@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from goodspec.training.distill_smollm2 import VOCAB_MAP_FILE, to_draft_ids
+from goodspec.training.distill_smollm2 import VOCAB_MAP_FILE, decode_ms, to_draft_ids
 from goodspec.training.target_features import cached_features, hidden_states, record_sequence
 from goodspec.training.teacher_data import chat_prompts, target_replies
 from goodspec.training.train_pair import optimise
@@ -190,19 +189,6 @@ def evaluate(target, draft: FeatureDraft, tokenizer, table: torch.Tensor, target
             "eval_prompts": len(data)}
 
 
-@torch.no_grad()
-def decode_ms(step, batch: int = 16, context: int = 200, reps: int = 15) -> float:
-    """Median time of `step(ids, cache)` after a `context`-token prefill, one token per row."""
-    cache = step(torch.randint(3, 4000, (batch, context)), None)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        step(torch.randint(3, 4000, (batch, 1)), cache)
-        times.append((time.perf_counter() - t0) * 1000)
-        cache.crop(-1)
-    return statistics.median(times)
-
-
 def step_costs(target, draft: FeatureDraft) -> dict:
     d = target.config.hidden_size
 
@@ -213,7 +199,7 @@ def step_costs(target, draft: FeatureDraft) -> dict:
         embeds = draft.feature_input(draft.llm.model.embed_tokens(ids), torch.randn(*ids.shape, d))
         return draft.llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True).past_key_values
 
-    t, q = decode_ms(target_step), decode_ms(draft_step)
+    t, q = decode_ms(target_step, 4000), decode_ms(draft_step, 4000)
     return {"forward_ms_batch16_context200": {"target": t, "draft": q}, "draft_cost_ratio": q / t}
 
 
