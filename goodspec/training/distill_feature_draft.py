@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from goodspec.training.distill_smollm2 import VOCAB_MAP_FILE, decode_ms, to_draft_ids
-from goodspec.training.target_features import cached_features, hidden_states, record_sequence
+from goodspec.training.target_features import cached_features, record_sequence
 from goodspec.training.teacher_data import chat_prompts, target_replies
 from goodspec.training.train_pair import optimise
 from goodspec.workers.feature_draft import FeatureInput
