@@ -36,7 +36,8 @@ class FeatureBuffer:
     def take(self, start: int, count: int, width: int) -> torch.Tensor:
         """The features of `count` tokens from position `start` on: the rows of positions
         start - 1 .. start + count - 2, zero where not held (position -1 is always zero)."""
-        out = torch.zeros(count, width, dtype=torch.float32 if self.rows is None else self.rows.dtype)
+        # (bfloat16, what the target sends, so one batch's rows share a dtype)
+        out = torch.zeros(count, width, dtype=torch.bfloat16 if self.rows is None else self.rows.dtype)
         if self.rows is None:
             return out
         lo, hi = max(start - 1, self.first), min(start - 1 + count, self.end)

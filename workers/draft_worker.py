@@ -48,7 +48,7 @@ class DraftWorker:
         seq_ids = [it.req_id for it in items]
         starts = [it.start_pos for it in items]
         inputs = [it.token_ids for it in items]
-        reads_features = self.runner.feature_input is not None
+        reads_features = self.reads_features
         features = batch.features if reads_features else None  # pass 0: the target's
         for j in range(max_k):
             # In the draft's own vocabulary (a reduced one is mapped to the target's only where
