@@ -30,6 +30,10 @@ class FeatureInput(nn.Module):
     def forward(self, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.cat([embeds, features.to(embeds.dtype)], -1))
 
+    def read(self, embed_tokens: nn.Module, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """The decoder's input for tokens `ids` (the draft's own ids) beside their features."""
+        return self(embed_tokens(ids), features)
+
     @classmethod
     def identity(cls, hidden: int, feature_scale: float = 1.0) -> "FeatureInput":
         """Starts as embed + feature_scale * feature: with 1, the decoder first sees the sum of

@@ -181,7 +181,7 @@ class ModelRunner:
         if self.feature_input is not None:
             if features is None:
                 features = torch.zeros(total, self.hidden_size)
-            embeds = self.feature_input(base.embed_tokens(input_ids), features.to(self.device).unsqueeze(0))
+            embeds = self.feature_input.read(base.embed_tokens, input_ids, features.to(self.device).unsqueeze(0))
             args = {"inputs_embeds": embeds}
         else:
             args = {"input_ids": input_ids}

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from goodspec.training.distill_smollm2 import VOCAB_MAP_FILE, decode_ms, to_draft_ids
-from goodspec.training.target_features import cached_features, record_sequence
-from goodspec.training.teacher_data import chat_prompts, target_replies
+from goodspec.training.distill_smollm2 import VOCAB_MAP_FILE, decode_ms, kl_to_teacher, to_draft_ids
+from goodspec.training.target_features import cached_features
+from goodspec.training.teacher_data import chat_prompts, record_sequence, right_padded, target_replies
 from goodspec.training.train_pair import optimise
 from goodspec.workers.feature_draft import FeatureInput
 
@@ -68,9 +68,8 @@ class FeatureDraft(torch.nn.Module):
         self.feature_input = feature_input
 
     def hidden(self, ids: torch.Tensor, features_in: torch.Tensor, mask: torch.Tensor | None = None):
-        embeds = self.llm.model.embed_tokens(ids)
-        return self.llm.model(inputs_embeds=self.feature_input(embeds, features_in),
-                              attention_mask=mask).last_hidden_state
+        embeds = self.feature_input.read(self.llm.model.embed_tokens, ids, features_in)
+        return self.llm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
 
 
 def shifted(features: torch.Tensor) -> torch.Tensor:
@@ -108,15 +107,6 @@ def build(target, target_ids: list[int], cfg: FeatureDistillConfig) -> FeatureDr
     return FeatureDraft(llm, FeatureInput.identity(tc.hidden_size))
 
 
-def kl_to_teacher(logits: torch.Tensor, rows: list[dict], table: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy to the teacher's top-k renormalised inside the draft's vocabulary."""
-    student = F.log_softmax(logits.float(), -1)
-    ids = table[torch.cat([r["top_ids"] for r in rows]).long()]
-    weight = torch.cat([r["top_logp"] for r in rows]).float().exp() * (ids != 0)
-    weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-12)
-    return -(weight * student.gather(1, ids)).sum() / len(student)
-
-
 def train(draft: FeatureDraft, pools: list[tuple[list[dict], list[torch.Tensor]]], shares: list[float],
           table: torch.Tensor, cfg: FeatureDistillConfig, feature_rms: float) -> FeatureDraft:
     gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -126,29 +116,21 @@ def train(draft: FeatureDraft, pools: list[tuple[list[dict], list[torch.Tensor]]
         picks = [(pool[0][i], pool[1][i]) for pool, n in zip(pools, counts)
                  for i in torch.randint(0, len(pool[0]), (n,), generator=gen).tolist()]
         rows = [r for r, _ in picks]
-        width = max(len(f) for _, f in picks)
-        d = picks[0][1].shape[1]
-        x = torch.zeros(len(rows), width, dtype=torch.long)
-        feats = torch.zeros(len(rows), width, d)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, (r, f) in enumerate(picks):
-            s = record_sequence(r)
-            x[i, :len(s)] = table[torch.tensor(s)]
-            feats[i, :len(s)] = f.float()
-            mask[i, :len(s)] = 1
-        feats = feats / feature_rms
+        ids, mask = right_padded([record_sequence(r) for r in rows])
+        x = table[ids]
+        feats = torch.nn.utils.rnn.pad_sequence([f.float() for _, f in picks], batch_first=True)
 
         def reply_rows(hidden: torch.Tensor) -> torch.Tensor:
             return torch.cat([hidden[i, len(r["prompt"]) - 1:len(r["prompt"]) - 1 + len(r["reply"])]
                               for i, r in enumerate(rows)])
 
         with torch.autocast("cpu", dtype=getattr(torch, cfg.train_dtype), enabled=cfg.train_dtype != "float32"):
-            h1 = draft.hidden(x, shifted(feats) * feature_rms, mask)
+            h1 = draft.hidden(x, shifted(feats), mask)
             logits1 = draft.llm.lm_head(reply_rows(h1))
             h2 = draft.hidden(x, shifted(h1.detach()), mask)
             logits2 = draft.llm.lm_head(reply_rows(h2))
         valid = mask.bool()
-        reg = F.smooth_l1_loss((h1.float() / feature_rms)[valid], feats[valid])
+        reg = F.smooth_l1_loss(h1.float()[valid] / feature_rms, feats[valid] / feature_rms)
         ce1, ce2 = kl_to_teacher(logits1, rows, table), kl_to_teacher(logits2, rows, table)
         return ce1 + cfg.feature_weight * reg + cfg.second_pass_weight * ce2
 
@@ -196,7 +178,7 @@ def step_costs(target, draft: FeatureDraft) -> dict:
         return target(input_ids=ids, past_key_values=cache, use_cache=True).past_key_values
 
     def draft_step(ids, cache):
-        embeds = draft.feature_input(draft.llm.model.embed_tokens(ids), torch.randn(*ids.shape, d))
+        embeds = draft.feature_input.read(draft.llm.model.embed_tokens, ids, torch.randn(*ids.shape, d))
         return draft.llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True).past_key_values
 
     t, q = decode_ms(target_step, 4000), decode_ms(draft_step, 4000)

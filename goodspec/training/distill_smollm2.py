@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from goodspec.training.teacher_data import (
-    cached_forced, cached_replies, chat_exchanges, chat_prompts, target_replies,
+    cached_forced, cached_replies, chat_exchanges, chat_prompts, record_sequence, right_padded, target_replies,
 )
 from goodspec.training.train_pair import optimise
 from goodspec.workers.feature_draft import FEATURE_FILE
@@ -127,6 +127,16 @@ def build_draft(target, cfg: DistillConfig, target_ids: list[int]):
     return draft
 
 
+def kl_to_teacher(logits: torch.Tensor, rows: list[dict], table: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to the teacher's top-k at the rows' reply positions, renormalised inside
+    the draft's vocabulary (a position whose top-k lies wholly outside it teaches nothing)."""
+    student = F.log_softmax(logits.float(), -1)  # [N, V']
+    ids = table[torch.cat([r["top_ids"] for r in rows]).long()]  # [N, top], 0 = outside
+    weight = torch.cat([r["top_logp"] for r in rows]).float().exp() * (ids != 0)
+    weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-12)
+    return -(weight * student.gather(1, ids)).sum() / len(student)
+
+
 def train(draft, data: list[dict], table: torch.Tensor, cfg: DistillConfig, forced: list[dict] = ()):
     """KL(target || draft) at the generated positions, the teacher's top-k renormalised within
     the draft's vocabulary (the draft can put no mass elsewhere; a position whose top-k lies
@@ -140,24 +150,15 @@ def train(draft, data: list[dict], table: torch.Tensor, cfg: DistillConfig, forc
 
     def loss_at_step() -> torch.Tensor:
         rows = draw(data, cfg.batch_size - n_forced) + (draw(forced, n_forced) if n_forced else [])
-        seqs = [r["prompt"] + r["reply"][:-1] for r in rows]  # the last reply token is never input
-        width = max(len(s) for s in seqs)
-        x = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros_like(x)
-        for i, s in enumerate(seqs):
-            x[i, :len(s)] = table[torch.tensor(s)]
-            mask[i, :len(s)] = 1
+        ids, mask = right_padded([record_sequence(r) for r in rows])
+        x = table[ids]  # (padding reads draft id 0; the mask hides it)
         with torch.autocast("cpu", dtype=getattr(torch, cfg.train_dtype),
                             enabled=cfg.train_dtype != "float32"):
             hidden = draft.model(input_ids=x, attention_mask=mask).last_hidden_state  # [B, T, d]
             picks = [hidden[i, len(r["prompt"]) - 1:len(r["prompt"]) - 1 + len(r["reply"])]
                      for i, r in enumerate(rows)]  # the positions that predict each reply token
             logits = draft.lm_head(torch.cat(picks))
-        student = F.log_softmax(logits.float(), -1)  # [N, V']
-        ids = table[torch.cat([r["top_ids"] for r in rows]).long()]  # [N, top], 0 = outside
-        weight = torch.cat([r["top_logp"] for r in rows]).float().exp() * (ids != 0)
-        weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-12)
-        return -(weight * student.gather(1, ids)).sum() / len(student)
+        return kl_to_teacher(logits, rows, table)
 
     return optimise(draft, loss_at_step, cfg.steps, cfg.lr, cfg.warmup_steps, 0.0, "draft", "ce")
 

@@ -15,30 +15,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-
-def record_sequence(record: dict) -> list[int]:
-    return record["prompt"] + record["reply"][:-1]
+from goodspec.training.teacher_data import length_batches, record_sequence, right_padded
 
 
 @torch.no_grad()
 def hidden_states(target, seqs: list[list[int]], batch_tokens: int, desc: str) -> list[torch.Tensor]:
     """The target's post-norm last hidden state for every token of every sequence (bfloat16)."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out: list[torch.Tensor | None] = [None] * len(seqs)
-    batches, cur = [], []
-    for i in order:
-        if cur and len(seqs[i]) * (len(cur) + 1) > batch_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    batches += [cur] if cur else []
-    for idx in tqdm(batches, desc=desc, unit="batch", leave=False):
-        width = max(len(seqs[i]) for i in idx)
-        ids = torch.zeros(len(idx), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(idx):  # right padding: positions start at 0 for every row
-            ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
-            mask[r, :len(seqs[i])] = 1
+    for idx in tqdm(length_batches([len(s) for s in seqs], batch_tokens), desc=desc, unit="batch", leave=False):
+        ids, mask = right_padded([seqs[i] for i in idx])
         hidden = target.model(input_ids=ids, attention_mask=mask).last_hidden_state
         for r, i in enumerate(idx):
             out[i] = hidden[r, :len(seqs[i])].to(torch.bfloat16).clone()

@@ -115,29 +115,42 @@ def cached_replies(target, tokenizer, prompts: list[list[int]], cfg: DistillConf
     return data
 
 
+def record_sequence(record: dict) -> list[int]:
+    """What a draft reads of a record: the prompt and the reply but its last token."""
+    return record["prompt"] + record["reply"][:-1]
+
+
+def right_padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[rows, longest] ids and attention mask, right padding: positions start at 0 in every row."""
+    ids = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, :len(s)] = torch.tensor(s)
+        mask[r, :len(s)] = 1
+    return ids, mask
+
+
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices in order of length, cut so that no batch pads past `batch_tokens` tokens."""
+    batches, cur = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if cur and lengths[i] * (len(cur) + 1) > batch_tokens:
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    return batches + ([cur] if cur else [])
+
+
 @torch.no_grad()
 def teacher_forced(target, pairs: list[tuple[list[int], list[int]]], cfg: DistillConfig,
                    desc: str) -> list[dict]:
     """The target's top-k at every reply position of given (prompt, reply) pairs, one padded
     forward per batch of similar lengths; the same record layout as `target_replies`."""
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
     out: list[dict | None] = [None] * len(pairs)
-    batches, cur = [], []
-    for i in order:  # at most forced_batch_tokens padded tokens per forward
-        width = len(pairs[i][0]) + len(pairs[i][1]) - 1
-        if cur and width * (len(cur) + 1) > cfg.forced_batch_tokens:
-            batches.append(cur)
-            cur = []
-        cur.append(i)
-    batches += [cur] if cur else []
-    for idx in tqdm(batches, desc=desc, unit="batch", leave=False):
-        seqs = [pairs[i][0] + pairs[i][1][:-1] for i in idx]
-        width = max(len(q) for q in seqs)
-        ids = torch.zeros(len(idx), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, q in enumerate(seqs):  # right padding: positions start at 0 for every row
-            ids[r, :len(q)] = torch.tensor(q)
-            mask[r, :len(q)] = 1
+    seqs = [prompt + reply[:-1] for prompt, reply in pairs]
+    for idx in tqdm(length_batches([len(s) for s in seqs], cfg.forced_batch_tokens), desc=desc,
+                    unit="batch", leave=False):
+        ids, mask = right_padded([seqs[i] for i in idx])
         hidden = target.model(input_ids=ids, attention_mask=mask).last_hidden_state
         for r, i in enumerate(idx):
             prompt, reply = pairs[i]
