@@ -21,14 +21,37 @@ from torch import nn
 FEATURE_FILE = "feature_fc.safetensors"
 
 
+def normalised(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each row at unit RMS (no weight): how a middle layer's residual stream is read, whose
+    scale varies by orders of magnitude between tokens."""
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+
+
 class FeatureInput(nn.Module):
-    def __init__(self, hidden: int) -> None:
+    """fc([embed(x_p); g_{p-1}]). g is the target's last hidden state, or with `target_layers`
+    (EAGLE-3's fusion) `fuse([normalised outputs of those layers; last state])`; a drafted
+    position reads the draft's own predicted state as g. The width of what it reads tells which."""
+
+    def __init__(self, hidden: int, target_layers: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.hidden = hidden
+        self.target_layers = tuple(target_layers)
         self.fc = nn.Linear(2 * hidden, hidden, bias=False)
+        self.fuse = nn.Linear((len(target_layers) + 1) * hidden, hidden, bias=False) if target_layers else None
+
+    @property
+    def target_width(self) -> int:
+        """The width of the target's rows this layer reads: (layers + 1) * d."""
+        return (len(self.target_layers) + 1) * self.hidden
 
     def forward(self, embeds: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.cat([embeds, features.to(embeds.dtype)], -1))
+        f = features.to(embeds.dtype)
+        if self.fuse is not None and f.shape[-1] == self.target_width:
+            f = self.fuse(f)
+        elif f.shape[-1] != self.hidden:
+            raise ValueError(f"features must be {self.hidden} (a drafted state) or {self.target_width} "
+                             f"(the target's) wide; got {f.shape[-1]}")
+        return self.fc(torch.cat([embeds, f], -1))
 
     def read(self, embed_tokens: nn.Module, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         """The decoder's input for tokens `ids` (the draft's own ids) beside their features."""
@@ -45,26 +68,49 @@ class FeatureInput(nn.Module):
             m.fc.weight.copy_(torch.cat([eye, eye * feature_scale], 1))
         return m
 
+    def fused(self, target_layers: tuple[int, ...]) -> "FeatureInput":
+        """This layer reading the outputs of `target_layers` as well, starting exactly as it is
+        (the fusion passes the last state through and ignores the rest until trained)."""
+        m = FeatureInput(self.hidden, target_layers)
+        d = self.hidden
+        with torch.no_grad():
+            m.fc.weight.copy_(self.fc.weight)
+            m.fuse.weight.zero_()
+            m.fuse.weight[:, -d:].copy_(torch.eye(d))
+        return m
+
     def save(self, model_dir: Path) -> None:
         from safetensors.torch import save_file
 
-        save_file({"fc.weight": self.fc.weight.detach().to(torch.float16).contiguous()},
-                  str(model_dir / FEATURE_FILE))
+        tensors = {"fc.weight": self.fc.weight.detach().to(torch.float16).contiguous()}
+        if self.fuse is not None:
+            tensors["fuse.weight"] = self.fuse.weight.detach().to(torch.float16).contiguous()
+        save_file(tensors, str(model_dir / FEATURE_FILE),
+                  metadata={"target_layers": ",".join(str(m) for m in self.target_layers)})
 
     @classmethod
     def load(cls, model_dir: Path, device: torch.device, dtype: torch.dtype) -> "FeatureInput | None":
         """The feature layer of a draft directory, or None for a draft that reads tokens only."""
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         path = model_dir / FEATURE_FILE
         if not path.is_file():
             return None
-        weight = load_file(str(path))["fc.weight"]
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            layers_text = (f.metadata() or {}).get("target_layers", "")
+        layers = tuple(int(m) for m in layers_text.split(",") if m)
+        weight = tensors["fc.weight"]
         if weight.dim() != 2 or weight.shape[1] != 2 * weight.shape[0]:
             raise ValueError(f"{path}: fc.weight must be [d, 2d]; got {list(weight.shape)}")
-        m = cls(weight.shape[0])
+        m = cls(weight.shape[0], layers)
+        if (m.fuse is None) != ("fuse.weight" not in tensors) or (
+                m.fuse is not None and tensors["fuse.weight"].shape != m.fuse.weight.shape):
+            raise ValueError(f"{path}: target_layers {layers_text!r} and fuse.weight disagree")
         with torch.no_grad():
             m.fc.weight.copy_(weight)
+            if m.fuse is not None:
+                m.fuse.weight.copy_(tensors["fuse.weight"])
         return m.to(device=device, dtype=dtype).eval()
 
 

