@@ -56,7 +56,8 @@ class EngineConfig:
     draft_dir: str | None = _f("", "draft model directory (same tokenizer; unset = the named pair's); "
                                    "none = no draft", aliases=("--draft",))
     policy: str = _f("fixed:3", "speculation policy: off | fixed:K | goodput | goodput-uniform (one k per batch)")
-    proposer: str = _f("draft", "who proposes draft tokens: draft (the draft model) | ngram (prompt lookup, no model)")
+    proposer: str = _f("draft", "who proposes draft tokens: draft (the draft model) | ngram (prompt lookup, no model) | "
+                                "auto (both: goodput policies choose per request and step; others use the draft)")
     device: str = _f("auto", "auto (cuda when present) | cpu | cuda | cuda:N")
     dtype: str = _f("auto", "auto (float32 on cpu, bfloat16 on cuda) | float32 | float16 | bfloat16")
     target_kv_tokens: int = _f(32768, "target KV cache budget, in tokens")
@@ -78,8 +79,10 @@ class EngineConfig:
         if self.draft_dir is not None and self.draft_dir.lower() == "none":
             object.__setattr__(self, "draft_dir", None)
         spec = self.policy_spec  # parsed once, here; raises with the accepted forms
-        if self.proposer not in ("draft", "ngram"):
-            raise ValueError(f"proposer must be draft or ngram; got {self.proposer!r}")
+        if self.proposer not in ("draft", "ngram", "auto"):
+            raise ValueError(f"proposer must be draft, ngram or auto; got {self.proposer!r}")
+        if self.proposer == "auto" and self.draft_dir is None:
+            raise ValueError("proposer auto chooses between the draft model and prompt lookup: it needs a draft model")
         if self.proposer == "ngram":
             object.__setattr__(self, "draft_dir", None)  # no draft model to load
         elif self.draft_dir is None and spec.kind != "off":

@@ -117,7 +117,8 @@ def build_scheduler(
         eos_token_id=codec.eos_token_id,
     )
     scheduler = Scheduler(sched_cfg, target=target, target_kv=target_kv, draft=draft, draft_kv=draft_kv,
-                          policy=config.policy_spec.build(), stop_checker=codec.find_stop)
+                          policy=config.policy_spec.build(), stop_checker=codec.find_stop,
+                          lookup=config.proposer == "auto")
     if scheduler.policies.learning():
         import torch
 

@@ -105,11 +105,16 @@ class StepTimeModel:
         return self.num_fitted > 0
 
     def predict_step_time(self, ks: Sequence[int], contexts: Sequence[int],
-                          catchups: Sequence[int] | None = None) -> float:
+                          catchups: Sequence[int] | None = None,
+                          lookup: Sequence[bool] | None = None) -> float:
+        """Draft + verify seconds of a decode step; `lookup[i]`: request i's tokens come from
+        prompt lookup (verified, never drafted)."""
         longest = max(c + k for c, k in zip(contexts, ks)) if ks else 0
-        catchup = sum(c for c, k in zip(catchups, ks) if k > 0) if catchups else 0
-        return self.draft.predict(draft_features(sum(ks), max(ks, default=0), longest, catchup)) + \
-            self.verify.predict(verify_features(len(ks), sum(ks) + len(ks), longest))
+        drafted = [0 if lookup and lookup[i] else k for i, k in enumerate(ks)]
+        catchup = sum(c for c, k in zip(catchups, drafted) if k > 0) if catchups else 0
+        draft = self.draft.predict(draft_features(sum(drafted), max(drafted, default=0), longest, catchup)) \
+            if any(drafted) else 0.0
+        return draft + self.verify.predict(verify_features(len(ks), sum(ks) + len(ks), longest))
 
 
 def mape(model: StepTimeModel, records: Sequence[StepRecord]) -> float:
@@ -256,28 +261,46 @@ class AcceptanceEstimator:
 
 
 # -- the choice of k --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SpeculationChoice:
+    ks: list[int]  # draft tokens per request
+    lookup: list[bool]  # whether request i's tokens come from prompt lookup (else the draft model)
+
+
 def best_ks(alphas: Sequence[float] | None, contexts: Sequence[int], caps: Sequence[int],
             model: StepTimeModel, catchups: Sequence[int] | None = None,
             prefill: tuple[int, int] = (0, 0), gains: np.ndarray | None = None,
             uniform: bool = False) -> list[int]:
-    """The k_i that maximise predicted goodput sum_i E_i(k_i) / T(k). E_i(k) is `gains[i, k]`
-    when given (AcceptanceEstimator.expected_tokens; alphas may then be None), else geometric
-    in alphas[i].
+    """best_choice with the draft model as the only proposer: the ks alone."""
+    return best_choice(alphas, contexts, caps, model, catchups, prefill, gains, uniform).ks
+
+
+def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: Sequence[int],
+                model: StepTimeModel, catchups: Sequence[int] | None = None,
+                prefill: tuple[int, int] = (0, 0), gains: np.ndarray | None = None,
+                uniform: bool = False, lookup_gains: np.ndarray | None = None) -> SpeculationChoice:
+    """The k_i (and, with `lookup_gains`, the proposer of each request) that maximise predicted
+    goodput sum_i E_i(k_i) / T(k). E_i(k) is `gains[i, k]` when given
+    (AcceptanceEstimator.expected_tokens; alphas may then be None), else geometric in alphas[i];
+    `lookup_gains[i, k]` is the same for prompt lookup's k tokens.
 
     T has one cost shared by the whole batch that depends on the deepest k, the draft's passes
     (max k); everything else is per request: each draft token adds verify and draft work, and a
-    request whose draft fell behind pays its catch-up once it speculates. So for each pass count
-    m the problem separates per request, and the ratio is maximised exactly by Dinkelbach's
-    method: at a goodput level G, request i takes the k <= min(m, cap_i) that maximises
-    E_i(k) - G * (its draft tokens' cost), or 0 when its catch-up is not repaid;
-    G is then updated to the new ratio until the choice stops changing. The best m wins.
+    request whose draft fell behind pays its catch-up once it speculates. A prompt-lookup token
+    costs its verification only (no draft pass, no catch-up). So for each pass count m
+    (0 included when lookup is offered) the problem separates per request, and the ratio is
+    maximised exactly by Dinkelbach's method: at a goodput level G, request i takes the option
+    (draft k <= min(m, cap_i), or lookup k <= cap_i) that maximises E_i(k) - G * (its cost), or
+    k = 0 when nothing repays it; G is then updated to the new ratio until the choice stops
+    changing. The best m wins.
     `uniform`: one k for the whole batch (each request's capped to its own limit), the best m
-    alone: SmartSpec's batch-level choice, kept to measure what per-request choice adds.
+    alone, draft model only: SmartSpec's batch-level choice, kept to measure what per-request
+    choice adds.
     (Request-by-request +1 moves cannot get here: the first request to go one deeper pays a whole
     extra draft pass alone, so a batch of requests that would all gain stays shallow.)"""
     n = len(caps)
     if n == 0 or max(caps, default=0) == 0:
-        return [0] * n
+        return SpeculationChoice([0] * n, [False] * n)
     cd, cv = model.draft.coef, model.verify.coef
     longest = max(contexts)  # the few extra positions k adds are ignored here
     cap = np.asarray(caps, dtype=int)
@@ -288,41 +311,55 @@ def best_ks(alphas: Sequence[float] | None, contexts: Sequence[int], caps: Seque
     per_token = cv[2] + draft_per_token  # one more draft token: drafted and verified
     kmax = int(cap.max())
     ks_grid = np.arange(kmax + 1)
+    rows = np.arange(n)
     if gains is None:  # E_i(k) for k = 0..kmax: 1 + alpha + ... + alpha^k
         alpha = np.asarray(alphas, dtype=float)
         gains = np.cumsum(alpha[:, None] ** ks_grid[None, :], axis=1)  # [n, kmax + 1]
     else:
         gains = np.asarray(gains, dtype=float)[:, : kmax + 1]
+    offer_lookup = lookup_gains is not None and not uniform
+    if offer_lookup:
+        lookup_gains = np.asarray(lookup_gains, dtype=float)[:, : kmax + 1]
+    no_lookup = np.zeros(n, dtype=bool)
 
-    def step_time(ks: np.ndarray) -> float:
-        if not ks.any():
-            return max(verify_base, 1e-9)
-        draft = cd[0] + cd[1] * ks.max() + draft_per_token * ks.sum() + cd[4] * catch[ks > 0].sum()
+    def step_time(ks: np.ndarray, lk: np.ndarray) -> float:
+        drafted = np.where(lk, 0, ks)
+        draft = 0.0
+        if drafted.any():
+            draft = cd[0] + cd[1] * drafted.max() + draft_per_token * drafted.sum() + cd[4] * catch[drafted > 0].sum()
         return max(verify_base + cv[2] * ks.sum() + draft, 1e-9)
 
-    def goodput(ks: np.ndarray) -> float:
-        return float(gains[np.arange(n), ks].sum()) / step_time(ks)
+    def goodput(ks: np.ndarray, lk: np.ndarray) -> float:
+        emitted = np.where(lk, lookup_gains[rows, ks], gains[rows, ks]) if lk.any() else gains[rows, ks]
+        return float(emitted.sum()) / step_time(ks, lk)
 
-    best = np.zeros(n, dtype=int)
-    best_g = goodput(best)
+    best, best_lk = np.zeros(n, dtype=int), no_lookup
+    best_g = goodput(best, best_lk)
     if uniform:
         for m in range(1, kmax + 1):
             ks = np.minimum(cap, m)
-            if goodput(ks) > best_g * (1 + 1e-9):
-                best, best_g = ks, goodput(ks)
-        return [int(k) for k in best]
-    for m in range(1, kmax + 1):
-        limit = np.minimum(cap, m)
-        allowed = ks_grid[None, :] <= limit[:, None]  # [n, kmax + 1]
+            if goodput(ks, no_lookup) > best_g * (1 + 1e-9):
+                best, best_g = ks, goodput(ks, no_lookup)
+        return SpeculationChoice([int(k) for k in best], [False] * n)
+    lookup_allowed = ks_grid[None, :] <= cap[:, None]
+    for m in range(0 if offer_lookup else 1, kmax + 1):
+        allowed = ks_grid[None, :] <= np.minimum(cap, m)[:, None]  # [n, kmax + 1]
         g = best_g
         for _ in range(20):
-            # Value of each k for each request at level g: E_i(k) - g * (its own cost).
+            # Value of each option for each request at level g: E_i(k) - g * (its own cost).
             value = gains - g * (per_token * ks_grid[None, :] + cd[4] * catch[:, None] * (ks_grid[None, :] > 0))
-            ks = np.where(allowed, value, -np.inf).argmax(axis=1)
-            g_new = goodput(ks)
+            value = np.where(allowed, value, -np.inf)
+            ks = value.argmax(axis=1)
+            lk = no_lookup
+            if offer_lookup:
+                lvalue = np.where(lookup_allowed, lookup_gains - g * cv[2] * ks_grid[None, :], -np.inf)
+                lks = lvalue.argmax(axis=1)
+                lk = lvalue[rows, lks] > value[rows, ks]  # (k = 0 ties: the draft's, i.e. none)
+                ks = np.where(lk, lks, ks)
+            g_new = goodput(ks, lk)
             if g_new <= g * (1 + 1e-12):  # no better level: the choice has converged
                 break
             g = g_new
-        if goodput(ks) > best_g * (1 + 1e-9):
-            best, best_g = ks, goodput(ks)
-    return [int(k) for k in best]
+        if goodput(ks, lk) > best_g * (1 + 1e-9):
+            best, best_lk, best_g = ks, lk, goodput(ks, lk)
+    return SpeculationChoice([int(k) for k in best], [bool(x) for x in best_lk])

@@ -29,6 +29,8 @@ class StepPlan:
     ks: dict[str, int] = field(default_factory=dict)
     draft_catchup: int = 0  # committed tokens the draft catches up on beyond the pending ones
     choose_time: float = 0.0  # seconds the policies took to choose the ks and what to verify
+    lookup: set[str] = field(default_factory=set)  # requests whose k tokens come from prompt lookup
+    finished: list[Request] = field(default_factory=list)  # requests the step finished
 
     def decode_outcomes(self, result: VerifyResult) -> list[tuple[Request, int, int]]:
         """(request, k, accepted) for each decoding request of the step."""
@@ -40,8 +42,10 @@ class StepPlan:
                t_verify: float, t_step: float) -> StepRecord:
         items = self.verify
         ks = [len(it.draft_ids) for it in items if it.sample]  # verified
-        # Drafted: a policy may verify less than the draft proposed (adaptive verification).
-        drafted = [len(proposal.draft_ids[it.proposal_row]) if proposal is not None and it.proposal_row >= 0
+        # Drafted by the draft model (prompt lookup costs it nothing): a policy may verify less
+        # than the draft proposed (adaptive verification).
+        drafted = [len(proposal.draft_ids[it.proposal_row])
+                   if proposal is not None and it.proposal_row >= 0 and it.req_id not in self.lookup
                    else 0 for it in items if it.sample]
         return StepRecord(
             batch_size=len(items),
@@ -61,4 +65,5 @@ class StepPlan:
             step_time=t_step,
             choose_time=self.choose_time,
             ks=ks,
+            lookup_tokens=sum(len(it.draft_ids) for it in items if it.req_id in self.lookup),
         )

@@ -37,6 +37,18 @@ class SpeculationPolicy(ABC):
     def forget(self, req_id: str) -> None:
         """The request finished."""
 
+    def offer_lookup(self) -> None:
+        """Prompt lookup is available beside the draft model (a policy that can choose between
+        them starts doing so; the others keep the draft model)."""
+
+    def uses_lookup(self, req_id: str) -> bool:
+        """Whether the last `choose` gave this request prompt lookup's tokens."""
+        return False
+
+    def observe_lookup(self, outcomes: Sequence[tuple[str, int, int]]) -> None:
+        """(req_id, tokens compared, tokens matched): prompt lookup scored, unverified, against
+        the tokens the target committed."""
+
 
 class OffPolicy(SpeculationPolicy):
     name = "off"
@@ -121,6 +133,10 @@ class GoodputPolicy(SpeculationPolicy):
 
         self.time_model = StepTimeModel()
         self.acceptance = AcceptanceEstimator()
+        # With prompt lookup offered (offer_lookup): its own acceptance, learned from its
+        # verifications and from its proposals scored against what the target committed.
+        self.lookup_acceptance: AcceptanceEstimator | None = None
+        self._lookup_ids: set[str] = set()  # the requests the last choose gave lookup
         self.refit_every = refit_every
         self.warmup_k = warmup_k
         self.uniform = uniform  # one k for the whole batch (SmartSpec's choice), for A/B
@@ -151,11 +167,26 @@ class GoodputPolicy(SpeculationPolicy):
         self._profile = list(records)
         self.time_model.fit(self._records, prior=self._profile)
 
+    def offer_lookup(self) -> None:
+        from goodspec.scheduler.goodput import AcceptanceEstimator
+
+        if not self.uniform:  # the batch-uniform variant keeps one proposer, as SmartSpec
+            self.lookup_acceptance = AcceptanceEstimator()
+
+    def uses_lookup(self, req_id: str) -> bool:
+        return req_id in self._lookup_ids
+
+    def observe_lookup(self, outcomes) -> None:
+        if self.lookup_acceptance is not None:
+            for req_id, compared, matched in outcomes:
+                self.lookup_acceptance.observe(req_id, compared, matched)
+
     def choose(self, requests: Sequence[Request], caps: Sequence[int],
                prefill: tuple[int, int] = (0, 0)) -> list[int]:
-        from goodspec.scheduler.goodput import best_ks
+        from goodspec.scheduler.goodput import best_choice
 
         self._steps += 1
+        self._lookup_ids = set()
         if not self.time_model.ready or self._observations < self.min_observations:
             return [min(self.warmup_k, c) for c in caps]
         ids = [r.req_id for r in requests]
@@ -173,11 +204,16 @@ class GoodputPolicy(SpeculationPolicy):
         # Prompt chunks in the same forward make the step longer without emitting tokens: left
         # out, they made goodput look higher than it is and so every draft token look too costly
         # (shallow k whenever requests arrive, i.e. all the time near saturation).
-        ks = best_ks(None, contexts, caps, self.time_model,
-                     [c / h for c, h in zip(catchups, horizons)], prefill, gains, uniform=self.uniform)
+        lookup_gains = None
+        if self.lookup_acceptance is not None:
+            lookup_gains = self.lookup_acceptance.expected_tokens(ids, max(caps, default=0))
+        choice = best_choice(None, contexts, caps, self.time_model, [c / h for c, h in zip(catchups, horizons)],
+                             prefill, gains, uniform=self.uniform, lookup_gains=lookup_gains)
+        ks, lookup = choice.ks, choice.lookup
         if not any(ks) and self._steps % self.explore_every == 0:
-            ks = self._explore(catchups, caps)
-        self._predicted = self.time_model.predict_step_time(ks, contexts, catchups)
+            ks, lookup = self._explore(catchups, caps), [False] * len(ks)
+        self._lookup_ids = {i for i, lk in zip(ids, lookup) if lk}
+        self._predicted = self.time_model.predict_step_time(ks, contexts, catchups, lookup)
         return ks
 
     @staticmethod
@@ -206,7 +242,11 @@ class GoodputPolicy(SpeculationPolicy):
 
     def observe(self, outcomes, record) -> None:
         for req_id, k, accepted in outcomes:
-            self.acceptance.observe(req_id, k, accepted)
+            if req_id in self._lookup_ids:
+                self.lookup_acceptance.observe(req_id, k, accepted)
+                self.acceptance.observe(req_id, 0, 0)  # no evidence on the draft this step
+            else:
+                self.acceptance.observe(req_id, k, accepted)
             self._observations += k > 0
             if self.calibrator is not None and req_id in self._verifying:
                 conf, greedy = self._verifying.pop(req_id)
@@ -229,4 +269,7 @@ class GoodputPolicy(SpeculationPolicy):
 
     def forget(self, req_id: str) -> None:
         self.acceptance.forget(req_id)
+        if self.lookup_acceptance is not None:
+            self.lookup_acceptance.forget(req_id)
+        self._lookup_ids.discard(req_id)
         self._verifying.pop(req_id, None)

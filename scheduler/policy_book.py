@@ -17,10 +17,15 @@ class PolicyBook:
     every 'goodput' request shares one learned model: the server's own when the specs match).
     At most one entry per spec, and specs are bounded (fixed:K has K <= MAX_FIXED_K)."""
 
-    def __init__(self, server: SpeculationPolicy) -> None:
+    def __init__(self, server: SpeculationPolicy, lookup: bool = False) -> None:
+        """`lookup`: prompt lookup is on beside the draft model; the policies that can choose
+        between the two (goodput) are told so."""
         self.server = server
+        self.lookup = lookup
         self._by_name: dict[str, SpeculationPolicy] = {}
         self.profile_records: list[StepRecord] = []  # the start-up sweep, seeds goodput policies
+        if lookup:
+            server.offer_lookup()
 
     def resolve(self, spec: PolicySpec | SpeculationPolicy | None) -> SpeculationPolicy:
         """The policy a request with this spec follows (None: the server's). A policy object
@@ -31,6 +36,8 @@ class PolicyBook:
             return self.server
         if spec.name not in self._by_name:
             policy = spec.build()
+            if self.lookup:
+                policy.offer_lookup()
             if hasattr(policy, "seed") and self.profile_records:
                 policy.seed(self.profile_records)
             self._by_name[spec.name] = policy
@@ -62,6 +69,27 @@ class PolicyBook:
                 ks[i] = max(0, min(int(k), caps[i]))
         return ks
 
+    def uses_lookup(self, r: Request) -> bool:
+        """Whether the request's k tokens this step come from prompt lookup (its policy's choice
+        in the last `choose`)."""
+        return self.lookup and r.policy.uses_lookup(r.req_id)
+
+    def observe_lookup(self, outcomes: Sequence[tuple[str, int, int]], plan: StepPlan) -> None:
+        """(req_id, tokens compared, tokens matched) of prompt lookup scored against the target's
+        committed tokens for requests that did not use it: the server's policy and each
+        request's own learn from them."""
+        if not outcomes:
+            return
+        own = {r.req_id: r.policy for r in plan.verify_reqs}
+        self.server.observe_lookup(outcomes)
+        by_policy: dict[int, tuple[SpeculationPolicy, list]] = {}
+        for outcome in outcomes:
+            policy = own.get(outcome[0], self.server)
+            if policy is not self.server:
+                by_policy.setdefault(id(policy), (policy, []))[1].append(outcome)
+        for policy, seen in by_policy.values():
+            policy.observe_lookup(seen)
+
     def trim(self, plan: StepPlan, proposal: Proposal, draft_time: float) -> None:
         """Let each policy cut its requests' proposals to what is worth verifying (adaptive
         verification); the cut tokens are never sent to the target."""
@@ -69,7 +97,7 @@ class PolicyBook:
             return
         groups: dict[int, tuple[SpeculationPolicy, list]] = {}
         for item, r in zip(plan.verify, plan.verify_reqs):
-            if item.draft_ids:
+            if item.draft_ids and r.req_id not in plan.lookup:  # lookup has no confidence to cut by
                 groups.setdefault(id(r.policy), (r.policy, []))[1].append((item, r))
         if not groups:
             return

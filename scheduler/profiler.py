@@ -117,7 +117,7 @@ def warm_up_goodput(scheduler, kv_tokens: int, key_parts: Sequence[object], swee
     records = load_cached(key)
     if records is None and sweep:
         records = profile_step_times(scheduler.target, scheduler.draft, kv_tokens,
-                                     scheduler.config.max_k, stateless_draft=scheduler.draft_stateless)
+                                     scheduler.config.max_k, stateless_draft=scheduler.proposers.stateless)
         save_cached(key, records)
     scheduler.policies.seed(records or [])
     return scheduler.policies.profile_records

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from goodspec.scheduler.features import FeatureBuffer
+from goodspec.scheduler.lookup import LookupIndex
 from goodspec.workers.sampling import SamplingParams
 
 
@@ -43,6 +44,8 @@ class Request:
     draft_len: int = 0
     # For a feature draft: the target's hidden states it has yet to read.
     features: FeatureBuffer = field(default_factory=FeatureBuffer)
+    # With prompt lookup on: the n-grams of its committed tokens (goodspec.scheduler.lookup).
+    lookup: LookupIndex | None = None
     num_preemptions: int = 0
     num_draft_proposed: int = 0
     num_draft_accepted: int = 0

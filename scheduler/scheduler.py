@@ -1,7 +1,9 @@
 """Scheduler: continuous batching with speculation, one step at a time.
 
-A step is: schedule (admit, preempt, chunk prefills, ask the policies for k) -> one propose call
-to the draft worker (only if some k > 0) -> one verify call to the target worker -> commit.
+A step is: schedule (admit, preempt, chunk prefills, ask the policies for k and, with prompt
+lookup on, for each request's proposer) -> one propose call to the draft worker (only if some
+request drafts with it; goodspec.scheduler.proposers) -> one verify call to the target worker
+-> commit.
 
 Invariant kept at the top of every step: for each running request, `target_len` and `draft_len`
 equal the lengths of its caches in the workers, both <= len(token_ids) - 1 once it has output, and
@@ -17,17 +19,16 @@ from collections import deque
 from dataclasses import replace
 from typing import Protocol
 
-import torch
-
 from goodspec.scheduler.config import KVBudget, SchedulerConfig
 from goodspec.scheduler.errors import EngineUnhealthy, RequestRejected, WorkerGone, WorkerLost
 from goodspec.scheduler.kv_planner import KVPlanner
 from goodspec.scheduler.plan import RequestOutput, StepPlan
 from goodspec.scheduler.policy import OffPolicy, PolicySpec, SpeculationPolicy
 from goodspec.scheduler.policy_book import PolicyBook
+from goodspec.scheduler.proposers import Proposers
 from goodspec.scheduler.request import FinishReason, Request, RequestStatus
 from goodspec.scheduler.step_record import StepRecord
-from goodspec.workers.messages import ProposeBatch, ProposeItem, Proposal, VerifyBatch, VerifyItem, VerifyResult
+from goodspec.workers.messages import ProposeBatch, Proposal, VerifyBatch, VerifyItem, VerifyResult
 from goodspec.workers.sampling import SamplingParams
 
 
@@ -54,17 +55,16 @@ class Scheduler:
         draft_kv: KVBudget | None = None,
         policy: SpeculationPolicy | None = None,
         stop_checker=None,
+        lookup: bool = False,
     ) -> None:
-        self.draft_stateless = bool(getattr(draft, "stateless", False))
-        # A feature draft reads the target's hidden states: verification returns them.
-        self.draft_reads_features = bool(getattr(draft, "reads_features", False))
-        self._feature_width = 0  # learned from the first verification that returns features
-        if draft is not None and draft_kv is None and not self.draft_stateless:
+        """`lookup`: prompt lookup beside the draft model, the policy choosing per request."""
+        self.proposers = Proposers(draft, lookup=lookup and draft is not None)
+        if draft is not None and draft_kv is None and not self.proposers.stateless:
             raise ValueError("a draft worker with a KV cache needs its KV budget")
         self.config = config
         self.target, self.draft = target, draft
         self.kv = KVPlanner(target_kv, draft_kv)
-        self.policies = PolicyBook(policy or OffPolicy())
+        self.policies = PolicyBook(policy or OffPolicy(), lookup=self.proposers.lookup)
         self.stop_checker = stop_checker  # callable(output_ids, stop strings, num_new) -> cut index or None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -142,7 +142,7 @@ class Scheduler:
         if not plan.verify:
             return outputs
         try:
-            proposal, t_draft = self._propose(plan)
+            proposal, t_draft = self.proposers.propose(plan)
             self._failures["draft"] = 0
         except WorkerLost as e:
             outputs += self._worker_lost("draft", e)
@@ -155,7 +155,7 @@ class Scheduler:
             t0 = time.perf_counter()
             self.policies.trim(plan, proposal, t_draft)
             plan.choose_time += time.perf_counter() - t0  # deciding what to verify is choosing too
-        batch = VerifyBatch(plan.verify, proposal, want_features=self.draft_reads_features)
+        batch = VerifyBatch(plan.verify, proposal, want_features=self.proposers.reads_features)
         t0 = time.perf_counter()
         try:
             result = self.target.verify(batch)
@@ -163,14 +163,16 @@ class Scheduler:
         except WorkerLost as e:
             return outputs + self._worker_lost("target", e)
         t_verify = time.perf_counter() - t0
-        if self.draft_reads_features:
-            self._keep_features(plan, result)
+        self.proposers.keep_features(plan, result)
+        self.policies.observe_lookup(self.proposers.shadow_outcomes(plan, result), plan)
         outputs += self._commit(plan, result)
         record = plan.record(proposal, result, t_draft, t_verify, time.perf_counter() - t_start)
         self.step_records.append(record)
         if len(self.step_records) > MAX_STEP_RECORDS:
             del self.step_records[:MAX_STEP_RECORDS // 2]
         self.policies.observe(plan.decode_outcomes(result), record)
+        for r in plan.finished:  # after observe: it would bring their per-request state back
+            self.policies.forget(r)
         return outputs
 
     def _schedule(self) -> StepPlan:
@@ -183,7 +185,9 @@ class Scheduler:
         room = max(0, cfg.max_num_batched_tokens - len(decode))
         prefill_tokens = min(room, sum(r.num_pending for r in prefill))
         t0 = time.perf_counter()
+        self.proposers.score_ahead(decode, caps)
         ks = self.policies.choose(decode, caps, (len(prefill) if prefill_tokens else 0, prefill_tokens))
+        lookup = {r.req_id for r, k in zip(decode, ks) if k > 0 and self.policies.uses_lookup(r)}
         choose_time = time.perf_counter() - t0
         budget = cfg.max_num_batched_tokens - sum(1 + k for k in ks)
         chunks: dict[str, int] = {}
@@ -196,7 +200,7 @@ class Scheduler:
         ks_by_id = {r.req_id: k for r, k in zip(decode, ks)}
         ks_by_id = self._fit_kv(ks_by_id, chunks)
 
-        plan = StepPlan(ks=ks_by_id, choose_time=choose_time)
+        plan = StepPlan(ks=ks_by_id, choose_time=choose_time, lookup=lookup)
         for r in self.running:
             if r.req_id in ks_by_id:
                 tokens = r.token_ids[r.target_len:]
@@ -258,47 +262,6 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.waiting.appendleft(req)
 
-    def _propose(self, plan: StepPlan) -> tuple[Proposal | None, float]:
-        items = []
-        features = []
-        for row_item, r in zip(plan.verify, plan.verify_reqs):
-            k = plan.ks.get(r.req_id, 0)
-            if k == 0:
-                continue
-            row_item.proposal_row = len(items)
-            start = 0 if self.draft_stateless else r.draft_len
-            items.append(ProposeItem(r.req_id, start, r.token_ids[start:], k, r.sampling))
-            if not self.draft_stateless:
-                plan.draft_catchup += len(r.token_ids) - start - 1
-            if self.draft_reads_features and self._feature_width:
-                features.append(r.features.take(start, len(r.token_ids) - start, self._feature_width))
-        if not items:
-            return None, 0.0
-        t0 = time.perf_counter()
-        proposal = self.draft.propose(ProposeBatch(items, torch.cat(features) if features else None))
-        elapsed = time.perf_counter() - t0
-        for row_item, r in zip(plan.verify, plan.verify_reqs):
-            if row_item.proposal_row >= 0:
-                row_item.draft_ids = proposal.draft_ids[row_item.proposal_row]
-                if self.draft_reads_features:
-                    # Its drafted tokens read its own guessed features: the next proposal feeds
-                    # the accepted ones again, with the target's.
-                    r.draft_len = len(r.token_ids)
-                    r.features.drop_before(r.draft_len - 1)
-                elif not self.draft_stateless:
-                    r.draft_len = len(r.token_ids) + len(row_item.draft_ids) - 1
-        return proposal, elapsed
-
-    def _keep_features(self, plan: StepPlan, result: VerifyResult) -> None:
-        """Each request's rows of the target's hidden states, for its next proposal."""
-        kept = [len(item.token_ids) + a for item, a in zip(plan.verify, result.num_accepted)]
-        if result.features is None or result.features.shape[0] != sum(kept):
-            raise RuntimeError(f"the target returned {None if result.features is None else result.features.shape[0]} "
-                               f"feature rows for {sum(kept)} committed tokens")
-        self._feature_width = result.features.shape[1]
-        for item, r, rows in zip(plan.verify, plan.verify_reqs, result.features.split(kept)):
-            r.features.put(item.start_pos, rows)
-
     def _commit(self, plan: StepPlan, result: VerifyResult) -> list[RequestOutput]:
         now = time.monotonic()
         outputs: list[RequestOutput] = []
@@ -318,7 +281,8 @@ class Scheduler:
             emitted, reason = self._append_until_finished(r, new_ids)
             r.draft_len = min(r.draft_len, len(r.token_ids) - 1)
             if reason is not None:
-                self._finish(r, reason)
+                self._finish(r, reason, forget=False)
+                plan.finished.append(r)
             outputs.append(RequestOutput(r.req_id, emitted, reason is not None, reason))
         return outputs
 
@@ -375,7 +339,7 @@ class Scheduler:
             outputs.append(RequestOutput(r.req_id, [], True, FinishReason.ERROR))
         return outputs
 
-    def _finish(self, r: Request, reason: FinishReason, free: bool = True) -> None:
+    def _finish(self, r: Request, reason: FinishReason, free: bool = True, forget: bool = True) -> None:
         if r.status == RequestStatus.RUNNING:
             self.running.remove(r)
             if free:
@@ -384,7 +348,8 @@ class Scheduler:
             self.waiting.remove(r)
         r.status = RequestStatus.FINISHED
         r.finish_reason = reason
-        self.policies.forget(r)
+        if forget:
+            self.policies.forget(r)
         r.finish_time = time.monotonic()
 
     def _free_workers(self, req_ids: list[str]) -> None:

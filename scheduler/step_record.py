@@ -26,6 +26,7 @@ class StepRecord:
     # (after steps without speculation, or after a restart): its first pass processes them too.
     draft_catchup_tokens: int = 0
     choose_time: float = 0.0  # seconds the speculation policies took to choose this step's ks (and cuts)
+    lookup_tokens: int = 0  # of the verified draft tokens, those prompt lookup proposed (not in draft_tokens)
 
     def to_dict(self) -> dict:
         return asdict(self)

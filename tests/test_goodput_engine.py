@@ -9,7 +9,8 @@ import pytest
 from goodspec.engine import LLMEngine
 from goodspec.workers.sampling import SamplingParams
 from tests.conftest import engine_config
-from tests.test_engine import _run_staggered
+from goodspec.scheduler.policy import SpeculationPolicy
+from tests.test_engine import _homogeneous, _run_staggered, _sample_tokens
 
 
 @pytest.fixture(scope="module")
@@ -17,12 +18,13 @@ def goodput_engine():
     return LLMEngine(engine_config("goodput"))
 
 
-@pytest.mark.parametrize("proposer", ["draft", "ngram", "draft, goodput-conf"])
+@pytest.mark.parametrize("proposer", ["draft", "ngram", "draft, goodput-conf", "auto"])
 def test_greedy_output_under_goodput_equals_target_only(proposer, goodput_engine, sharegpt_prompts,
                                                         greedy_reference):
     engine = {"draft": lambda: goodput_engine,
               "ngram": lambda: LLMEngine(engine_config("goodput", proposer="ngram")),
-              "draft, goodput-conf": lambda: LLMEngine(engine_config("goodput-conf"))}[proposer]()
+              "draft, goodput-conf": lambda: LLMEngine(engine_config("goodput-conf")),
+              "auto": lambda: LLMEngine(engine_config("goodput", proposer="auto"))}[proposer]()
     prompts = sharegpt_prompts[:20]
     got = _run_staggered(engine, prompts, greedy_reference, None)
     for p in prompts:
@@ -31,6 +33,10 @@ def test_greedy_output_under_goodput_equals_target_only(proposer, goodput_engine
     assert any(r.draft_tokens for r in records), "goodput never speculated"
     if proposer.endswith("goodput-conf"):  # adaptive verification cut some proposals
         assert any(r.draft_tokens > sum(r.ks) for r in records)
+    policy = engine.scheduler.policy  # nothing per request is left once all finished
+    assert not engine.has_unfinished()
+    for estimator in (policy.acceptance, policy.lookup_acceptance):
+        assert estimator is None or not (estimator._per_request or estimator._vs_global)
 
 
 def test_step_time_model_predicts_held_out_real_steps_within_15_percent(goodput_engine, sharegpt_prompts):
@@ -75,3 +81,49 @@ def test_per_request_policy_override_still_applies(goodput_engine, sharegpt_prom
     while goodput_engine.has_unfinished():
         goodput_engine.step()
     assert goodput_engine.take_completion(rid).usage.draft_tokens_proposed == 0
+
+
+def test_auto_proposer_takes_prompt_lookup_where_text_repeats_and_stays_lossless(shared_engine, sharegpt_prompts):
+    """Long greedy outputs of the tiny target fall into loops, where prompt lookup proposes
+    for free what the draft model would spend passes on: the goodput policy moves those
+    requests to lookup (it scored lookup on them unverified first) and output is unchanged."""
+    prompts = sharegpt_prompts[:8]
+    params = SamplingParams(max_new_tokens=160, ignore_eos=True)
+    want = {p: o.token_ids for p, o in zip(prompts, shared_engine.generate(prompts, params))}
+    engine = LLMEngine(engine_config("goodput", proposer="auto"))
+    got = engine.generate(prompts, params)
+    assert {p: o.token_ids for p, o in zip(prompts, got)} == want
+    records = engine.scheduler.step_records
+    lookup, drafted = sum(r.lookup_tokens for r in records), sum(r.draft_tokens for r in records)
+    print(f"\nauto: {lookup} prompt-lookup tokens verified, {drafted} drafted by the model")
+    assert lookup > 0 and drafted > 0
+
+
+class HalfOnLookup(SpeculationPolicy):
+    """k = 3 for everyone; every other request's tokens from prompt lookup, the rest from the
+    draft model: sampled steps whose proposal mixes the model's q with lookup's one-hot q."""
+
+    name = "half-on-lookup"
+
+    def choose(self, requests, caps, prefill=(0, 0)):
+        self._lookup = {r.req_id for i, r in enumerate(requests) if i % 2 == 0}
+        return [min(3, c) for c in caps]
+
+    def uses_lookup(self, req_id):
+        return req_id in self._lookup
+
+
+def test_sampling_with_lookup_and_draft_rows_matches_target_only_sampling(shared_engine):
+    """Tokens 2 and 3 of sampled completions of a repetitive prompt (lookup guesses a plausible
+    token, " birds" or " dogs", that the target often rejects) are distributed as target-only
+    sampling's. Power: with lookup's rows left at q = 0 (always accepted) the first p-value was
+    4e-24."""
+    prompt = "I like cats. I like dogs. I like birds. I like"
+    n = 600
+    engine = LLMEngine(engine_config("off", proposer="auto"))
+    mixed = _sample_tokens(engine, prompt, HalfOnLookup(), range(n))
+    plain = _sample_tokens(shared_engine, prompt, "off", range(10_000, 10_000 + n))
+    records = engine.scheduler.step_records
+    assert sum(r.lookup_tokens for r in records) > 0 and sum(r.draft_tokens for r in records) > 0
+    for j in range(2):
+        assert _homogeneous(mixed[j], plain[j]) > 1e-3

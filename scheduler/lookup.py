@@ -1,0 +1,73 @@
+"""Prompt lookup kept up to date per request: the second proposer beside the draft model.
+
+Prompt lookup (as `goodspec.workers.ngram_proposer`, and vLLM's ngram proposer) proposes what
+followed the most recent earlier occurrence of the context's last n tokens, n from `max_n` down
+to `min_n`. The worker-side proposer scans the whole context with numpy on every call; here the
+scheduler asks for every decoding request on every step (to choose between the proposers, it
+also scores lookup on requests that use the draft), so the request keeps a dictionary of its
+n-grams instead, updated with the tokens each step commits: O(new tokens) a step, and O(1) to
+propose, where a scan is O(context). (A dictionary of tuples is Python per token; with one to a
+few new tokens per step that is cheaper than any tensor op's dispatch here.)
+
+The proposal is the same as the scan's (tests/scheduler/test_lookup.py checks it on random
+contexts); its q is one-hot, which keeps rejection sampling exact.
+"""
+
+from __future__ import annotations
+
+MIN_N = 1
+MAX_N = 4
+
+
+class LookupIndex:
+    """The n-grams of one request's committed tokens, each mapped to the position right after
+    its most recent occurrence that ends before the last token (the tail's own occurrence is
+    not a match)."""
+
+    def __init__(self, min_n: int = MIN_N, max_n: int = MAX_N) -> None:
+        if not 1 <= min_n <= max_n:
+            raise ValueError(f"need 1 <= min_n <= max_n; got {min_n}, {max_n}")
+        self.min_n, self.max_n = min_n, max_n
+        self.tokens: list[int] = []
+        self._after: dict[tuple[int, ...], int] = {}
+
+    def extend(self, tokens: list[int]) -> None:
+        """Append committed tokens; the n-grams that stop being the tail are indexed."""
+        ctx = self.tokens
+        ctx.extend(tokens)
+        # n-grams ending at positions [old_len - 1, len - 2] are no longer the tail's.
+        for end in range(max(0, len(ctx) - len(tokens) - 1), len(ctx) - 1):
+            for n in range(self.min_n, min(self.max_n, end + 1) + 1):
+                self._after[tuple(ctx[end - n + 1:end + 1])] = end + 1
+
+    def truncate(self, length: int) -> None:
+        """Forget everything from `length` on (a preempted request starts again from its
+        prompt; committed tokens are never rolled back otherwise). Rebuilt: rare."""
+        kept = self.tokens[:length]
+        self.tokens, self._after = [], {}
+        self.extend(kept)
+
+    def propose(self, k: int) -> list[int]:
+        """k tokens: what followed the longest matching n-gram's latest occurrence (its last
+        token repeated if the context ends first); the last token repeated when nothing matches."""
+        ctx = self.tokens
+        if not ctx or k <= 0:
+            return [ctx[-1]] * k if ctx else []
+        for n in range(min(self.max_n, len(ctx) - 1), self.min_n - 1, -1):
+            start = self._after.get(tuple(ctx[len(ctx) - n:]))
+            if start is not None:
+                follow = ctx[start:start + k]
+                return follow + [follow[-1]] * (k - len(follow))
+        return [ctx[-1]] * k
+
+
+def matched_prefix(proposed: list[int], committed: list[int]) -> tuple[int, int]:
+    """(tokens compared, tokens matched before the first mismatch) of a proposal against what
+    the target then committed: the outcome verifying the proposal would have had (exactly for
+    greedy requests; for sampled ones the target's tokens follow p, so a one-hot proposal
+    matches with probability p(d), its acceptance probability)."""
+    n = min(len(proposed), len(committed))
+    m = 0
+    while m < n and proposed[m] == committed[m]:
+        m += 1
+    return (n if m == n else m + 1), m
