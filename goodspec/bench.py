@@ -203,15 +203,15 @@ def run_benchmark(address: str, rates: list[float], policies: list[str], num_req
 
 # -- reporting --------------------------------------------------------------------------------
 def ratios(summaries: list[RunSummary]) -> list[dict]:
-    """Per rate: each goodput policy's mean latency over the best static policy's (off or
-    fixed:K) and over off's."""
+    """Per rate: each goodput policy's mean latency over the best static policy's (off,
+    fixed:K or lookup:K) and over off's."""
     out = []
     for rate in sorted({s.rate for s in summaries}):
         at = {s.policy: s for s in summaries if s.rate == rate}
         adaptive = [p for p in at if p.startswith("goodput")]
         if not adaptive:
             continue
-        static = {p: s for p, s in at.items() if p == "off" or p.startswith("fixed:")}
+        static = {p: s for p, s in at.items() if p == "off" or p.startswith(("fixed:", "lookup:"))}
         best = min(static.values(), key=lambda s: s.mean_latency_s) if static else None
         row: dict = {"rate": rate, "adaptive": adaptive}
         if best is not None:

@@ -70,7 +70,7 @@ class FixedPolicy(SpeculationPolicy):
         return [min(self.k, c) for c in caps]
 
 
-POLICY_NAMES = ("off", "fixed:K", "goodput", "goodput-uniform", "goodput-conf")
+POLICY_NAMES = ("off", "fixed:K", "lookup:K", "goodput", "goodput-uniform", "goodput-conf")
 MAX_FIXED_K = 64
 MAX_POLICY_CHARS = 32  # longer text is refused before it is looked at
 
@@ -80,31 +80,33 @@ class PolicySpec:
     """A speculation policy as the server or a request names it, parsed once where the text
     enters (CLI flag, gRPC field) and carried typed from there; `build` makes the policy."""
 
-    kind: Literal["off", "fixed", "goodput", "goodput-uniform", "goodput-conf"]
-    k: int = 0  # fixed:K only
+    kind: Literal["off", "fixed", "lookup", "goodput", "goodput-uniform", "goodput-conf"]
+    k: int = 0  # fixed:K and lookup:K only
 
     @classmethod
     def parse(cls, text: str) -> "PolicySpec":
-        """'off', 'fixed:K' (0 <= K <= MAX_FIXED_K) or 'goodput', case and spaces ignored
-        ('FIXED:05 ' is fixed:5); ValueError naming the accepted forms otherwise."""
+        """'off', 'fixed:K' / 'lookup:K' (0 <= K <= MAX_FIXED_K) or 'goodput[-uniform|-conf]',
+        case and spaces ignored ('FIXED:05 ' is fixed:5); ValueError naming the accepted forms
+        otherwise."""
         if len(text) > MAX_POLICY_CHARS:
             raise ValueError(f"a speculation policy is at most {MAX_POLICY_CHARS} characters")
         norm = text.strip().lower()
         if norm in ("off", "goodput", "goodput-uniform", "goodput-conf"):
             return cls(norm)  # type: ignore[arg-type]
-        if norm.startswith("fixed:"):
-            digits = norm.split(":", 1)[1]
-            if not digits.isdigit() or len(digits) > 4:
-                raise ValueError(f"unknown speculation policy {text!r}: fixed:K needs an integer K")
-            k = int(digits)
-            if k > MAX_FIXED_K:
-                raise ValueError(f"fixed:K needs 0 <= K <= {MAX_FIXED_K}; got {text!r}")
-            return cls("fixed", k)
+        for kind in ("fixed", "lookup"):
+            if norm.startswith(kind + ":"):
+                digits = norm.split(":", 1)[1]
+                if not digits.isdigit() or len(digits) > 4:
+                    raise ValueError(f"unknown speculation policy {text!r}: {kind}:K needs an integer K")
+                k = int(digits)
+                if k > MAX_FIXED_K:
+                    raise ValueError(f"{kind}:K needs 0 <= K <= {MAX_FIXED_K}; got {text!r}")
+                return cls(kind, k)  # type: ignore[arg-type]
         raise ValueError(f"unknown speculation policy {text!r}; expected one of {', '.join(POLICY_NAMES)}")
 
     @property
     def name(self) -> str:
-        return f"fixed:{self.k}" if self.kind == "fixed" else self.kind
+        return f"{self.kind}:{self.k}" if self.kind in ("fixed", "lookup") else self.kind
 
     def build(self) -> SpeculationPolicy:
         """A new policy object; its `name` is this spec's."""
@@ -116,7 +118,25 @@ class PolicySpec:
             return GoodputPolicy(uniform=True)
         if self.kind == "goodput-conf":
             return GoodputPolicy(confidence=True)
+        if self.kind == "lookup":
+            return LookupPolicy(self.k)
         return FixedPolicy(self.k)
+
+
+class LookupPolicy(FixedPolicy):
+    """K prompt-lookup tokens for every request (where the server offers lookup: proposer
+    auto): the static baseline of the second proposer."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__(k)
+        self.name = f"lookup:{k}"
+        self._offered = False
+
+    def offer_lookup(self) -> None:
+        self._offered = True
+
+    def uses_lookup(self, req_id: str) -> bool:
+        return self._offered
 
 
 class GoodputPolicy(SpeculationPolicy):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from goodspec.scheduler.confidence import VerifyShape
+from goodspec.scheduler.errors import RequestRejected
 from goodspec.scheduler.plan import StepPlan
 from goodspec.scheduler.policy import PolicySpec, SpeculationPolicy
 from goodspec.scheduler.request import Request
@@ -34,6 +35,9 @@ class PolicyBook:
             return spec
         if spec is None or spec.name == self.server.name:
             return self.server
+        if spec.kind == "lookup" and not self.lookup:
+            raise RequestRejected(f"policy {spec.name} needs prompt lookup, which this server does not offer "
+                                  f"(start it with proposer auto)")
         if spec.name not in self._by_name:
             policy = spec.build()
             if self.lookup:

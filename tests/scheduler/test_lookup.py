@@ -131,3 +131,22 @@ def test_lookup_rows_join_the_draft_proposal_with_one_hot_probabilities():
     assert probs.shape == (3, 10) and torch.equal(probs.argmax(-1), torch.tensor([9, 7, 8]))
     assert torch.equal(probs.sum(-1), torch.ones(3))
     assert proposal.draft_ids[plan.verify[0].proposal_row] == [1, 1]
+
+
+def test_lookup_policy_is_parsed_and_needs_the_server_to_offer_lookup():
+    from goodspec.config import EngineConfig
+    from goodspec.scheduler.errors import RequestRejected
+    from goodspec.scheduler.policy import PolicySpec
+    from goodspec.scheduler.policy_book import PolicyBook
+    from goodspec.scheduler.policy import OffPolicy
+
+    spec = PolicySpec.parse(" LOOKUP:03")
+    assert spec.name == "lookup:3" and spec.build().name == "lookup:3"
+    with pytest.raises(ValueError, match="lookup:K needs an integer K"):
+        PolicySpec.parse("lookup:x")
+    with pytest.raises(RequestRejected, match="proposer auto"):
+        PolicyBook(OffPolicy()).resolve(spec)
+    offered = PolicyBook(OffPolicy(), lookup=True).resolve(spec)
+    assert offered.uses_lookup("any") and offered.choose([None, None], [2, 5]) == [2, 3]
+    with pytest.raises(ValueError, match="set proposer auto"):
+        EngineConfig(model="tiny", policy="lookup:3")
