@@ -118,7 +118,8 @@ def to_response(chunk: StreamChunk, request_id: str) -> pb.GenerateResponse:
             msg.usage.CopyFrom(pb.Usage(
                 prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
                 draft_tokens_proposed=u.draft_tokens_proposed,
-                draft_tokens_accepted=u.draft_tokens_accepted, mean_k=u.mean_k))
+                draft_tokens_accepted=u.draft_tokens_accepted, mean_k=u.mean_k,
+                lookup_tokens_proposed=u.lookup_tokens_proposed, lookup_tokens_accepted=u.lookup_tokens_accepted))
     return msg
 
 

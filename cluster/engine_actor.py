@@ -36,6 +36,7 @@ class EngineActor:
         self.worker_info = {"target": t_info, "draft": d_info}
         if d_info is not None and config.proposer != "ngram":
             self.draft.reads_features = d_info.reads_features
+            self.draft.feature_layers = tuple(d_info.feature_layers)
         scheduler = build_scheduler(
             config, self.codec, self.target, KVBudget(t_info.num_blocks, t_info.block_size),
             t_info.max_context, self.draft,

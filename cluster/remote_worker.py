@@ -27,6 +27,7 @@ GONE_AFTER_S = 3.0
 
 class RemoteWorker:
     reads_features = False  # set from the draft worker's WorkerInfo
+    feature_layers: tuple[int, ...] = ()  # likewise
 
     def __init__(self, handle, name: str, timeout_s: float, channel_token: str) -> None:
         self.handle = handle

@@ -42,6 +42,9 @@ class WireError(ValueError):
 
 
 # -- checked readers -------------------------------------------------------------------------
+MAX_FEATURE_LAYERS = 8  # decoder blocks a fused feature draft may ask for
+
+
 def _int(x: Any, lo: int = 0, hi: int = 1 << 62) -> int:
     if type(x) is not int or not lo <= x <= hi:
         raise WireError(f"expected an int in [{lo}, {hi}]; got {type(x).__name__}")
@@ -163,12 +166,13 @@ def _verify_out(b: VerifyBatch) -> tuple[Any, torch.Tensor | None]:
               i.proposal_row] for i in b.items]
     proposal = None if b.proposal is None else {"draft_ids": b.proposal.draft_ids,  # the target
                                                  "elapsed_s": b.proposal.elapsed_s, "draft_conf": None}
-    return ({"items": items, "proposal": proposal, "want_features": b.want_features},
+    return ({"items": items, "proposal": proposal, "want_features": b.want_features,
+             "feature_layers": list(b.feature_layers)},
             None if b.proposal is None else b.proposal.draft_probs)
 
 
 def _verify_in(h: Any, t: torch.Tensor | None) -> VerifyBatch:
-    if type(h) is not dict or set(h) != {"items", "proposal", "want_features"}:
+    if type(h) is not dict or set(h) != {"items", "proposal", "want_features", "feature_layers"}:
         raise WireError("bad verify batch")
     items = []
     for row in _list(h["items"]):
@@ -178,7 +182,10 @@ def _verify_in(h: Any, t: torch.Tensor | None) -> VerifyBatch:
     proposal = None if h["proposal"] is None else _proposal_in(h["proposal"], t)
     if proposal is None and t is not None:
         raise WireError("tensor without a proposal")
-    return VerifyBatch(items, proposal, _bool(h["want_features"]))
+    layers = _list(h["feature_layers"])
+    if len(layers) > MAX_FEATURE_LAYERS:
+        raise WireError(f"at most {MAX_FEATURE_LAYERS} feature layers; got {len(layers)}")
+    return VerifyBatch(items, proposal, _bool(h["want_features"]), tuple(_int(m, 1, 1024) for m in layers))
 
 
 def _result_out(r: VerifyResult) -> tuple[Any, torch.Tensor | None]:

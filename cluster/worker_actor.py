@@ -28,6 +28,7 @@ class WorkerInfo:
     model_dir: str
     channel: tuple[str, int]  # where the scheduler connects for propose/verify/free
     reads_features: bool = False  # a feature draft: propose needs the target's hidden states
+    feature_layers: tuple[int, ...] = ()  # ... and these blocks' outputs (a fused one)
 
 
 class WorkerActor:
@@ -59,7 +60,8 @@ class WorkerActor:
         self._info = WorkerInfo(kind, os.getpid(), str(runner.device), str(runner.dtype).replace("torch.", ""),
                                 spec.num_blocks, spec.block_size, runner.max_context,
                                 runner.vocab_size, config.model_dir, self.channel.address,
-                                runner.feature_input is not None)
+                                runner.feature_input is not None,
+                                runner.feature_input.target_layers if runner.feature_input is not None else ())
 
     def info(self) -> WorkerInfo:
         return self._info

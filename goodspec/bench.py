@@ -40,6 +40,7 @@ class RequestRecord:
     draft_tokens_proposed: int = 0
     draft_tokens_accepted: int = 0
     mean_k: float = 0.0
+    lookup_tokens_proposed: int = 0  # of draft_tokens_proposed: prompt lookup's (proposer auto)
     error: str | None = None
     repeat: int = 0
 
@@ -60,6 +61,7 @@ class RunSummary:
     tokens_per_s: float
     accepted_draft_tokens_per_s: float
     acceptance_rate: float | None
+    lookup_share: float | None = None  # of the draft tokens verified, those prompt lookup proposed
     k_histogram: dict = field(default_factory=dict)
     repeat_mean_latencies_s: list = field(default_factory=list)  # one per repeat of the trace
     kind_mean_latencies_s: dict = field(default_factory=dict)  # per part of a mixed workload
@@ -101,6 +103,7 @@ async def run_trace(address: str, trace: list[TraceItem], policy: str, rate: flo
                         rec.draft_tokens_proposed = u.draft_tokens_proposed
                         rec.draft_tokens_accepted = u.draft_tokens_accepted
                         rec.mean_k = u.mean_k
+                        rec.lookup_tokens_proposed = u.lookup_tokens_proposed
             except Exception as e:  # noqa: BLE001 - counted and reported, never hidden
                 rec.error = f"{type(e).__name__}: {e}"
             rec.latency_s = time.perf_counter() - start
@@ -142,6 +145,7 @@ def summarise(records: list[RequestRecord], k_hist: dict) -> RunSummary:
         requests_per_s=len(ok) / span, tokens_per_s=sum(r.output_tokens for r in ok) / span,
         accepted_draft_tokens_per_s=accepted / span,
         acceptance_rate=accepted / proposed if proposed else None, k_histogram=k_hist,
+        lookup_share=sum(r.lookup_tokens_proposed for r in ok) / proposed if proposed else None,
         repeat_mean_latencies_s=per_repeat,
         kind_mean_latencies_s={k: statistics.mean(r.latency_s for r in ok if r.kind == k)
                                for k in sorted({r.kind for r in ok})},
@@ -228,10 +232,11 @@ def ratios(summaries: list[RunSummary]) -> list[dict]:
 
 def markdown_table(summaries: list[RunSummary]) -> str:
     head = ("| rate (req/s) | policy | mean lat (s) (repeats' range) | p50 | p90 | p99 | TTFT (s) | TPOT (ms) | req/s | "
-            "tok/s | accepted draft tok/s | acceptance | k histogram | errors |")
-    lines = [head, "|" + "---|" * 14]
+            "tok/s | accepted draft tok/s | acceptance | lookup share | k histogram | errors |")
+    lines = [head, "|" + "---|" * 15]
     for s in summaries:
         acc = f"{s.acceptance_rate:.2f}" if s.acceptance_rate is not None else "-"
+        share = f"{s.lookup_share:.2f}" if s.lookup_share is not None else "-"
         hist = " ".join(f"{k}:{n}" for k, n in s.k_histogram.items()) or "-"
         mean = f"{s.mean_latency_s:.2f}"
         if len(s.repeat_mean_latencies_s) > 1:  # the spread between replays of the same trace
@@ -240,7 +245,7 @@ def markdown_table(summaries: list[RunSummary]) -> str:
             f"| {s.rate:g} | {s.policy} | {mean} | {s.p50_latency_s:.2f} | "
             f"{s.p90_latency_s:.2f} | {s.p99_latency_s:.2f} | {s.mean_ttft_s:.3f} | "
             f"{s.mean_tpot_s * 1e3:.1f} | {s.requests_per_s:.2f} | {s.tokens_per_s:.1f} | "
-            f"{s.accepted_draft_tokens_per_s:.1f} | {acc} | {hist} | {s.errors} |")
+            f"{s.accepted_draft_tokens_per_s:.1f} | {acc} | {share} | {hist} | {s.errors} |")
     return "\n".join(lines) + "\n"
 
 

@@ -29,6 +29,7 @@ class Proposers:
         self.stateless = bool(getattr(draft, "stateless", False))
         # A feature draft reads the target's hidden states: verification returns them.
         self.reads_features = bool(getattr(draft, "reads_features", False))
+        self.feature_layers = tuple(getattr(draft, "feature_layers", ()))  # a fused one's target blocks
         self._feature_width = 0  # learned from the first verification that returns features
         self.lookup = lookup
         self.shadow_depth = shadow_depth

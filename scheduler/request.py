@@ -49,6 +49,8 @@ class Request:
     num_preemptions: int = 0
     num_draft_proposed: int = 0
     num_draft_accepted: int = 0
+    num_lookup_proposed: int = 0  # of num_draft_proposed: prompt lookup's
+    num_lookup_accepted: int = 0
     num_spec_steps: int = 0  # decode steps (with k = 0 or more)
     sum_k: int = 0
     first_token_time: float | None = None

@@ -155,7 +155,7 @@ class Scheduler:
             t0 = time.perf_counter()
             self.policies.trim(plan, proposal, t_draft)
             plan.choose_time += time.perf_counter() - t0  # deciding what to verify is choosing too
-        batch = VerifyBatch(plan.verify, proposal, want_features=self.proposers.reads_features)
+        batch = VerifyBatch(plan.verify, proposal, self.proposers.reads_features, self.proposers.feature_layers)
         t0 = time.perf_counter()
         try:
             result = self.target.verify(batch)
@@ -276,6 +276,9 @@ class Scheduler:
                 r.sum_k += len(item.draft_ids)
                 r.num_draft_proposed += len(item.draft_ids)
                 r.num_draft_accepted += accepted
+                if r.req_id in plan.lookup:
+                    r.num_lookup_proposed += len(item.draft_ids)
+                    r.num_lookup_accepted += accepted
             if r.first_token_time is None:
                 r.first_token_time = now
             emitted, reason = self._append_until_finished(r, new_ids)

@@ -34,6 +34,8 @@ class Usage:
     draft_tokens_accepted: int = 0
     mean_k: float = 0.0
     num_preemptions: int = 0
+    lookup_tokens_proposed: int = 0  # of draft_tokens_proposed: from prompt lookup
+    lookup_tokens_accepted: int = 0
 
 
 def usage_of(req: Request) -> Usage:
@@ -41,6 +43,7 @@ def usage_of(req: Request) -> Usage:
         prompt_tokens=req.num_prompt, completion_tokens=req.num_output,
         draft_tokens_proposed=req.num_draft_proposed, draft_tokens_accepted=req.num_draft_accepted,
         mean_k=round(req.mean_k, 4), num_preemptions=req.num_preemptions,
+        lookup_tokens_proposed=req.num_lookup_proposed, lookup_tokens_accepted=req.num_lookup_accepted,
     )
 
 
@@ -67,6 +70,7 @@ class Completion:
             "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
             "draft_tokens_proposed": u.draft_tokens_proposed,
             "draft_tokens_accepted": u.draft_tokens_accepted, "mean_k": u.mean_k,
+            "lookup_tokens_proposed": u.lookup_tokens_proposed, "lookup_tokens_accepted": u.lookup_tokens_accepted,
             "num_preemptions": u.num_preemptions, "replica": self.replica,
             **({"error": self.error} if self.error else {}),
         }

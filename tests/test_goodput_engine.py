@@ -97,6 +97,9 @@ def test_auto_proposer_takes_prompt_lookup_where_text_repeats_and_stays_lossless
     lookup, drafted = sum(r.lookup_tokens for r in records), sum(r.draft_tokens for r in records)
     print(f"\nauto: {lookup} prompt-lookup tokens verified, {drafted} drafted by the model")
     assert lookup > 0 and drafted > 0
+    assert sum(o.usage.lookup_tokens_proposed for o in got) == lookup  # reported per request too
+    assert all(o.usage.lookup_tokens_accepted <= o.usage.lookup_tokens_proposed <= o.usage.draft_tokens_proposed
+               for o in got)
 
 
 class HalfOnLookup(SpeculationPolicy):

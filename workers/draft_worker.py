@@ -22,6 +22,11 @@ class DraftWorker:
         """A feature draft: its proposals read the target's hidden states (ProposeBatch.features)."""
         return self.runner.feature_input is not None
 
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        """The target blocks a fused feature draft reads besides the last hidden state."""
+        return self.runner.feature_input.target_layers if self.runner.feature_input is not None else ()
+
     def propose(self, batch: ProposeBatch) -> Proposal:
         """max_k sequential passes: the first appends each request's unseen committed tokens (any
         number) and drafts one token; pass j feeds draft token j-1 of the requests with k_i >= j."""

@@ -63,6 +63,9 @@ class VerifyBatch:
     items: list[VerifyItem]
     proposal: Proposal | None = None
     want_features: bool = False  # return the hidden states a feature draft reads
+    # ... and, before the last hidden state, the RMS-normalised outputs of these decoder blocks
+    # (1-based; a fused feature draft's FeatureInput.target_layers)
+    feature_layers: tuple[int, ...] = ()
 
 
 @dataclass
@@ -71,5 +74,6 @@ class VerifyResult:
     output_ids: list[list[int]]  # per item: accepted draft tokens + 1 recovered/bonus token
     elapsed_s: float = 0.0
     # With VerifyBatch.want_features: [sum over items of len(token_ids) + num_accepted, d], the
-    # target's last hidden state at each committed position it computed, rows in item order.
+    # target's last hidden state at each committed position it computed, rows in item order
+    # ([..., (len(feature_layers) + 1) * d] with the asked blocks' outputs before it).
     features: torch.Tensor | None = None

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from goodspec.workers.attention import ATTENTION_NAME, AttentionMetadata
-from goodspec.workers.feature_draft import FeatureInput
+from goodspec.workers.feature_draft import FeatureInput, normalised
 from goodspec.workers.kv_cache import KVCacheSpec, PagedKVCache
 
 
@@ -150,10 +150,13 @@ class ModelRunner:
     def run(
         self, seq_ids: list[str], starts: list[int], token_ids: list[list[int]], num_logits: list[int],
         target_vocab: bool = True, features: torch.Tensor | None = None, all_hidden: bool = False,
+        layers: tuple[int, ...] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward`, and the post-norm last hidden states: of every new token with `all_hidden`
-        (what a feature draft reads), else of the tokens whose logits come back. A feature draft
-        reads `features` ([total new tokens, d], zeros when None) beside its tokens."""
+        (what a feature draft reads), else of the tokens whose logits come back; with `layers`
+        (and `all_hidden`), the RMS-normalised outputs of those decoder blocks (1-based) before
+        it, [total, (len(layers) + 1) * d]. A feature draft reads `features` ([total new tokens,
+        d or its FeatureInput.target_width], zeros when None) beside its tokens."""
         num_new = [len(t) for t in token_ids]
         if any(n == 0 for n in num_new):
             raise ValueError("every sequence in a forward needs at least one new token")
@@ -163,8 +166,13 @@ class ModelRunner:
                     f"sequence {s!r} would reach {start + n} tokens; the model's context is {self.max_context}"
                 )
         total = sum(num_new)
-        if features is not None and tuple(features.shape) != (total, self.hidden_size):
-            raise ValueError(f"features must be [{total}, {self.hidden_size}]; got {list(features.shape)}")
+        widths = {self.hidden_size} | ({self.feature_input.target_width} if self.feature_input is not None else set())
+        if features is not None and (features.dim() != 2 or features.shape[0] != total
+                                     or features.shape[1] not in widths):
+            raise ValueError(f"features must be [{total}, one of {sorted(widths)}]; got {list(features.shape)}")
+        blocks = self.model.model.layers
+        if any(not 1 <= m <= len(blocks) for m in layers):
+            raise ValueError(f"layers must be decoder blocks 1..{len(blocks)}; got {list(layers)}")
         self.cache.prepare(list(zip(seq_ids, starts, num_new)))
         meta, positions = AttentionMetadata.build(self.cache, seq_ids, starts, num_new, self.device)
         flat = [t for ids in token_ids for t in ids]
@@ -185,12 +193,22 @@ class ModelRunner:
             args = {"inputs_embeds": embeds}
         else:
             args = {"input_ids": input_ids}
-        hidden = base(**args, position_ids=positions.unsqueeze(0), use_cache=False,
-                      goodspec_meta=meta).last_hidden_state[0]  # [total, d]
+        captured: dict[int, torch.Tensor] = {}
+        hooks = [blocks[m - 1].register_forward_hook(
+            lambda _mod, _inp, out, m=m: captured.__setitem__(m, out[0] if isinstance(out, tuple) else out))
+            for m in (layers if all_hidden else ())]
+        try:
+            hidden = base(**args, position_ids=positions.unsqueeze(0), use_cache=False,
+                          goodspec_meta=meta).last_hidden_state[0]  # [total, d]
+        finally:
+            for h in hooks:
+                h.remove()
         kept = hidden[kept_index]
         logits = self.model.lm_head(kept).float()
         if self.vocab_map is not None and target_vocab:
             logits = self.vocab_map.to_target(logits, float("-inf"))
+        if all_hidden and layers:
+            hidden = torch.cat([normalised(captured[m][0].float()).to(hidden.dtype) for m in layers] + [hidden], -1)
         return logits, hidden if all_hidden else kept
 
     def target_ids(self, ids: torch.Tensor) -> torch.Tensor:

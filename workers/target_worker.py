@@ -34,7 +34,7 @@ class TargetWorker:
             [it.start_pos for it in items],
             [it.token_ids + it.draft_ids for it in items],
             num_logits,
-            all_hidden=batch.want_features,
+            all_hidden=batch.want_features, layers=batch.feature_layers,
         )  # [sum(num_logits), vocab]
 
         emit = [i for i, it in enumerate(items) if it.sample]

@@ -88,8 +88,14 @@ def test_a_feature_draft_s_hidden_states_cross_both_ways_and_bad_row_counts_are_
     with pytest.raises(wire.WireError, match="3 rows"):
         codec.decode_arg(*wire.unpack(bytearray(wire.pack(*codec.encode_arg(short)))))
     verify = wire.CALLS["verify"]
-    vb = VerifyBatch([VerifyItem("r1", 3, [5], True, GREEDY, [1, 2], 0)], None, want_features=True)
-    assert verify.decode_arg(*wire.unpack(bytearray(wire.pack(*verify.encode_arg(vb))))).want_features
+    vb = VerifyBatch([VerifyItem("r1", 3, [5], True, GREEDY, [1, 2], 0)], None, want_features=True,
+                     feature_layers=(3, 15))
+    got_vb = verify.decode_arg(*wire.unpack(bytearray(wire.pack(*verify.encode_arg(vb)))))
+    assert got_vb.want_features and got_vb.feature_layers == (3, 15)
+    for bad in ((0,), tuple(range(1, 10))):  # block 0 does not exist; more layers than the bound
+        h, t = verify.encode_arg(VerifyBatch(vb.items, None, True, bad))
+        with pytest.raises(wire.WireError):
+            verify.decode_arg(*wire.unpack(bytearray(wire.pack(h, t))))
     result = VerifyResult([1], [[9, 8]], 0.5, feats[:2])
     back = verify.decode_result(*wire.unpack(bytearray(wire.pack(*verify.encode_result(result)))))
     assert back.num_accepted == [1] and torch.equal(back.features, feats[:2])

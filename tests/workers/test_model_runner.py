@@ -102,3 +102,27 @@ def test_the_targets_hidden_states_for_a_feature_draft_are_its_committed_rows(ru
                                                       device=runner.device)).last_hidden_state[0]
     torch.testing.assert_close(res.features.float(), full[12:14].cpu().bfloat16().float(), atol=2e-2, rtol=2e-2)
     runner.free(["f"])
+
+
+def test_a_fused_feature_draft_reads_normalised_block_outputs_before_the_last_state(runner, reference):
+    """With feature_layers, a verification hands back [normalised outputs of those blocks; last
+    state] per committed position: what goodspec.training.target_features wrote for training."""
+    from goodspec.workers.feature_draft import normalised
+    from goodspec.workers.messages import VerifyBatch, VerifyItem
+    from goodspec.workers.sampling import SamplingParams
+    from goodspec.workers.target_worker import TargetWorker
+
+    worker = TargetWorker.__new__(TargetWorker)
+    worker.runner = runner
+    prompt = torch.randint(3, 4000, (9,), generator=torch.Generator().manual_seed(2)).tolist()
+    res = worker.verify(VerifyBatch([VerifyItem("L", 0, prompt, True, SamplingParams(seed=1))],
+                                    want_features=True, feature_layers=(1, 2)))
+    with torch.no_grad():
+        out = reference.model(input_ids=torch.tensor([prompt], device=runner.device), output_hidden_states=True)
+    want = torch.cat([normalised(out.hidden_states[1][0]), normalised(out.hidden_states[2][0]),
+                      out.last_hidden_state[0]], -1)
+    assert res.features.shape == want.shape
+    torch.testing.assert_close(res.features.float(), want.cpu().bfloat16().float(), atol=3e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="decoder blocks"):
+        runner.run(["L2"], [0], [[5]], [1], all_hidden=True, layers=(99,))
+    runner.free(["L"])

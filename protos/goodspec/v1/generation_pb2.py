@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgoodspec/v1/generation.proto\x12\x0bgoodspec.v1\"\xcc\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"A\n\x11SpeculationParams\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x12\n\x05max_k\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_max_k\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.goodspec.v1.SamplingParams\x12\x33\n\x0bspeculation\x18\x04 \x01(\x0b\x32\x1e.goodspec.v1.SpeculationParams\x12&\n\x08messages\x18\x05 \x03(\x0b\x32\x14.goodspec.v1.Message\"\x87\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1d\n\x15\x64raft_tokens_proposed\x18\x03 \x01(\r\x12\x1d\n\x15\x64raft_tokens_accepted\x18\x04 \x01(\r\x12\x0e\n\x06mean_k\x18\x05 \x01(\x02\"\x9c\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.goodspec.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.goodspec.v1.Usage\"\x15\n\x13GetModelInfoRequest\"\xa6\x01\n\tModelInfo\x12\x14\n\x0ctarget_model\x18\x01 \x01(\t\x12\x13\n\x0b\x64raft_model\x18\x02 \x01(\t\x12\x1a\n\x12max_context_length\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1a\n\x12speculation_policy\x18\x05 \x01(\t\x12\x10\n\x08proposer\x18\x06 \x01(\t\x12\x10\n\x08replicas\x18\x07 \x01(\r\"\x17\n\x15GetServerStatsRequest\"\xd7\x02\n\x0b\x45ngineStats\x12\x0f\n\x07replica\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x1d\n\x15target_kv_blocks_used\x18\x04 \x01(\r\x12\x1c\n\x14\x64raft_kv_blocks_used\x18\x05 \x01(\r\x12\x11\n\tnum_steps\x18\x06 \x01(\x04\x12\x0e\n\x06mean_k\x18\x07 \x01(\x01\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x08 \x01(\x01\x12=\n\x0bk_histogram\x18\t \x03(\x0b\x32(.goodspec.v1.EngineStats.KHistogramEntry\x12\x17\n\x0fworker_failures\x18\n \x01(\r\x12\x11\n\tunhealthy\x18\x0b \x01(\t\x1a\x31\n\x0fKHistogramEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x9d\x01\n\x0bServerStats\x12)\n\x07\x65ngines\x18\x01 \x03(\x0b\x32\x18.goodspec.v1.EngineStats\x12\x1a\n\x12requests_in_flight\x18\x02 \x01(\x04\x12\x1a\n\x12requests_cancelled\x18\x03 \x01(\x04\x12\x19\n\x11requests_rejected\x18\x04 \x01(\x04\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xba\x02\n\nGeneration\x12I\n\x08Generate\x12\x1c.goodspec.v1.GenerateRequest\x1a\x1d.goodspec.v1.GenerateResponse0\x01\x12G\n\x08\x43omplete\x12\x1c.goodspec.v1.GenerateRequest\x1a\x1d.goodspec.v1.GenerateResponse\x12H\n\x0cGetModelInfo\x12 .goodspec.v1.GetModelInfoRequest\x1a\x16.goodspec.v1.ModelInfo\x12N\n\x0eGetServerStats\x12\".goodspec.v1.GetServerStatsRequest\x1a\x18.goodspec.v1.ServerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cgoodspec/v1/generation.proto\x12\x0bgoodspec.v1\"\xcc\x01\n\x0eSamplingParams\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seed\"A\n\x11SpeculationParams\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x12\n\x05max_k\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x08\n\x06_max_k\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xc1\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.goodspec.v1.SamplingParams\x12\x33\n\x0bspeculation\x18\x04 \x01(\x0b\x32\x1e.goodspec.v1.SpeculationParams\x12&\n\x08messages\x18\x05 \x03(\x0b\x32\x14.goodspec.v1.Message\"\xc7\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1d\n\x15\x64raft_tokens_proposed\x18\x03 \x01(\r\x12\x1d\n\x15\x64raft_tokens_accepted\x18\x04 \x01(\r\x12\x0e\n\x06mean_k\x18\x05 \x01(\x02\x12\x1e\n\x16lookup_tokens_proposed\x18\x06 \x01(\r\x12\x1e\n\x16lookup_tokens_accepted\x18\x07 \x01(\r\"\x9c\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x30\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x19.goodspec.v1.FinishReason\x12!\n\x05usage\x18\x05 \x01(\x0b\x32\x12.goodspec.v1.Usage\"\x15\n\x13GetModelInfoRequest\"\xa6\x01\n\tModelInfo\x12\x14\n\x0ctarget_model\x18\x01 \x01(\t\x12\x13\n\x0b\x64raft_model\x18\x02 \x01(\t\x12\x1a\n\x12max_context_length\x18\x03 \x01(\r\x12\x12\n\nvocab_size\x18\x04 \x01(\r\x12\x1a\n\x12speculation_policy\x18\x05 \x01(\t\x12\x10\n\x08proposer\x18\x06 \x01(\t\x12\x10\n\x08replicas\x18\x07 \x01(\r\"\x17\n\x15GetServerStatsRequest\"\xd7\x02\n\x0b\x45ngineStats\x12\x0f\n\x07replica\x18\x01 \x01(\r\x12\x0f\n\x07running\x18\x02 \x01(\r\x12\x0f\n\x07waiting\x18\x03 \x01(\r\x12\x1d\n\x15target_kv_blocks_used\x18\x04 \x01(\r\x12\x1c\n\x14\x64raft_kv_blocks_used\x18\x05 \x01(\r\x12\x11\n\tnum_steps\x18\x06 \x01(\x04\x12\x0e\n\x06mean_k\x18\x07 \x01(\x01\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x08 \x01(\x01\x12=\n\x0bk_histogram\x18\t \x03(\x0b\x32(.goodspec.v1.EngineStats.KHistogramEntry\x12\x17\n\x0fworker_failures\x18\n \x01(\r\x12\x11\n\tunhealthy\x18\x0b \x01(\t\x1a\x31\n\x0fKHistogramEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x9d\x01\n\x0bServerStats\x12)\n\x07\x65ngines\x18\x01 \x03(\x0b\x32\x18.goodspec.v1.EngineStats\x12\x1a\n\x12requests_in_flight\x18\x02 \x01(\x04\x12\x1a\n\x12requests_cancelled\x18\x03 \x01(\x04\x12\x19\n\x11requests_rejected\x18\x04 \x01(\x04\x12\x10\n\x08\x64raining\x18\x05 \x01(\x08*\x93\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x04\x32\xba\x02\n\nGeneration\x12I\n\x08Generate\x12\x1c.goodspec.v1.GenerateRequest\x1a\x1d.goodspec.v1.GenerateResponse0\x01\x12G\n\x08\x43omplete\x12\x1c.goodspec.v1.GenerateRequest\x1a\x1d.goodspec.v1.GenerateResponse\x12H\n\x0cGetModelInfo\x12 .goodspec.v1.GetModelInfoRequest\x1a\x16.goodspec.v1.ModelInfo\x12N\n\x0eGetServerStats\x12\".goodspec.v1.GetServerStatsRequest\x1a\x18.goodspec.v1.ServerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENGINESTATS_KHISTOGRAMENTRY']._loaded_options = None
   _globals['_ENGINESTATS_KHISTOGRAMENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=1578
-  _globals['_FINISHREASON']._serialized_end=1725
+  _globals['_FINISHREASON']._serialized_start=1642
+  _globals['_FINISHREASON']._serialized_end=1789
   _globals['_SAMPLINGPARAMS']._serialized_start=46
   _globals['_SAMPLINGPARAMS']._serialized_end=250
   _globals['_SPECULATIONPARAMS']._serialized_start=252
@@ -44,21 +44,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=362
   _globals['_GENERATEREQUEST']._serialized_end=555
   _globals['_USAGE']._serialized_start=558
-  _globals['_USAGE']._serialized_end=693
-  _globals['_GENERATERESPONSE']._serialized_start=696
-  _globals['_GENERATERESPONSE']._serialized_end=852
-  _globals['_GETMODELINFOREQUEST']._serialized_start=854
-  _globals['_GETMODELINFOREQUEST']._serialized_end=875
-  _globals['_MODELINFO']._serialized_start=878
-  _globals['_MODELINFO']._serialized_end=1044
-  _globals['_GETSERVERSTATSREQUEST']._serialized_start=1046
-  _globals['_GETSERVERSTATSREQUEST']._serialized_end=1069
-  _globals['_ENGINESTATS']._serialized_start=1072
-  _globals['_ENGINESTATS']._serialized_end=1415
-  _globals['_ENGINESTATS_KHISTOGRAMENTRY']._serialized_start=1366
-  _globals['_ENGINESTATS_KHISTOGRAMENTRY']._serialized_end=1415
-  _globals['_SERVERSTATS']._serialized_start=1418
-  _globals['_SERVERSTATS']._serialized_end=1575
-  _globals['_GENERATION']._serialized_start=1728
-  _globals['_GENERATION']._serialized_end=2042
+  _globals['_USAGE']._serialized_end=757
+  _globals['_GENERATERESPONSE']._serialized_start=760
+  _globals['_GENERATERESPONSE']._serialized_end=916
+  _globals['_GETMODELINFOREQUEST']._serialized_start=918
+  _globals['_GETMODELINFOREQUEST']._serialized_end=939
+  _globals['_MODELINFO']._serialized_start=942
+  _globals['_MODELINFO']._serialized_end=1108
+  _globals['_GETSERVERSTATSREQUEST']._serialized_start=1110
+  _globals['_GETSERVERSTATSREQUEST']._serialized_end=1133
+  _globals['_ENGINESTATS']._serialized_start=1136
+  _globals['_ENGINESTATS']._serialized_end=1479
+  _globals['_ENGINESTATS_KHISTOGRAMENTRY']._serialized_start=1430
+  _globals['_ENGINESTATS_KHISTOGRAMENTRY']._serialized_end=1479
+  _globals['_SERVERSTATS']._serialized_start=1482
+  _globals['_SERVERSTATS']._serialized_end=1639
+  _globals['_GENERATION']._serialized_start=1792
+  _globals['_GENERATION']._serialized_end=2106
 # @@protoc_insertion_point(module_scope)
