@@ -45,6 +45,12 @@ class SpeculationPolicy(ABC):
         """Whether the last `choose` gave this request prompt lookup's tokens."""
         return False
 
+    @property
+    def scores_lookup(self) -> bool:
+        """Whether it learns from lookup's proposals scored unverified (observe_lookup): only
+        then does the scheduler make them."""
+        return False
+
     def observe_lookup(self, outcomes: Sequence[tuple[str, int, int]]) -> None:
         """(req_id, tokens compared, tokens matched): prompt lookup scored, unverified, against
         the tokens the target committed."""
@@ -195,6 +201,10 @@ class GoodputPolicy(SpeculationPolicy):
 
     def uses_lookup(self, req_id: str) -> bool:
         return req_id in self._lookup_ids
+
+    @property
+    def scores_lookup(self) -> bool:
+        return self.lookup_acceptance is not None
 
     def observe_lookup(self, outcomes) -> None:
         if self.lookup_acceptance is not None:

@@ -47,12 +47,12 @@ class Proposers:
             idx.extend(r.token_ids[len(idx.tokens):])
         return idx
 
-    def score_ahead(self, decode: list[Request], caps: list[int]) -> None:
-        """Before the step: what lookup would propose for each decoding request (scored against
-        the committed tokens in `shadow_outcomes`)."""
+    def score_ahead(self, decode: list[tuple[Request, int]]) -> None:
+        """Before the step: what lookup would propose for each (decoding request, its k cap)
+        (scored against the committed tokens in `shadow_outcomes`)."""
         if not self.lookup:
             return
-        for r, cap in zip(decode, caps):
+        for r, cap in decode:
             if cap > 0:
                 self._shadow[r.req_id] = (len(r.token_ids), self.index(r).propose(min(cap, self.shadow_depth)))
 

@@ -185,7 +185,7 @@ class Scheduler:
         room = max(0, cfg.max_num_batched_tokens - len(decode))
         prefill_tokens = min(room, sum(r.num_pending for r in prefill))
         t0 = time.perf_counter()
-        self.proposers.score_ahead(decode, caps)
+        self.proposers.score_ahead([(r, c) for r, c in zip(decode, caps) if r.policy.scores_lookup])
         ks = self.policies.choose(decode, caps, (len(prefill) if prefill_tokens else 0, prefill_tokens))
         lookup = {r.req_id for r, k in zip(decode, ks) if k > 0 and self.policies.uses_lookup(r)}
         choose_time = time.perf_counter() - t0
