@@ -160,8 +160,12 @@ class GoodputPolicy(SpeculationPolicy):
         self.time_model = StepTimeModel()
         self.acceptance = AcceptanceEstimator()
         # With prompt lookup offered (offer_lookup): its own acceptance, learned from its
-        # verifications and from its proposals scored against what the target committed.
-        self.lookup_acceptance: AcceptanceEstimator | None = None
+        # verifications and from its proposals scored against what the target committed; kept
+        # apart for greedy and sampled requests (keyed by greedy): a copying greedy request's
+        # matches run on for many tokens, a sampled one's seldom past the first, and one set of
+        # depth rates priced sampled requests' deep lookup tokens at the copy requests' rates.
+        self.lookup_acceptance: dict[bool, AcceptanceEstimator] | None = None
+        self._greedy: dict[str, bool] = {}
         self._lookup_ids: set[str] = set()  # the requests the last choose gave lookup
         self.refit_every = refit_every
         self.warmup_k = warmup_k
@@ -197,7 +201,7 @@ class GoodputPolicy(SpeculationPolicy):
         from goodspec.scheduler.goodput import AcceptanceEstimator
 
         if not self.uniform:  # the batch-uniform variant keeps one proposer, as SmartSpec
-            self.lookup_acceptance = AcceptanceEstimator()
+            self.lookup_acceptance = {True: AcceptanceEstimator(), False: AcceptanceEstimator()}
 
     def uses_lookup(self, req_id: str) -> bool:
         return req_id in self._lookup_ids
@@ -209,10 +213,12 @@ class GoodputPolicy(SpeculationPolicy):
     def observe_lookup(self, outcomes) -> None:
         if self.lookup_acceptance is not None:
             for req_id, compared, matched in outcomes:
-                self.lookup_acceptance.observe(req_id, compared, matched)
+                self.lookup_acceptance[self._greedy.get(req_id, True)].observe(req_id, compared, matched)
 
     def choose(self, requests: Sequence[Request], caps: Sequence[int],
                prefill: tuple[int, int] = (0, 0)) -> list[int]:
+        import numpy as np
+
         from goodspec.scheduler.goodput import best_choice
 
         self._steps += 1
@@ -236,7 +242,11 @@ class GoodputPolicy(SpeculationPolicy):
         # (shallow k whenever requests arrive, i.e. all the time near saturation).
         lookup_gains = None
         if self.lookup_acceptance is not None:
-            lookup_gains = self.lookup_acceptance.expected_tokens(ids, max(caps, default=0))
+            greedy = np.array([r.sampling.temperature <= 0 for r in requests])
+            self._greedy.update(zip(ids, greedy.tolist()))
+            kmax = max(caps, default=0)
+            lookup_gains = np.where(greedy[:, None], self.lookup_acceptance[True].expected_tokens(ids, kmax),
+                                    self.lookup_acceptance[False].expected_tokens(ids, kmax))
         choice = best_choice(None, contexts, caps, self.time_model, [c / h for c, h in zip(catchups, horizons)],
                              prefill, gains, uniform=self.uniform, lookup_gains=lookup_gains)
         ks, lookup = choice.ks, choice.lookup
@@ -273,7 +283,7 @@ class GoodputPolicy(SpeculationPolicy):
     def observe(self, outcomes, record) -> None:
         for req_id, k, accepted in outcomes:
             if req_id in self._lookup_ids:
-                self.lookup_acceptance.observe(req_id, k, accepted)
+                self.lookup_acceptance[self._greedy.get(req_id, True)].observe(req_id, k, accepted)
                 self.acceptance.observe(req_id, 0, 0)  # no evidence on the draft this step
             else:
                 self.acceptance.observe(req_id, k, accepted)
@@ -300,6 +310,8 @@ class GoodputPolicy(SpeculationPolicy):
     def forget(self, req_id: str) -> None:
         self.acceptance.forget(req_id)
         if self.lookup_acceptance is not None:
-            self.lookup_acceptance.forget(req_id)
+            for estimator in self.lookup_acceptance.values():
+                estimator.forget(req_id)
+        self._greedy.pop(req_id, None)
         self._lookup_ids.discard(req_id)
         self._verifying.pop(req_id, None)

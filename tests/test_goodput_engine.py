@@ -35,8 +35,9 @@ def test_greedy_output_under_goodput_equals_target_only(proposer, goodput_engine
         assert any(r.draft_tokens > sum(r.ks) for r in records)
     policy = engine.scheduler.policy  # nothing per request is left once all finished
     assert not engine.has_unfinished()
-    for estimator in (policy.acceptance, policy.lookup_acceptance):
-        assert estimator is None or not (estimator._per_request or estimator._vs_global)
+    for estimator in (policy.acceptance, *(policy.lookup_acceptance or {}).values()):
+        assert not (estimator._per_request or estimator._vs_global)
+    assert not policy._greedy
 
 
 def test_step_time_model_predicts_held_out_real_steps_within_15_percent(goodput_engine, sharegpt_prompts):
