@@ -13,12 +13,29 @@ a stock LlamaForCausalLM: only this input layer is goodspec's.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
 FEATURE_FILE = "feature_fc.safetensors"
+
+
+@contextmanager
+def block_outputs(blocks: nn.ModuleList, layers: tuple[int, ...] | list[int]):
+    """While open, the output of each decoder block m in `layers` (1-based) of the last forward
+    lands in the yielded dict under m (forward hooks, removed on exit): the rows a fused feature
+    draft reads, at run time (ModelRunner.run) and for training (target_features)."""
+    captured: dict[int, torch.Tensor] = {}
+    hooks = [blocks[m - 1].register_forward_hook(
+        lambda _mod, _inp, out, m=m: captured.__setitem__(m, out[0] if isinstance(out, tuple) else out))
+        for m in layers]
+    try:
+        yield captured
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def normalised(h: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from goodspec.workers.attention import ATTENTION_NAME, AttentionMetadata
-from goodspec.workers.feature_draft import FeatureInput, normalised
+from goodspec.workers.feature_draft import FeatureInput, block_outputs, normalised
 from goodspec.workers.kv_cache import KVCacheSpec, PagedKVCache
 
 
@@ -193,16 +193,9 @@ class ModelRunner:
             args = {"inputs_embeds": embeds}
         else:
             args = {"input_ids": input_ids}
-        captured: dict[int, torch.Tensor] = {}
-        hooks = [blocks[m - 1].register_forward_hook(
-            lambda _mod, _inp, out, m=m: captured.__setitem__(m, out[0] if isinstance(out, tuple) else out))
-            for m in (layers if all_hidden else ())]
-        try:
+        with block_outputs(blocks, layers if all_hidden else ()) as captured:
             hidden = base(**args, position_ids=positions.unsqueeze(0), use_cache=False,
                           goodspec_meta=meta).last_hidden_state[0]  # [total, d]
-        finally:
-            for h in hooks:
-                h.remove()
         kept = hidden[kept_index]
         logits = self.model.lm_head(kept).float()
         if self.vocab_map is not None and target_vocab:

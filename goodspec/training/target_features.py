@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from goodspec.training.teacher_data import length_batches, record_sequence, right_padded
-from goodspec.workers.feature_draft import normalised
+from goodspec.workers.feature_draft import block_outputs, normalised
 
 
 @torch.no_grad()
@@ -44,24 +44,20 @@ def layer_states(target, seqs: list[list[int]], layers: list[int], batch_tokens:
     """The RMS-normalised output of decoder layers `layers` (1-based: layer m is the m-th block)
     for every token of every sequence (bfloat16); the blocks after the deepest one never run."""
     blocks = target.model.layers
-    captured: dict[int, torch.Tensor] = {}
-    hooks = [blocks[m - 1].register_forward_hook(
-        lambda _mod, _inp, out, m=m: captured.__setitem__(m, out[0] if isinstance(out, tuple) else out))
-        for m in layers]
     target.model.layers = blocks[:max(layers)]
     out: dict[int, list[torch.Tensor]] = {m: [None] * len(seqs) for m in layers}  # type: ignore[list-item]
     try:
-        for idx in tqdm(length_batches([len(s) for s in seqs], batch_tokens), desc=desc, unit="batch", leave=False):
-            ids, mask = right_padded([seqs[i] for i in idx])
-            target.model(input_ids=ids, attention_mask=mask)
-            for m in layers:
-                h = normalised(captured[m].float())
-                for r, i in enumerate(idx):
-                    out[m][i] = h[r, :len(seqs[i])].to(torch.bfloat16).clone()
+        with block_outputs(blocks, layers) as captured:
+            for idx in tqdm(length_batches([len(s) for s in seqs], batch_tokens), desc=desc, unit="batch",
+                            leave=False):
+                ids, mask = right_padded([seqs[i] for i in idx])
+                target.model(input_ids=ids, attention_mask=mask)
+                for m in layers:
+                    h = normalised(captured[m].float())
+                    for r, i in enumerate(idx):
+                        out[m][i] = h[r, :len(seqs[i])].to(torch.bfloat16).clone()
     finally:
         target.model.layers = blocks
-        for h in hooks:
-            h.remove()
     return out
 
 
