@@ -223,6 +223,8 @@ class GoodputPolicy(SpeculationPolicy):
 
         self._steps += 1
         self._lookup_ids = set()
+        if self.lookup_acceptance is not None:  # which lookup estimator each request's evidence feeds
+            self._greedy.update((r.req_id, r.sampling.temperature <= 0) for r in requests)
         if not self.time_model.ready or self._observations < self.min_observations:
             return [min(self.warmup_k, c) for c in caps]
         ids = [r.req_id for r in requests]
@@ -242,8 +244,7 @@ class GoodputPolicy(SpeculationPolicy):
         # (shallow k whenever requests arrive, i.e. all the time near saturation).
         lookup_gains = None
         if self.lookup_acceptance is not None:
-            greedy = np.array([r.sampling.temperature <= 0 for r in requests])
-            self._greedy.update(zip(ids, greedy.tolist()))
+            greedy = np.array([self._greedy[i] for i in ids])
             kmax = max(caps, default=0)
             lookup_gains = np.where(greedy[:, None], self.lookup_acceptance[True].expected_tokens(ids, kmax),
                                     self.lookup_acceptance[False].expected_tokens(ids, kmax))
