@@ -7,7 +7,8 @@ scheduler asks for every decoding request on every step (to choose between the p
 also scores lookup on requests that use the draft), so the request keeps a dictionary of its
 n-grams instead, updated with the tokens each step commits: O(new tokens) a step, and O(1) to
 propose, where a scan is O(context). (A dictionary of tuples is Python per token; with one to a
-few new tokens per step that is cheaper than any tensor op's dispatch here.)
+few new tokens per step it is the cheaper of the two: 29 us to add 2 tokens and propose 5 against
+64 us for the numpy scan of a 500-token context, one script here, 2000 calls each.)
 
 The proposal is the same as the scan's (tests/scheduler/test_lookup.py checks it on random
 contexts); its q is one-hot, which keeps rejection sampling exact.
