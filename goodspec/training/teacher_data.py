@@ -143,10 +143,13 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
 
 @torch.no_grad()
 def teacher_forced(target, pairs: list[tuple[list[int], list[int]]], cfg: DistillConfig,
-                   desc: str) -> list[dict]:
+                   desc: str) -> tuple[list[dict], list[torch.Tensor]]:
     """The target's top-k at every reply position of given (prompt, reply) pairs, one padded
-    forward per batch of similar lengths; the same record layout as `target_replies`."""
+    forward per batch of similar lengths; the same record layout as `target_replies`. Also the
+    target's last hidden state at every position each record's draft reads (what
+    goodspec.training.target_features would compute: the same forward, so it is kept here)."""
     out: list[dict | None] = [None] * len(pairs)
+    states: list[torch.Tensor | None] = [None] * len(pairs)
     seqs = [prompt + reply[:-1] for prompt, reply in pairs]
     for idx in tqdm(length_batches([len(s) for s in seqs], cfg.forced_batch_tokens), desc=desc,
                     unit="batch", leave=False):
@@ -158,20 +161,29 @@ def teacher_forced(target, pairs: list[tuple[list[int], list[int]]], cfg: Distil
             lp, top = F.log_softmax(target.lm_head(h).float(), -1).topk(cfg.top_logprobs, -1)
             out[i] = {"prompt": prompt, "reply": reply, "top_ids": top.to(torch.int32),
                       "top_logp": lp.half()}
-    return out  # type: ignore[return-value]
+            states[i] = hidden[r, :len(seqs[i])].to(torch.bfloat16).clone()
+    return out, states  # type: ignore[return-value]
 
 
 def cached_forced(target, pairs: list[tuple[list[int], list[int]]], cfg: DistillConfig,
                   parts_dir: Path) -> list[dict]:
-    """`teacher_forced` for every pair, `PART_PROMPTS` pairs per cached file (resumable)."""
+    """`teacher_forced` for every pair, `PART_PROMPTS` pairs per cached file (resumable); the
+    hidden states go where goodspec.training.target_features.cached_features looks for them, so
+    the feature draft's training does not run the target over the same text a second time."""
+    from goodspec.training.target_features import features_dir
+
+    states_dir = features_dir(parts_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
+    states_dir.mkdir(parents=True, exist_ok=True)
     data: list[dict] = []
     starts = range(0, len(pairs), PART_PROMPTS)
     for n, start in enumerate(tqdm(starts, desc="teacher-forced replies (training)", unit="part")):
         chunk = pairs[start:start + PART_PROMPTS]
         part = parts_dir / f"part-{n:04d}-{len(chunk)}.pt"
         if not part.is_file():
-            torch.save(teacher_forced(target, chunk, cfg, f"part {n}"), part.with_suffix(".tmp"))
-            part.with_suffix(".tmp").rename(part)
+            records, states = teacher_forced(target, chunk, cfg, f"part {n}")
+            for path, value in ((states_dir / part.name, states), (part, records)):  # records last:
+                torch.save(value, path.with_suffix(".tmp"))  # a part is done when its records are
+                path.with_suffix(".tmp").rename(path)
         data.extend(torch.load(part))
     return data
