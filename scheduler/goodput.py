@@ -136,6 +136,13 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
+def tokens_from_reach(reach: np.ndarray) -> np.ndarray:
+    """[requests, kmax] P(draft positions 1..j all accepted) -> [requests, kmax + 1] E(k), the
+    tokens a verification of k draft tokens emits (the bonus included); each reach <= 0.99."""
+    reach = np.minimum(reach, 0.99)
+    return np.concatenate([np.ones((reach.shape[0], 1)), 1.0 + np.cumsum(reach, axis=1)], axis=1)
+
+
 @dataclass
 class AcceptanceEstimator:
     """Per-request acceptance probability: decayed counts of accepted draft tokens (successes)
@@ -230,12 +237,17 @@ class AcceptanceEstimator:
         accepted, predicted = self._vs_global.get(req_id, (0.0, 0.0))
         return (accepted + w) / (predicted + w)
 
+    def scales(self, req_ids: Sequence[str]) -> np.ndarray:
+        """`scale` of each request, as one array (the choice is made every step, for the batch)."""
+        w = self.prior_weight * self.global_alpha
+        none = (0.0, 0.0)
+        counts = np.array([self._vs_global.get(r, none) for r in req_ids], dtype=float).reshape(-1, 2)
+        return (counts[:, 0] + w) / (counts[:, 1] + w)
+
     def expected_tokens(self, req_ids: Sequence[str], kmax: int) -> np.ndarray:
         """[requests, kmax + 1]: E_i(k), the tokens a verification of k draft tokens emits
         (bonus included): 1 + scale_i * (global reach of positions 1..k), each reach <= 0.99."""
-        scale = np.array([self.scale(r) for r in req_ids])[:, None]
-        reach = np.minimum(self.global_reach(kmax)[None, :] * scale, 0.99)
-        return np.concatenate([np.ones((len(req_ids), 1)), 1.0 + np.cumsum(reach, axis=1)], axis=1)
+        return tokens_from_reach(self.global_reach(kmax)[None, :] * self.scales(req_ids)[:, None])
 
     def forget(self, req_id: str) -> None:
         self._per_request.pop(req_id, None)
@@ -334,7 +346,7 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
         return emitted.sum(-1) / np.maximum(t, 1e-9)
 
     best, best_lk = np.zeros(n, dtype=int), no_lookup
-    best_g = float(goodput(best, best_lk))
+    best_g = float(gains[:, 0].sum() / max(verify_base, 1e-9))  # goodput(best, best_lk): no speculation
     if uniform:
         for m in range(1, kmax + 1):
             ks = np.minimum(cap, m)
@@ -346,31 +358,34 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
     ms = np.arange(0 if offer_lookup else 1, kmax + 1)
     allowed = ks_grid[None, None, :] <= np.minimum(cap[None, :], ms[:, None])[:, :, None]  # [M, n, K+1]
     draft_cost = per_token * ks_grid[None, :] + cd[4] * catch[:, None] * (ks_grid[None, :] > 0)  # [n, K+1]
-    lookup_allowed = ks_grid[None, :] <= cap[:, None]
+    # Options out of reach are -inf once, outside the loop: each pass then costs a few numpy calls.
+    allowed_gains = np.where(allowed, gains[None], -np.inf)
+    if offer_lookup:
+        lookup_allowed_gains = np.where(ks_grid[None, :] <= cap[:, None], lookup_gains, -np.inf)
     g = np.full(len(ms), best_g)
     ks = np.zeros((len(ms), n), dtype=int)
     lk = np.zeros((len(ms), n), dtype=bool)
     done = np.zeros(len(ms), dtype=bool)
+    final = np.zeros(len(ms))
     for _ in range(20):
         # Value of each option for each request at level g: E_i(k) - g * (its own cost).
-        value = np.where(allowed, gains[None] - g[:, None, None] * draft_cost[None], -np.inf)
+        value = allowed_gains - g[:, None, None] * draft_cost[None]
         new_ks = value.argmax(-1)  # [M, n]
         new_lk = np.zeros_like(lk)
         if offer_lookup:
-            lvalue = np.where(lookup_allowed[None], lookup_gains[None] - (g[:, None, None] * cv[2]) * ks_grid, -np.inf)
+            lvalue = lookup_allowed_gains[None] - (g[:, None, None] * cv[2]) * ks_grid
             lks = lvalue.argmax(-1)
-            best_value = np.take_along_axis(value, new_ks[..., None], -1)[..., 0]
-            new_lk = np.take_along_axis(lvalue, lks[..., None], -1)[..., 0] > best_value  # k = 0 ties: none
+            new_lk = lvalue.max(-1) > value.max(-1)  # k = 0 ties: none
             new_ks = np.where(new_lk, lks, new_ks)
         ks = np.where(done[:, None], ks, new_ks)
         lk = np.where(done[:, None], lk, new_lk)
         g_new = goodput(ks, lk)
+        final = np.where(done, final, g_new)  # the goodput of each row's current choice
         converged = g_new <= g * (1 + 1e-12)  # no better level: the choice has converged
         g = np.where(done | converged, g, g_new)
         done |= converged
         if done.all():
             break
-    final = goodput(ks, lk)
     top = int(final.argmax())
     if final[top] > best_g * (1 + 1e-9):
         best, best_lk = ks[top], lk[top]
