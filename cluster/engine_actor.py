@@ -27,14 +27,10 @@ class EngineActor:
         self.target = RemoteWorker(target_handle, f"target[{replica}]", call_timeout_s, channel_token)
         self.draft = (RemoteWorker(draft_handle, f"draft[{replica}]", call_timeout_s, channel_token)
                       if draft_handle else None)
-        if config.proposer == "ngram":
-            from goodspec.workers.ngram_proposer import NgramProposer
-
-            self.draft = NgramProposer()  # cheap CPU work: runs here, no actor
         t_info = ray.get(target_handle.info.remote(), timeout=startup_timeout_s)
         d_info = ray.get(draft_handle.info.remote(), timeout=startup_timeout_s) if draft_handle else None
         self.worker_info = {"target": t_info, "draft": d_info}
-        if d_info is not None and config.proposer != "ngram":
+        if d_info is not None:
             self.draft.reads_features = d_info.reads_features
             self.draft.feature_layers = tuple(d_info.feature_layers)
         scheduler = build_scheduler(

@@ -55,7 +55,7 @@ class EngineConfig:
                          aliases=("--target",))
     draft_dir: str | None = _f("", "draft model directory (same tokenizer; unset = the named pair's); "
                                    "none = no draft", aliases=("--draft",))
-    policy: str = _f("fixed:3", "speculation policy: off | fixed:K | lookup:K (proposer auto) | goodput | "
+    policy: str = _f("fixed:3", "speculation policy: off | fixed:K | lookup:K (proposer auto or ngram) | goodput | "
                                 "goodput-uniform (one k per batch) | goodput-conf")
     proposer: str = _f("draft", "who proposes draft tokens: draft (the draft model) | ngram (prompt lookup, no model) | "
                                 "auto (both: goodput policies choose per request and step; others use the draft)")
@@ -82,8 +82,8 @@ class EngineConfig:
         spec = self.policy_spec  # parsed once, here; raises with the accepted forms
         if self.proposer not in ("draft", "ngram", "auto"):
             raise ValueError(f"proposer must be draft, ngram or auto; got {self.proposer!r}")
-        if spec.kind == "lookup" and self.proposer != "auto":
-            raise ValueError(f"policy {self.policy!r} needs prompt lookup: set proposer auto")
+        if spec.kind == "lookup" and self.proposer == "draft":
+            raise ValueError(f"policy {self.policy!r} needs prompt lookup: set proposer auto (or ngram)")
         if self.proposer == "auto" and self.draft_dir is None:
             raise ValueError("proposer auto chooses between the draft model and prompt lookup: it needs a draft model")
         if self.proposer == "ngram":

@@ -17,7 +17,6 @@ from goodspec.scheduler.scheduler import Scheduler
 from goodspec.scheduler.service import Completion, usage_of
 from goodspec.workers.draft_worker import DraftWorker
 from goodspec.workers.model_runner import RunnerConfig
-from goodspec.workers.ngram_proposer import NgramProposer
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.target_worker import TargetWorker
 from goodspec.workers.tokenizer import TextCodec
@@ -28,10 +27,8 @@ class LLMEngine:
         self.config = config
         self.codec = TextCodec.load(config.target_dir, config.draft_dir)
         self.target = TargetWorker(self._runner_config(config.target_dir, config.target_kv_tokens))
-        self.draft = None
-        if config.proposer == "ngram":
-            self.draft = NgramProposer()
-        elif config.draft_dir is not None:
+        self.draft = None  # proposer ngram: prompt lookup in the scheduler, no draft worker
+        if config.draft_dir is not None:
             self.draft = DraftWorker(self._runner_config(config.draft_dir, config.draft_kv_tokens))
         draft_runner = getattr(self.draft, "runner", None)
         self.scheduler = build_scheduler(
@@ -118,7 +115,7 @@ def build_scheduler(
     )
     scheduler = Scheduler(sched_cfg, target=target, target_kv=target_kv, draft=draft, draft_kv=draft_kv,
                           policy=config.policy_spec.build(), stop_checker=codec.find_stop,
-                          lookup=config.proposer == "auto")
+                          lookup=config.proposer in ("auto", "ngram"))
     if scheduler.policies.learning():
         import torch
 

@@ -1,16 +1,17 @@
 """Prompt lookup kept up to date per request: the second proposer beside the draft model.
 
-Prompt lookup (as `goodspec.workers.ngram_proposer`, and vLLM's ngram proposer) proposes what
-followed the most recent earlier occurrence of the context's last n tokens, n from `max_n` down
-to `min_n`. The worker-side proposer scans the whole context with numpy on every call; here the
-scheduler asks for every decoding request on every step (to choose between the proposers, it
-also scores lookup on requests that use the draft), so the request keeps a dictionary of its
-n-grams instead, updated with the tokens each step commits: O(new tokens) a step, and O(1) to
-propose, where a scan is O(context). (A dictionary of tuples is Python per token; with one to a
-few new tokens per step it is the cheaper of the two: 29 us to add 2 tokens and propose 5 against
-64 us for the numpy scan of a 500-token context, one script here, 2000 calls each.)
+Prompt lookup (as vLLM's ngram proposer) proposes what followed the most recent earlier
+occurrence of the context's last n tokens, n from `max_n` down to `min_n`. It is goodspec's one
+prompt-lookup implementation: beside the draft model (proposer auto) and instead of it
+(proposer ngram). The scheduler asks for every decoding request on every step (to choose
+between the proposers it also scores lookup on requests that use the draft), so rather than
+scanning the whole context each time, the request keeps a dictionary of its n-grams, updated
+with the tokens each step commits: O(new tokens) a step, and O(1) to propose, where a scan is
+O(context). (A dictionary of tuples is Python per token; with one to a few new tokens per step
+it is the cheaper of the two: 29 us to add 2 tokens and propose 5 against 64 us for a numpy scan
+of a 500-token context, one script here, 2000 calls each.)
 
-The proposal is the same as the scan's (tests/scheduler/test_lookup.py checks it on random
+The proposal is the same as a plain scan's (tests/scheduler/test_lookup.py checks it on random
 contexts); its q is one-hot, which keeps rejection sampling exact.
 """
 
@@ -48,18 +49,33 @@ class LookupIndex:
         self.tokens, self._after = [], {}
         self.extend(kept)
 
+    def _match(self) -> tuple[int, int]:
+        """(n, start): the longest n-gram ending the context that occurred before, and the
+        position after its latest occurrence; (0, -1) when none did."""
+        ctx = self.tokens
+        for n in range(min(self.max_n, len(ctx) - 1), self.min_n - 1, -1):
+            start = self._after.get(tuple(ctx[len(ctx) - n:]))
+            if start is not None:
+                return n, start
+        return 0, -1
+
+    def match_length(self) -> int:
+        """The n of the n-gram the next proposal follows (0: nothing matches). A 4-gram match
+        runs on far more often than a 1-gram one: the goodput policy learns lookup's acceptance
+        per match length."""
+        return self._match()[0]
+
     def propose(self, k: int) -> list[int]:
         """k tokens: what followed the longest matching n-gram's latest occurrence (its last
         token repeated if the context ends first); the last token repeated when nothing matches."""
         ctx = self.tokens
         if not ctx or k <= 0:
             return [ctx[-1]] * k if ctx else []
-        for n in range(min(self.max_n, len(ctx) - 1), self.min_n - 1, -1):
-            start = self._after.get(tuple(ctx[len(ctx) - n:]))
-            if start is not None:
-                follow = ctx[start:start + k]
-                return follow + [follow[-1]] * (k - len(follow))
-        return [ctx[-1]] * k
+        n, start = self._match()
+        if n == 0:
+            return [ctx[-1]] * k
+        follow = ctx[start:start + k]
+        return follow + [follow[-1]] * (k - len(follow))
 
 
 def matched_prefix(proposed: list[int], committed: list[int]) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from goodspec.scheduler.request import Request
 
 if TYPE_CHECKING:
     from goodspec.scheduler.confidence import VerifyShape
+    from goodspec.scheduler.lookup_acceptance import LookupAcceptance
 
 
 class SpeculationPolicy(ABC):
@@ -37,9 +38,10 @@ class SpeculationPolicy(ABC):
     def forget(self, req_id: str) -> None:
         """The request finished."""
 
-    def offer_lookup(self) -> None:
+    def offer_lookup(self, only: bool = False) -> None:
         """Prompt lookup is available beside the draft model (a policy that can choose between
-        them starts doing so; the others keep the draft model)."""
+        them starts doing so; the others keep the draft model); `only`: instead of one (every
+        speculative token is lookup's)."""
 
     def uses_lookup(self, req_id: str) -> bool:
         """Whether the last `choose` gave this request prompt lookup's tokens."""
@@ -138,7 +140,7 @@ class LookupPolicy(FixedPolicy):
         self.name = f"lookup:{k}"
         self._offered = False
 
-    def offer_lookup(self) -> None:
+    def offer_lookup(self, only: bool = False) -> None:
         self._offered = True
 
     def uses_lookup(self, req_id: str) -> bool:
@@ -160,16 +162,14 @@ class GoodputPolicy(SpeculationPolicy):
         self.time_model = StepTimeModel()
         self.acceptance = AcceptanceEstimator()
         # With prompt lookup offered (offer_lookup): its own acceptance, learned from its
-        # verifications and from its proposals scored against what the target committed; kept
-        # apart for greedy and sampled requests (keyed by greedy): a copying greedy request's
-        # matches run on for many tokens, a sampled one's seldom past the first, and one set of
-        # depth rates priced sampled requests' deep lookup tokens at the copy requests' rates.
-        self.lookup_acceptance: dict[bool, AcceptanceEstimator] | None = None
-        self._greedy: dict[str, bool] = {}
+        # verifications and from its proposals scored against what the target committed, per
+        # class of proposal (goodspec.scheduler.lookup_acceptance).
+        self.lookup_acceptance: LookupAcceptance | None = None
         self._lookup_ids: set[str] = set()  # the requests the last choose gave lookup
         self.refit_every = refit_every
         self.warmup_k = warmup_k
         self.uniform = uniform  # one k for the whole batch (SmartSpec's choice), for A/B
+        self.lookup_only = False  # no draft model: lookup proposes every token (proposer ngram)
         if uniform:
             self.name = "goodput-uniform"
         # Adaptive verification (goodspec.scheduler.confidence): verify only the slots whose
@@ -197,11 +197,13 @@ class GoodputPolicy(SpeculationPolicy):
         self._profile = list(records)
         self.time_model.fit(self._records, prior=self._profile)
 
-    def offer_lookup(self) -> None:
-        from goodspec.scheduler.goodput import AcceptanceEstimator
+    def offer_lookup(self, only: bool = False) -> None:
+        from goodspec.scheduler.lookup_acceptance import LookupAcceptance
 
-        if not self.uniform:  # the batch-uniform variant keeps one proposer, as SmartSpec
-            self.lookup_acceptance = {True: AcceptanceEstimator(), False: AcceptanceEstimator()}
+        # The batch-uniform variant keeps one proposer, as SmartSpec (lookup, when it is the only one).
+        if not self.uniform or only:
+            self.lookup_acceptance = LookupAcceptance()
+        self.lookup_only = only
 
     def uses_lookup(self, req_id: str) -> bool:
         return req_id in self._lookup_ids
@@ -213,7 +215,7 @@ class GoodputPolicy(SpeculationPolicy):
     def observe_lookup(self, outcomes) -> None:
         if self.lookup_acceptance is not None:
             for req_id, compared, matched in outcomes:
-                self.lookup_acceptance[self._greedy.get(req_id, True)].observe(req_id, compared, matched)
+                self.lookup_acceptance.observe(req_id, compared, matched)
 
     def choose(self, requests: Sequence[Request], caps: Sequence[int],
                prefill: tuple[int, int] = (0, 0)) -> list[int]:
@@ -222,14 +224,20 @@ class GoodputPolicy(SpeculationPolicy):
         from goodspec.scheduler.goodput import best_choice
 
         self._steps += 1
-        self._lookup_ids = set()
+        ids = [r.req_id for r in requests]
+        self._lookup_ids = set(ids) if self.lookup_only else set()
         if self.lookup_acceptance is not None:  # which lookup estimator each request's evidence feeds
-            self._greedy.update((r.req_id, r.sampling.temperature <= 0) for r in requests)
+            self.lookup_acceptance.classify(requests)
         if not self.time_model.ready or self._observations < self.min_observations:
             return [min(self.warmup_k, c) for c in caps]
-        ids = [r.req_id for r in requests]
-        gains = self.acceptance.expected_tokens(ids, max(caps, default=0))
+        kmax = max(caps, default=0)
         contexts = [len(r.token_ids) for r in requests]
+        if self.lookup_only:  # one proposer, priced like the draft model but with nothing to draft
+            gains = self.lookup_acceptance.expected_tokens(ids, kmax)
+            ks = best_choice(None, contexts, caps, self.time_model, None, prefill, gains, uniform=self.uniform).ks
+            self._predicted = self.time_model.predict_step_time(ks, contexts, None, [True] * len(ks))
+            return ks
+        gains = self.acceptance.expected_tokens(ids, kmax)
         # Tokens the draft would first have to catch up on (beyond the pending one): the whole
         # prompt for a new request, the tokens decoded without speculation after a k = 0 stretch.
         catchups = [max(0, len(r.token_ids) - r.draft_len - 1) for r in requests]
@@ -237,18 +245,15 @@ class GoodputPolicy(SpeculationPolicy):
         # the choice charges it spread over the steps that remain when speculating (charged in
         # full, a new request's prompt made k = 0 look best at high load, and every k = 0 step
         # grew the backlog: requests locked into k = 0 while fixed:3 was 13% faster than off).
-        horizons = [max(1.0, (r.sampling.max_new_tokens - r.num_output) / gains[i, c])
-                    for i, (r, c) in enumerate(zip(requests, caps))]
+        remaining = np.array([r.sampling.max_new_tokens - r.num_output for r in requests], dtype=float)
+        horizons = np.maximum(1.0, remaining / gains[np.arange(len(caps)), caps])
         # Prompt chunks in the same forward make the step longer without emitting tokens: left
         # out, they made goodput look higher than it is and so every draft token look too costly
         # (shallow k whenever requests arrive, i.e. all the time near saturation).
         lookup_gains = None
         if self.lookup_acceptance is not None:
-            greedy = np.array([self._greedy[i] for i in ids])
-            kmax = max(caps, default=0)
-            lookup_gains = np.where(greedy[:, None], self.lookup_acceptance[True].expected_tokens(ids, kmax),
-                                    self.lookup_acceptance[False].expected_tokens(ids, kmax))
-        choice = best_choice(None, contexts, caps, self.time_model, [c / h for c, h in zip(catchups, horizons)],
+            lookup_gains = self.lookup_acceptance.expected_tokens(ids, kmax)
+        choice = best_choice(None, contexts, caps, self.time_model, np.asarray(catchups) / horizons,
                              prefill, gains, uniform=self.uniform, lookup_gains=lookup_gains)
         ks, lookup = choice.ks, choice.lookup
         if not any(ks) and self._steps % self.explore_every == 0:
@@ -284,7 +289,7 @@ class GoodputPolicy(SpeculationPolicy):
     def observe(self, outcomes, record) -> None:
         for req_id, k, accepted in outcomes:
             if req_id in self._lookup_ids:
-                self.lookup_acceptance[self._greedy.get(req_id, True)].observe(req_id, k, accepted)
+                self.lookup_acceptance.observe(req_id, k, accepted)
                 self.acceptance.observe(req_id, 0, 0)  # no evidence on the draft this step
             else:
                 self.acceptance.observe(req_id, k, accepted)
@@ -311,8 +316,6 @@ class GoodputPolicy(SpeculationPolicy):
     def forget(self, req_id: str) -> None:
         self.acceptance.forget(req_id)
         if self.lookup_acceptance is not None:
-            for estimator in self.lookup_acceptance.values():
-                estimator.forget(req_id)
-        self._greedy.pop(req_id, None)
+            self.lookup_acceptance.forget(req_id)
         self._lookup_ids.discard(req_id)
         self._verifying.pop(req_id, None)

@@ -18,15 +18,17 @@ class PolicyBook:
     every 'goodput' request shares one learned model: the server's own when the specs match).
     At most one entry per spec, and specs are bounded (fixed:K has K <= MAX_FIXED_K)."""
 
-    def __init__(self, server: SpeculationPolicy, lookup: bool = False) -> None:
+    def __init__(self, server: SpeculationPolicy, lookup: bool = False, lookup_only: bool = False) -> None:
         """`lookup`: prompt lookup is on beside the draft model; the policies that can choose
-        between the two (goodput) are told so."""
+        between the two (goodput) are told so. `lookup_only`: there is no draft model, every
+        speculative token comes from prompt lookup (proposer ngram)."""
         self.server = server
-        self.lookup = lookup
+        self.lookup = lookup or lookup_only
+        self.lookup_only = lookup_only
         self._by_name: dict[str, SpeculationPolicy] = {}
         self.profile_records: list[StepRecord] = []  # the start-up sweep, seeds goodput policies
-        if lookup:
-            server.offer_lookup()
+        if self.lookup:
+            server.offer_lookup(only=lookup_only)
 
     def resolve(self, spec: PolicySpec | SpeculationPolicy | None) -> SpeculationPolicy:
         """The policy a request with this spec follows (None: the server's). A policy object
@@ -41,7 +43,7 @@ class PolicyBook:
         if spec.name not in self._by_name:
             policy = spec.build()
             if self.lookup:
-                policy.offer_lookup()
+                policy.offer_lookup(only=self.lookup_only)
             if hasattr(policy, "seed") and self.profile_records:
                 policy.seed(self.profile_records)
             self._by_name[spec.name] = policy
@@ -76,7 +78,7 @@ class PolicyBook:
     def uses_lookup(self, r: Request) -> bool:
         """Whether the request's k tokens this step come from prompt lookup (its policy's choice
         in the last `choose`)."""
-        return self.lookup and r.policy.uses_lookup(r.req_id)
+        return self.lookup_only or (self.lookup and r.policy.uses_lookup(r.req_id))
 
     def observe_lookup(self, outcomes: Sequence[tuple[str, int, int]], plan: StepPlan) -> None:
         """(req_id, tokens compared, tokens matched) of prompt lookup scored against the target's

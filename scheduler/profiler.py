@@ -55,13 +55,13 @@ def profile_step_times(
     ks: Sequence[int] = (0, 1, 2, 3, 5, 8),
     contexts: Sequence[int] = (64, 320),
     repeats: int = 2,
-    stateless_draft: bool = False,
 ) -> list[StepRecord]:
     """Uniform-k decode steps on synthetic sequences; each repeat rolls both caches back through
-    start_pos, exactly like a rejected speculation does."""
+    start_pos, exactly like a rejected speculation does. With no draft model (prompt lookup
+    proposes: free) the k tokens verified are the last token repeated: only how many matters."""
     records: list[StepRecord] = []
     greedy = SamplingParams(max_new_tokens=1, seed=0)
-    ks = [k for k in ks if k <= max_k] if draft is not None else [0]
+    ks = [k for k in ks if k <= max_k]
     for ctx in contexts:
         for b in batch_sizes:
             if b * (ctx + max(ks) + 2) > kv_tokens:
@@ -70,11 +70,11 @@ def profile_step_times(
             tokens = [[3 + (17 * i + 5 * j) % 997 for j in range(ctx)] for i in range(b)]
             try:
                 target.verify(VerifyBatch([VerifyItem(r, 0, t[:-1], False, greedy) for r, t in zip(ids, tokens)]))
-                if draft is not None and not stateless_draft:
+                if draft is not None:
                     draft.propose(ProposeBatch([ProposeItem(r, 0, t[:-1], 1, greedy) for r, t in zip(ids, tokens)]))
                 for _ in range(repeats):
                     for k in ks:
-                        records.append(_one_step(target, draft, ids, tokens, k, greedy, stateless_draft))
+                        records.append(_one_step(target, draft, ids, tokens, k, greedy))
             finally:
                 target.free(ids)
                 if draft is not None:
@@ -82,16 +82,15 @@ def profile_step_times(
     return records
 
 
-def _one_step(target, draft, ids, tokens, k, greedy, stateless_draft) -> StepRecord:
+def _one_step(target, draft, ids, tokens, k, greedy) -> StepRecord:
     ctx = len(tokens[0])
     t_start = time.perf_counter()
-    drafts = [[] for _ in ids]
+    drafts = [[t[-1]] * k for t in tokens]  # without a draft model: lookup's tokens, free
     t_draft = 0.0
     compute_d = 0.0
-    if k > 0:
+    if k > 0 and draft is not None:
         t0 = time.perf_counter()
-        start = 0 if stateless_draft else ctx - 1
-        prop = draft.propose(ProposeBatch([ProposeItem(r, start, t[start:], k, greedy) for r, t in zip(ids, tokens)]))
+        prop = draft.propose(ProposeBatch([ProposeItem(r, ctx - 1, t[ctx - 1:], k, greedy) for r, t in zip(ids, tokens)]))
         t_draft = time.perf_counter() - t0
         drafts, compute_d = prop.draft_ids, prop.elapsed_s
     t0 = time.perf_counter()
@@ -100,24 +99,24 @@ def _one_step(target, draft, ids, tokens, k, greedy, stateless_draft) -> StepRec
     t_verify = time.perf_counter() - t0
     b = len(ids)
     return StepRecord(
-        batch_size=b, num_decode=b, num_draft_reqs=b if k else 0, draft_tokens=k * b,
-        verify_tokens=(k + 1) * b, context_tokens=ctx * b, max_context=ctx + k, max_k=k,
+        batch_size=b, num_decode=b, num_draft_reqs=b if k and draft is not None else 0,
+        draft_tokens=k * b if draft is not None else 0,
+        verify_tokens=(k + 1) * b, context_tokens=ctx * b, max_context=ctx + k, max_k=k if draft is not None else 0,
         num_accepted=sum(res.num_accepted), draft_time=t_draft, verify_time=t_verify,
         draft_compute_time=compute_d, verify_compute_time=res.elapsed_s,
-        step_time=time.perf_counter() - t_start, ks=[k] * b,
+        step_time=time.perf_counter() - t_start, ks=[k] * b, lookup_tokens=0 if draft is not None else k * b,
     )
 
 
 def warm_up_goodput(scheduler, kv_tokens: int, key_parts: Sequence[object], sweep: bool = True) -> list[StepRecord]:
     """Give the scheduler's goodput policies a step-time model before the first request:
     from the disk cache when the key matches, else from a fresh sweep (then cached)."""
-    if scheduler.draft is None:
+    if scheduler.draft is None and not scheduler.proposers.lookup:
         return []
     key = profile_key(*key_parts, scheduler.config.max_k)
     records = load_cached(key)
     if records is None and sweep:
-        records = profile_step_times(scheduler.target, scheduler.draft, kv_tokens,
-                                     scheduler.config.max_k, stateless_draft=scheduler.proposers.stateless)
+        records = profile_step_times(scheduler.target, scheduler.draft, kv_tokens, scheduler.config.max_k)
         save_cached(key, records)
     scheduler.policies.seed(records or [])
     return scheduler.policies.profile_records

@@ -4,7 +4,8 @@ Two proposers: the draft model (a worker with a KV cache; a feature draft also r
 target's hidden states) and, with `lookup=True`, prompt lookup run here in the scheduler
 (goodspec.scheduler.lookup: no model, no worker, proposals at no draft cost). The policy picks
 one per request and step (StepPlan.lookup); this object sends the draft model its requests,
-proposes the others from their lookup index, and hands back one Proposal for the target.
+proposes the others from their lookup index, and hands back one Proposal for the target. With
+no draft model (proposer ngram) lookup proposes for every request.
 
 It also scores lookup on the requests that did not use it, against the tokens the target then
 committed (`shadow_outcomes`): the policy learns each request's lookup acceptance without
@@ -26,7 +27,6 @@ from goodspec.workers.messages import ProposeBatch, ProposeItem, Proposal, Verif
 class Proposers:
     def __init__(self, draft, lookup: bool = False, shadow_depth: int = 8) -> None:
         self.draft = draft
-        self.stateless = bool(getattr(draft, "stateless", False))
         # A feature draft reads the target's hidden states: verification returns them.
         self.reads_features = bool(getattr(draft, "reads_features", False))
         self.feature_layers = tuple(getattr(draft, "feature_layers", ()))  # a fused one's target blocks
@@ -84,10 +84,9 @@ class Proposers:
                 by_lookup.append((row_item, self.index(r).propose(k)))
                 continue
             row_item.proposal_row = len(items)
-            start = 0 if self.stateless else r.draft_len
+            start = r.draft_len
             items.append(ProposeItem(r.req_id, start, r.token_ids[start:], k, r.sampling))
-            if not self.stateless:
-                plan.draft_catchup += len(r.token_ids) - start - 1
+            plan.draft_catchup += len(r.token_ids) - start - 1
             if self.reads_features and self._feature_width:
                 features.append(r.features.take(start, len(r.token_ids) - start, self._feature_width))
         if not items and not by_lookup:
@@ -106,7 +105,7 @@ class Proposers:
                     # the accepted ones again, with the target's.
                     r.draft_len = len(r.token_ids)
                     r.features.drop_before(r.draft_len - 1)
-                elif not self.stateless:
+                else:
                     r.draft_len = len(r.token_ids) + len(row_item.draft_ids) - 1
         if by_lookup:
             proposal = self._with_lookup(proposal, by_lookup)

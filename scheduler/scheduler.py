@@ -57,14 +57,15 @@ class Scheduler:
         stop_checker=None,
         lookup: bool = False,
     ) -> None:
-        """`lookup`: prompt lookup beside the draft model, the policy choosing per request."""
-        self.proposers = Proposers(draft, lookup=lookup and draft is not None)
-        if draft is not None and draft_kv is None and not self.proposers.stateless:
-            raise ValueError("a draft worker with a KV cache needs its KV budget")
+        """`lookup`: prompt lookup beside the draft model, the policy choosing per request; with
+        no draft model, prompt lookup proposes for every request (proposer ngram)."""
+        self.proposers = Proposers(draft, lookup=lookup)
+        if draft is not None and draft_kv is None:
+            raise ValueError("a draft worker needs its KV budget")
         self.config = config
         self.target, self.draft = target, draft
         self.kv = KVPlanner(target_kv, draft_kv)
-        self.policies = PolicyBook(policy or OffPolicy(), lookup=self.proposers.lookup)
+        self.policies = PolicyBook(policy or OffPolicy(), lookup=lookup, lookup_only=lookup and draft is None)
         self.stop_checker = stop_checker  # callable(output_ids, stop strings, num_new) -> cut index or None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -230,7 +231,7 @@ class Scheduler:
         return not isinstance(req.policy, OffPolicy) and req.max_k != 0
 
     def _k_cap(self, r: Request) -> int:
-        if self.draft is None:
+        if self.draft is None and not self.proposers.lookup:
             return 0
         cap = self.config.max_k if r.max_k is None else min(r.max_k, self.config.max_k)
         remaining = r.sampling.max_new_tokens - r.num_output

@@ -13,13 +13,23 @@ import torch
 from goodspec.scheduler.goodput import StepTimeModel, best_choice
 from goodspec.scheduler.lookup import LookupIndex, matched_prefix
 from goodspec.scheduler.proposers import Proposers
-from goodspec.workers.messages import ProposeBatch, ProposeItem, Proposal
-from goodspec.workers.ngram_proposer import NgramProposer
+from goodspec.workers.messages import Proposal
+
+
+def scan(ctx: list[int], k: int, max_n: int = 4) -> list[int]:
+    """Prompt lookup by its definition, for reference: the longest n-gram (n <= max_n) ending the
+    context that also ends at an earlier position, its latest such occurrence, what followed."""
+    for n in range(min(max_n, len(ctx) - 1), 0, -1):
+        tail = ctx[len(ctx) - n:]
+        for end in range(len(ctx) - 2, n - 2, -1):  # occurrences ending before the last token
+            if ctx[end - n + 1:end + 1] == tail:
+                follow = ctx[end + 1:end + 1 + k]
+                return follow + [follow[-1]] * (k - len(follow))
+    return [ctx[-1]] * k
 
 
 def test_index_proposes_what_the_scan_proposes_as_tokens_arrive():
     rng = random.Random(0)
-    scan = NgramProposer()
     for trial in range(40):
         vocab = rng.choice([3, 5, 20])  # small vocabularies: many matches of every length
         idx = LookupIndex()
@@ -29,8 +39,7 @@ def test_index_proposes_what_the_scan_proposes_as_tokens_arrive():
             ctx += new
             idx.extend(new)
             k = rng.randint(1, 6)
-            want = scan.propose(ProposeBatch([ProposeItem("r", 0, ctx, k, None)])).draft_ids[0]
-            assert idx.propose(k) == want, (trial, len(ctx))
+            assert idx.propose(k) == scan(ctx, k), (trial, len(ctx))
 
 
 def test_truncate_forgets_the_tail():
@@ -41,6 +50,45 @@ def test_truncate_forgets_the_tail():
     assert idx.tokens == [1, 2, 3] and idx.propose(2) == [3, 3]  # nothing earlier matches 3
     with pytest.raises(ValueError):
         LookupIndex(min_n=3, max_n=2)
+
+
+def test_match_length_is_the_ngram_the_proposal_follows():
+    idx = LookupIndex()
+    idx.extend([7, 8])
+    assert idx.match_length() == 0 and idx.propose(2) == [8, 8]  # nothing matches: last token repeated
+    idx.extend([1, 2, 3, 4, 5, 1, 2, 3, 4])
+    assert idx.match_length() == 4 and idx.propose(2) == [5, 1]
+    idx.extend([9, 4])
+    assert idx.match_length() == 1 and idx.propose(1) == [9]  # only "4" occurred before (latest: then 9)
+
+
+def test_lookup_acceptance_prices_each_request_by_the_match_it_has_now():
+    """Evidence from long matches (accepted deep) and from no match (rejected) is kept apart:
+    a request whose tail matches a 4-gram now is priced at the first, one with no match at the
+    second, whatever the other requests' proposals did."""
+    from goodspec.scheduler.lookup_acceptance import LookupAcceptance
+    from goodspec.scheduler.request import Request
+    from goodspec.workers.sampling import SamplingParams
+
+    def request(rid, tokens):
+        r = Request(rid, tokens, SamplingParams(max_new_tokens=8, seed=0))
+        r.lookup = LookupIndex()
+        r.lookup.extend(tokens)
+        return r
+
+    copying = request("copy", [1, 2, 3, 4, 5, 6, 1, 2, 3, 4])
+    chatting = request("chat", [10, 11, 12, 13, 14])
+    la = LookupAcceptance()
+    for step in range(40):
+        la.classify([copying, chatting])
+        la.observe("copy", 8, 7)
+        la.observe("chat", 8, 0)
+    newcomer_long, newcomer_none = request("a", [5, 6, 7, 8, 9, 5, 6, 7, 8]), request("b", [20, 21])
+    la.classify([newcomer_long, newcomer_none])
+    gains = la.expected_tokens(["a", "b"], 8)
+    assert gains[0, 8] > 5.0 and gains[1, 8] < 1.5
+    la.forget("copy"), la.forget("chat"), la.forget("a"), la.forget("b")
+    assert not any(e._per_request or e._vs_global for e in la.estimators())
 
 
 def test_matched_prefix_is_the_verification_outcome():
@@ -95,8 +143,6 @@ def test_without_lookup_evidence_the_choice_is_the_draft_alone():
 class _Draft:
     """A draft worker stand-in that records what it was asked (the merge is the edge tested)."""
 
-    stateless = True
-
     def __init__(self, vocab: int):
         self.vocab, self.batches = vocab, []
 
@@ -150,3 +196,4 @@ def test_lookup_policy_is_parsed_and_needs_the_server_to_offer_lookup():
     assert offered.uses_lookup("any") and offered.choose([None, None], [2, 5]) == [2, 3]
     with pytest.raises(ValueError, match="set proposer auto"):
         EngineConfig(model="tiny", policy="lookup:3")
+    assert EngineConfig(model="tiny", policy="lookup:3", proposer="ngram").draft_dir is None
