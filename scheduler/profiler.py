@@ -16,11 +16,14 @@ from goodspec.workers.messages import ProposeBatch, ProposeItem, VerifyBatch, Ve
 from goodspec.workers.sampling import SamplingParams
 
 CACHE_DIR = Path(os.environ.get("GOODSPEC_CACHE", Path.home() / ".cache" / "goodspec")) / "profiles"
+# Part of every key: raised when what a sweep records changes (2: with proposer ngram the
+# verified tokens are lookup's, not a draft worker's), so an older cache is not read as new.
+SWEEP_VERSION = 2
 
 
 def profile_key(*parts: object) -> str:
     """Model directories (with their weights' size and mtime), device and anything else given."""
-    items = []
+    items = [f"sweep v{SWEEP_VERSION}"]
     for p in parts:
         path = Path(str(p)) if p is not None else None
         if path is not None and path.is_dir():
