@@ -6,7 +6,7 @@ scheduler's. These checks only read both: the scheduler decides what to do when 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Collection, Sequence
 
 from goodspec.scheduler.config import KVBudget
 from goodspec.scheduler.request import Request
@@ -35,16 +35,18 @@ class KVPlanner:
         return not (self.draft_kv is not None and uses_draft and
                     self._free(self.draft_kv, running, "draft_len") - reserve < self.draft_kv.blocks(need))
 
-    def fits(self, running: Sequence[Request], ks: dict[str, int], chunks: dict[str, int]) -> bool:
+    def fits(self, running: Sequence[Request], ks: dict[str, int], chunks: dict[str, int],
+             lookup: Collection[str] = ()) -> bool:
         """Whether the step planned (k per decoding request, prompt tokens per prefilling one)
-        fits both caches once its tokens are in."""
+        fits both caches once its tokens are in. The requests in `lookup` take their k tokens
+        from prompt lookup: the draft model's cache does not grow for them."""
         t_used = d_used = 0
         for r in running:
             t_len, d_len = r.target_len, r.draft_len
             if r.req_id in ks:
                 k = ks[r.req_id]
                 t_len = len(r.token_ids) + k
-                if k > 0:
+                if k > 0 and r.req_id not in lookup:
                     d_len = len(r.token_ids) + k - 1
             elif r.req_id in chunks:
                 t_len += chunks[r.req_id]

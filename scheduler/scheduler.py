@@ -199,7 +199,7 @@ class Scheduler:
             chunks[r.req_id] = n
             budget -= n
         ks_by_id = {r.req_id: k for r, k in zip(decode, ks)}
-        ks_by_id = self._fit_kv(ks_by_id, chunks)
+        ks_by_id = self._fit_kv(ks_by_id, chunks, lookup)
 
         plan = StepPlan(ks=ks_by_id, choose_time=choose_time, lookup=lookup)
         for r in self.running:
@@ -238,11 +238,11 @@ class Scheduler:
         # A step emits up to k + 1 tokens; the target may not run past its context.
         return max(0, min(cap, remaining - 1, self.config.max_context - len(r.token_ids)))
 
-    def _fit_kv(self, ks: dict[str, int], chunks: dict[str, int]) -> dict[str, int]:
+    def _fit_kv(self, ks: dict[str, int], chunks: dict[str, int], lookup: set[str]) -> dict[str, int]:
         """Shrink the step until it fits both KV budgets: first drop speculation, then preempt
         the newest running requests (they are recomputed later with the same output)."""
         while True:
-            if self.kv.fits(self.running, ks, chunks):
+            if self.kv.fits(self.running, ks, chunks, lookup):
                 return ks
             if any(ks.values()):
                 ks = {rid: 0 for rid in ks}

@@ -197,3 +197,18 @@ def test_lookup_policy_is_parsed_and_needs_the_server_to_offer_lookup():
     with pytest.raises(ValueError, match="set proposer auto"):
         EngineConfig(model="tiny", policy="lookup:3")
     assert EngineConfig(model="tiny", policy="lookup:3", proposer="ngram").draft_dir is None
+
+
+def test_a_lookup_request_reserves_no_draft_cache():
+    """k lookup tokens grow the target's cache only: a step that fits the target fits even when
+    the draft's cache has no room for k more tokens of that request."""
+    from goodspec.scheduler.config import KVBudget
+    from goodspec.scheduler.kv_planner import KVPlanner
+    from goodspec.scheduler.request import Request
+    from goodspec.workers.sampling import SamplingParams
+
+    r = Request("r", list(range(30)), SamplingParams(max_new_tokens=20, seed=0))
+    r.target_len, r.draft_len = 29, 30  # decoding; its draft has read every token (a feature draft)
+    planner = KVPlanner(KVBudget(8, 16), KVBudget(2, 16))  # target 128 tokens, draft 32
+    assert not planner.fits([r], {"r": 8}, {})  # drafting 8 more would need 37 draft positions
+    assert planner.fits([r], {"r": 8}, {}, lookup={"r"})
