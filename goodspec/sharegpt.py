@@ -80,6 +80,8 @@ def first_turn_prompts(
 ) -> Iterator[tuple[str, str]]:
     """First (prompt, reply) exchange of each conversation, optionally only held-out ones."""
     n = 0
+    if limit is not None and limit <= 0:
+        return
     for conv in iter_conversations():
         if held_out is not None and conv.is_held_out() != held_out:
             continue

@@ -57,3 +57,12 @@ def test_a_jsonl_workload_is_read_and_each_bad_line_is_named(tmp_path):
             build_workload(str(bad), codec, 10, seed=0, chat=False)
     with pytest.raises(ValueError, match="not one of chat, copy, sampled, mixed"):
         build_workload("nonsense", codec, 10, seed=0)
+
+
+def test_a_limit_of_zero_prompts_yields_none():
+    """(`distill_smollm2 --data-only --train-prompts 0` generated one reply: a limit of 0 was
+    checked only after the first prompt was yielded.)"""
+    from goodspec.sharegpt import first_turn_prompts
+
+    assert list(first_turn_prompts(held_out=False, limit=0)) == []
+    assert len(list(first_turn_prompts(held_out=False, limit=2))) == 2
