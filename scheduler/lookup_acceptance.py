@@ -63,6 +63,3 @@ class LookupAcceptance:
 
     def estimators(self) -> list[AcceptanceEstimator]:
         return list(self._estimators.values())
-
-    def tracks(self, req_id: str) -> bool:
-        return req_id in self._class
