@@ -32,11 +32,13 @@ class LookupIndex:
         self.min_n, self.max_n = min_n, max_n
         self.tokens: list[int] = []
         self._after: dict[tuple[int, ...], int] = {}
+        self._match_now: tuple[int, int] | None = None  # _match() until the tokens change
 
     def extend(self, tokens: list[int]) -> None:
         """Append committed tokens; the n-grams that stop being the tail are indexed."""
         ctx = self.tokens
         ctx.extend(tokens)
+        self._match_now = None
         # n-grams ending at positions [old_len - 1, len - 2] are no longer the tail's.
         for end in range(max(0, len(ctx) - len(tokens) - 1), len(ctx) - 1):
             for n in range(self.min_n, min(self.max_n, end + 1) + 1):
@@ -46,12 +48,19 @@ class LookupIndex:
         """Forget everything from `length` on (a preempted request starts again from its
         prompt; committed tokens are never rolled back otherwise). Rebuilt: rare."""
         kept = self.tokens[:length]
-        self.tokens, self._after = [], {}
+        self.tokens, self._after, self._match_now = [], {}, None
         self.extend(kept)
 
     def _match(self) -> tuple[int, int]:
         """(n, start): the longest n-gram ending the context that occurred before, and the
-        position after its latest occurrence; (0, -1) when none did."""
+        position after its latest occurrence; (0, -1) when none did. Asked two or three times a
+        step (the shadow proposal, the policy's pricing, the verified proposal): computed once
+        per state of the tokens."""
+        if self._match_now is None:
+            self._match_now = self._find_match()
+        return self._match_now
+
+    def _find_match(self) -> tuple[int, int]:
         ctx = self.tokens
         for n in range(min(self.max_n, len(ctx) - 1), self.min_n - 1, -1):
             start = self._after.get(tuple(ctx[len(ctx) - n:]))
