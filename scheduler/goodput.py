@@ -233,13 +233,11 @@ class AcceptanceEstimator:
         biased: a request tried only shallow is measured at the hard first positions, looked
         worse than the global mix, was kept shallow — prompt lookup's accepted tokens came out
         30-40% above prediction at every k.)"""
-        w = self.prior_weight * self.global_alpha  # prior pseudo-trials, in accepted tokens
-        accepted, predicted = self._vs_global.get(req_id, (0.0, 0.0))
-        return (accepted + w) / (predicted + w)
+        return float(self.scales([req_id])[0])
 
     def scales(self, req_ids: Sequence[str]) -> np.ndarray:
         """`scale` of each request, as one array (the choice is made every step, for the batch)."""
-        w = self.prior_weight * self.global_alpha
+        w = self.prior_weight * self.global_alpha  # prior pseudo-trials, in accepted tokens
         none = (0.0, 0.0)
         counts = np.array([self._vs_global.get(r, none) for r in req_ids], dtype=float).reshape(-1, 2)
         return (counts[:, 0] + w) / (counts[:, 1] + w)
