@@ -34,15 +34,17 @@ class WorkerInfo:
 class WorkerActor:
     """Plain class; goodspec.cluster.group turns it into a Ray actor with restarts."""
 
-    def __init__(self, kind: str, config: RunnerConfig, channel_token: str, host: str | None = None) -> None:
+    def __init__(self, kind: str, config: RunnerConfig, channel_token: str, host: str | None = None,
+                 draft_dir: str | None = None) -> None:
         """`host`: where the channel listens. The engine passes loopback when its actors share a
-        node (STRICT_PACK); None means the node's address, for a scheduler on another node."""
+        node (STRICT_PACK); None means the node's address, for a scheduler on another node.
+        `draft_dir` (a target): the draft it verifies, for the columns of its probabilities."""
         from goodspec.cluster.channel import ChannelServer
 
         if kind not in ("draft", "target"):
             raise ValueError(f"worker kind must be draft or target; got {kind!r}")
         self.kind = kind
-        self.worker = DraftWorker(config) if kind == "draft" else TargetWorker(config)
+        self.worker = DraftWorker(config) if kind == "draft" else TargetWorker(config, draft_dir)
         # The per-step calls are reachable over the channel only, never as Ray methods: their
         # answers may hold tensors, and Ray would carry a device tensor to a scheduler that has
         # no GPU. Channel calls run on the channel's thread, Ray calls (info, used_blocks) on

@@ -26,7 +26,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.codec = TextCodec.load(config.target_dir, config.draft_dir)
-        self.target = TargetWorker(self._runner_config(config.target_dir, config.target_kv_tokens))
+        self.target = TargetWorker(self._runner_config(config.target_dir, config.target_kv_tokens), config.draft_dir)
         self.draft = None  # proposer ngram: prompt lookup in the scheduler, no draft worker
         if config.draft_dir is not None:
             self.draft = DraftWorker(self._runner_config(config.draft_dir, config.draft_kv_tokens))

@@ -113,8 +113,9 @@ class Proposers:
 
     @staticmethod
     def _with_lookup(proposal: Proposal, by_lookup: list) -> Proposal:
-        """The draft model's proposal with lookup's rows appended. Where the model's rows carry
-        probabilities (sampled requests), lookup's carry one-hot ones: one tensor for the target."""
+        """The draft model's proposal with lookup's rows appended after its own. Lookup's rows
+        carry no probabilities (q is the one-hot of the proposed token, which the target builds),
+        so the model's q goes on unchanged, over the draft's vocabulary."""
         ids = list(proposal.draft_ids)
         conf = list(proposal.draft_conf) if proposal.draft_conf is not None else [[] for _ in ids]
         for row_item, tokens in by_lookup:
@@ -122,15 +123,8 @@ class Proposers:
             row_item.draft_ids = tokens
             ids.append(tokens)
             conf.append([1.0] * len(tokens))
-        probs = proposal.draft_probs
-        if probs is not None:
-            rows, width, vocab = probs.shape[0], max(probs.shape[1], max(len(t) for t in ids)), probs.shape[2]
-            full = probs.new_zeros(len(ids), width, vocab)
-            full[:rows, :probs.shape[1]] = probs
-            for row_item, tokens in by_lookup:
-                full[row_item.proposal_row, torch.arange(len(tokens)), torch.tensor(tokens)] = 1.0
-            probs = full
-        return Proposal(draft_ids=ids, draft_probs=probs, elapsed_s=proposal.elapsed_s, draft_conf=conf)
+        return Proposal(draft_ids=ids, draft_probs=proposal.draft_probs, elapsed_s=proposal.elapsed_s,
+                        draft_conf=conf)
 
     def keep_features(self, plan: StepPlan, result: VerifyResult) -> None:
         """Each request's rows of the target's hidden states, for its next proposal."""

@@ -42,7 +42,8 @@ class DraftWorker:
         num_draft = torch.tensor([it.num_draft for it in items], device=dev)
         max_k = int(num_draft.max())
         keep_probs = not params.all_greedy
-        vocab = self.runner.vocab_size
+        # q over the draft's own tokens (the target maps a reduced vocabulary's columns back)
+        vocab = self.runner.model_vocab_size
         draft = torch.zeros(num_items, max_k, dtype=torch.long, device=dev)
         conf = torch.zeros(num_items, max_k, device=dev)  # the draft's confidence at each position
         probs_out = torch.zeros(num_items, max_k, vocab, device=dev) if keep_probs else None
@@ -70,7 +71,7 @@ class DraftWorker:
                 probs = logits_to_probs(logits, sub.temperature, sub.top_k, sub.top_p)  # [active, V']
                 picked = sample_from_probs(probs, hash_uniform(sub.seeds, pos, STREAM_DRAFT))
                 tokens = self.runner.target_ids(picked)
-                probs_out[active, j] = self.runner.probs_to_target(probs)
+                probs_out[active, j] = probs
                 # The top probability of q, not q(drafted token): it must not depend on the token
                 # drawn, or verifying by it would bias sampled output (goodspec.scheduler.confidence).
                 # A greedy row's q is one-hot: its confidence is the temperature-1 top probability.

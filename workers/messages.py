@@ -37,8 +37,10 @@ class ProposeBatch:
 @dataclass
 class Proposal:
     draft_ids: list[list[int]]  # per item, num_draft tokens
-    # [num_items, max_k, vocab] draft distributions q, or None when every item is greedy (then
-    # q is the one-hot of the draft token and the verifier rebuilds it).
+    # [rows, max_k, vocab] draft distributions q over the draft model's own vocabulary (the
+    # target maps a reduced one back: TargetWorker's draft_vocab), or None when every item is
+    # greedy. Items past `rows` (prompt lookup's, appended by the scheduler) and greedy items
+    # have q = the one-hot of their proposed token, which the verifier builds itself.
     draft_probs: torch.Tensor | None
     elapsed_s: float = 0.0
     # Per item, the top probability of the draft's distribution at each drafted position (not the

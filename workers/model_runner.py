@@ -122,6 +122,7 @@ class ModelRunner:
         self.feature_input = FeatureInput.load(path, self.device, self.dtype)  # a feature draft's
         self.hidden_size: int = mc.hidden_size
         self.vocab_size: int = self.vocab_map.target_vocab_size if self.vocab_map else mc.vocab_size
+        self.model_vocab_size: int = mc.vocab_size  # the width of the model's own logits
         self.max_context: int = mc.max_position_embeddings
         self.cache = PagedKVCache(
             KVCacheSpec(
@@ -207,9 +208,6 @@ class ModelRunner:
     def target_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Token ids of this model's own vocabulary as the target's."""
         return ids if self.vocab_map is None else self.vocab_map.target_ids[ids]
-
-    def probs_to_target(self, probs: torch.Tensor) -> torch.Tensor:
-        return probs if self.vocab_map is None else self.vocab_map.to_target(probs, 0.0)
 
     def truncate(self, seq_id: str, length: int) -> None:
         self.cache.truncate(seq_id, length)

@@ -7,15 +7,19 @@ import time
 import torch
 
 from goodspec.workers.messages import VerifyBatch, VerifyResult
-from goodspec.workers.model_runner import ModelRunner, RunnerConfig
+from goodspec.workers.model_runner import ModelRunner, RunnerConfig, VocabMap, model_path
 from goodspec.workers.rejection import greedy_verify, rejection_sample
 from goodspec.workers.sampling import STREAM_ACCEPT, STREAM_TARGET, hash_uniform, logits_to_probs
 from goodspec.workers.sampling_tensors import SamplingTensors
 
 
 class TargetWorker:
-    def __init__(self, config: RunnerConfig) -> None:
+    def __init__(self, config: RunnerConfig, draft_dir: str | None = None) -> None:
+        """`draft_dir`: the draft whose proposals this target verifies. A draft over a reduced
+        vocabulary sends its distributions q over its own tokens (8192 floats a token instead of
+        49152 for SmolLM2's pair); its vocab_map.json says which target token each column is."""
         self.runner = ModelRunner(config)
+        self.draft_vocab = VocabMap.load(model_path(draft_dir), self.runner.device) if draft_dir else None
 
     def verify(self, batch: VerifyBatch) -> VerifyResult:
         """One forward over all items (prompt chunks, plain decodes and k_i + 1 verification
@@ -89,22 +93,29 @@ class TargetWorker:
                                      (per_slot.temperature, per_slot.top_k, per_slot.top_p)),
         )  # [rows, max_k + 1, vocab]
 
-        # q: the proposal's rows where it kept them, else the one-hot of the (greedy) draft token.
+        # q: the draft model's rows where it kept them, else the one-hot of the proposed token
+        # (a greedy draft token, or prompt lookup's: its rows follow the model's).
         draft_probs = torch.zeros(num_rows, max_k, vocab, device=dev).scatter_(
             -1, draft_ids.unsqueeze(-1), 1.0
         )
         proposal = batch.proposal
         if proposal is not None and proposal.draft_probs is not None and max_k > 0:
-            rows = [r for r, it in enumerate(items) if it.proposal_row >= 0 and len(it.draft_ids)]
+            q_all = proposal.draft_probs
+            rows = [r for r, it in enumerate(items) if 0 <= it.proposal_row < q_all.shape[0] and len(it.draft_ids)]
             if rows:
-                src = torch.tensor([items[r].proposal_row for r in rows])
-                q = proposal.draft_probs[src].to(dev)
+                q = q_all[torch.tensor([items[r].proposal_row for r in rows])].to(dev)
                 width = min(max_k, q.shape[1])
-                # A draft whose model vocab is padded differently: the ids past the shared
-                # tokenizer carry (near) zero mass in both models.
-                v = min(vocab, q.shape[2])
                 block = torch.zeros(len(rows), width, vocab, device=dev)
-                block[:, :, :v] = q[:, :width, :v]
+                if self.draft_vocab is not None:  # q over the draft's own tokens
+                    if q.shape[2] != len(self.draft_vocab.target_ids):
+                        raise ValueError(f"draft probabilities have {q.shape[2]} columns; the draft's "
+                                         f"vocabulary has {len(self.draft_vocab.target_ids)} tokens")
+                    block[:, :, self.draft_vocab.target_ids] = q[:, :width]
+                else:
+                    # A draft whose model vocab is padded differently: the ids past the shared
+                    # tokenizer carry (near) zero mass in both models.
+                    v = min(vocab, q.shape[2])
+                    block[:, :, :v] = q[:, :width, :v]
                 draft_probs[rows, :width] = block
 
         base = torch.tensor([it.start_pos + len(it.token_ids) for it in items])
