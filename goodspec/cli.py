@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     ovh.add_argument("--policies", default="fixed:3,off")
     ovh.add_argument("--max-new-tokens", type=int, default=96)
     ovh.add_argument("--repeats", type=int, default=2, help="runs per policy, policies alternating")
+    ovh.add_argument("--temperature", type=float, default=0.0, help="> 0: sampled requests (seeded)")
     add_config_flags(ovh)
     return ap
 
@@ -369,7 +370,8 @@ def cmd_overhead(args) -> int:
         group.complete_all(prompts, SamplingParams(max_new_tokens=8, ignore_eos=True))  # warm up
         for _ in range(args.repeats):
             for policy in policies:
-                print(measure_overhead(group, prompts, policy, args.max_new_tokens).line(), flush=True)
+                print(measure_overhead(group, prompts, policy, args.max_new_tokens, args.temperature).line(),
+                      flush=True)
     finally:
         group.shutdown()
     return 0

@@ -34,11 +34,13 @@ class OverheadReport:
 
 
 def measure_overhead(group: EngineGroup, prompts: list[str], policy: str,
-                     max_new_tokens: int) -> OverheadReport:
+                     max_new_tokens: int, temperature: float = 0.0) -> OverheadReport:
     """Run the prompts together under `policy` and report over the steps where all of them were
-    decoding (prefill steps measure something else)."""
+    decoding (prefill steps measure something else). `temperature` > 0: sampled requests, whose
+    draft tokens travel with the draft's distributions."""
     start = group.stats()[0].num_steps
-    group.complete_all(prompts, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True),
+    group.complete_all(prompts, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True,
+                                               temperature=temperature, seed=0 if temperature else None),
                        policy=PolicySpec.parse(policy))
     records = group.step_records(0)[start:]
     n = len(prompts)
