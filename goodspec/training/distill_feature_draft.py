@@ -12,7 +12,8 @@ target's top-k at every reply position) and the target's hidden state at every p
   2. training, two passes per batch: pass 1 reads the target's features and learns the target's
      next-token distribution (KL to its top-k) and its next feature (smooth L1); pass 2 reads
      pass 1's predicted features instead, the input it has from its second drafted token on
-     (EAGLE-3's training-time test, one step deep), and learns the same distribution;
+     (EAGLE-3's training-time test; `--passes 3` adds a pass that reads pass 2's), and learns
+     the same distribution;
   3. held-out evaluation: greedy acceptance at draft depth 1 (real features) and 2-3 (its own),
      expected acceptance at temperature 1, and the cost of a batch-16 decode step of each model.
 """
@@ -53,7 +54,8 @@ class FeatureDistillConfig:
     lr: float = 1e-3
     warmup_steps: int = 50
     feature_weight: float = 1.0  # smooth L1 on features scaled to unit RMS
-    second_pass_weight: float = 1.0
+    second_pass_weight: float = 1.0  # each pass after the first
+    passes: int = 2  # training-time test: pass j reads pass j-1's predicted features
     target_layers: tuple[int, ...] = ()  # fused with the last state (EAGLE-3), e.g. (3, 15)
     train_dtype: str = "bfloat16"
     eval_prompts: int = 64
@@ -153,15 +155,15 @@ def train(draft: FeatureDraft, pools: list[tuple[list[dict], list[torch.Tensor]]
                               for i, r in enumerate(rows)])
 
         with torch.autocast("cpu", dtype=getattr(torch, cfg.train_dtype), enabled=cfg.train_dtype != "float32"):
-            h1 = draft.hidden(x, shifted(feats), mask)
-            logits1 = draft.llm.lm_head(reply_rows(h1))
-            h2 = draft.hidden(x, shifted(h1.detach()), mask)
-            logits2 = draft.llm.lm_head(reply_rows(h2))
+            hs = [draft.hidden(x, shifted(feats), mask)]
+            for _ in range(cfg.passes - 1):
+                hs.append(draft.hidden(x, shifted(hs[-1].detach()), mask))
+            logits = [draft.llm.lm_head(reply_rows(h)) for h in hs]
         valid = mask.bool()
-        last = feats[..., -h1.shape[-1]:]  # the target's last state: what a drafted state stands for
-        reg = F.smooth_l1_loss(h1.float()[valid] / feature_rms, last[valid] / feature_rms)
-        ce1, ce2 = kl_to_teacher(logits1, rows, table), kl_to_teacher(logits2, rows, table)
-        return ce1 + cfg.feature_weight * reg + cfg.second_pass_weight * ce2
+        last = feats[..., -hs[0].shape[-1]:]  # the target's last state: what a drafted state stands for
+        reg = F.smooth_l1_loss(hs[0].float()[valid] / feature_rms, last[valid] / feature_rms)
+        ces = [kl_to_teacher(lg, rows, table) for lg in logits]
+        return ces[0] + cfg.feature_weight * reg + cfg.second_pass_weight * sum(ces[1:])
 
     return optimise(draft, loss_at_step, cfg.steps, cfg.lr, cfg.warmup_steps, 0.0, "feature draft", "loss")
 
@@ -234,6 +236,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="continue training this feature draft (with --target-layers: fused with them)")
     ap.add_argument("--target-layers", default="", help="comma-separated target blocks (1-based) to fuse, e.g. 3,15")
     ap.add_argument("--feature-weight", type=float, default=FeatureDistillConfig.feature_weight)
+    ap.add_argument("--passes", type=int, default=FeatureDistillConfig.passes,
+                    help="training-time test depth: passes per batch, each after the first reading the previous "
+                         "pass's predicted features")
     ap.add_argument("--eval-prompts", type=int, default=FeatureDistillConfig.eval_prompts)
     ap.add_argument("--max-parts", type=int, default=None, help="use only the first N cached parts of each set")
     ap.add_argument("--forced", default=",".join(FeatureDistillConfig.forced),
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
                          "--data-only --forced-exchanges N makes one)")
     args = ap.parse_args(argv)
     cfg = FeatureDistillConfig(steps=args.steps, layers=args.layers, lr=args.lr, eval_prompts=args.eval_prompts,
-                               feature_weight=args.feature_weight, forced=tuple(n for n in args.forced.split(",") if n),
+                               feature_weight=args.feature_weight, passes=args.passes, forced=tuple(n for n in args.forced.split(",") if n),
                                target_layers=tuple(int(m) for m in args.target_layers.split(",") if m))
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
