@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from goodspec.scheduler.goodput import StepTimeModel, speculation_cost, verify_features
+from goodspec.scheduler.goodput import StepTimeModel, verify_features
 
 BINS = 20
 
@@ -101,9 +101,7 @@ def verify_lengths(survival: Sequence[np.ndarray], greedy: Sequence[bool], shape
     order = np.lexsort((depth, -value))  # survival falls along a proposal: top-B is a prefix of each
     gain = shape.emitting + fixed_gain + np.concatenate([[0.0], np.cumsum(value[order])])  # B = 0..
     base = model.verify.predict(verify_features(shape.num_items, shape.tokens + fixed, shape.longest + 1))
-    verified = fixed + np.arange(len(value) + 1)
-    cost = shape.draft_time + np.maximum(base + per_token * (verified - fixed) + speculation_cost(model) * (verified > 0),
-                                         1e-9)
+    cost = shape.draft_time + np.maximum(base + per_token * np.arange(len(value) + 1), 1e-9)
     ratio = gain / cost
     best = int(np.argmax(ratio))
     for i in row[order[:best]]:

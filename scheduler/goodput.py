@@ -34,23 +34,14 @@ def draft_features(sum_k: int, max_k: int, max_context: int, catchup: int = 0) -
     return [1.0, float(max_k), float(sum_k), sum_k * max_context / 1000.0, catchup / 100.0]
 
 
-def verify_features(batch_size: int, verify_tokens: int, max_context: int, speculates: bool = False) -> list[float]:
-    """[1, requests, tokens processed, requests * longest context / 1000, 1 if any request
-    verifies proposed tokens]. The last is the fixed price of a speculative step (measured on the
-    tiny target at batch 1: the first verified token costs 1.3 ms over plain decoding, the next
-    seven 1.7 ms together); without it a linear model spreads that price over every token, so
-    the first looks cheap and the later ones dear, and the choice settles on k = 1."""
-    return [1.0, float(batch_size), float(verify_tokens), batch_size * max_context / 1000.0, float(speculates)]
-
-
-def speculation_cost(model: "StepTimeModel") -> float:
-    """Seconds a step pays once when any request in it verifies proposed tokens."""
-    return float(model.verify.coef[4])
+def verify_features(batch_size: int, verify_tokens: int, max_context: int) -> list[float]:
+    """[1, requests, tokens processed, requests * longest context / 1000]."""
+    return [1.0, float(batch_size), float(verify_tokens), batch_size * max_context / 1000.0]
 
 
 def record_features(r: StepRecord) -> tuple[list[float], list[float]]:
     return (draft_features(r.draft_tokens, r.max_k, r.max_context, r.draft_catchup_tokens),
-            verify_features(r.batch_size, r.verify_tokens, r.max_context, any(r.ks)))
+            verify_features(r.batch_size, r.verify_tokens, r.max_context))
 
 
 @dataclass
@@ -123,7 +114,7 @@ class StepTimeModel:
         catchup = sum(c for c, k in zip(catchups, drafted) if k > 0) if catchups else 0
         draft = self.draft.predict(draft_features(sum(drafted), max(drafted, default=0), longest, catchup)) \
             if any(drafted) else 0.0
-        return draft + self.verify.predict(verify_features(len(ks), sum(ks) + len(ks), longest, any(ks)))
+        return draft + self.verify.predict(verify_features(len(ks), sum(ks) + len(ks), longest))
 
 
 def mape(model: StepTimeModel, records: Sequence[StepRecord]) -> float:
@@ -328,7 +319,6 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
     verify_base = cv[0] + cv[1] * seqs + cv[2] * (n + prefill[1]) + cv[3] * seqs * longest / 1000.0
     draft_per_token = cd[2] + cd[3] * longest / 1000.0
     per_token = cv[2] + draft_per_token  # one more draft token: drafted and verified
-    speculating = speculation_cost(model)  # paid once by a step where any request speculates
     kmax = int(cap.max())
     ks_grid = np.arange(kmax + 1)
     rows = np.arange(n)
@@ -350,7 +340,7 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
         drafted = np.where(lk, 0, ks)
         draft = cd[0] + cd[1] * drafted.max(-1) + draft_per_token * drafted.sum(-1) \
             + cd[4] * (catch * (drafted > 0)).sum(-1)
-        t = verify_base + cv[2] * ks.sum(-1) + speculating * ks.any(-1) + np.where(drafted.any(-1), draft, 0.0)
+        t = verify_base + cv[2] * ks.sum(-1) + np.where(drafted.any(-1), draft, 0.0)
         return emitted.sum(-1) / np.maximum(t, 1e-9)
 
     best, best_lk = np.zeros(n, dtype=int), no_lookup

@@ -8,9 +8,9 @@ from goodspec.scheduler.confidence import ConfidenceCalibrator, VerifyShape, ver
 from goodspec.scheduler.goodput import StepTimeModel
 
 
-def _model(per_token: float, base: float = 0.02, speculating: float = 0.0) -> StepTimeModel:
+def _model(per_token: float, base: float = 0.02) -> StepTimeModel:
     m = StepTimeModel()
-    m.verify.coef = np.array([base, 0.0, per_token, 0.0, speculating])
+    m.verify.coef = np.array([base, 0.0, per_token, 0.0])
     m.num_fitted = 1
     return m
 
@@ -59,16 +59,6 @@ def test_greedy_proposals_are_cut_where_a_slot_no_longer_pays_for_its_verify_tim
     assert abs(level - ratio(costly)) < 1e-9
     assert ratio(costly) >= max(ratio([a, b, c]) for a in range(5) for b in range(3) for c in range(4)) - 1e-12
     assert verify_lengths(survival, greedy, SHAPE, _model(per_token=1.0), None)[0] == [0, 0, 0]
-
-
-def test_a_step_verifies_nothing_when_its_slots_do_not_repay_the_fixed_price_of_speculating():
-    survival = [np.array([0.3, 0.1]), np.array([0.25])]
-    cheap, _ = verify_lengths(survival, [True, True], SHAPE, _model(per_token=1e-4), None)
-    assert cheap == [2, 1]
-    # 10 ms once for any speculation, against a 25 ms step emitting 4 tokens: 0.65 expected
-    # tokens do not pay for it (4.65 / 35 ms < 4 / 25 ms)
-    dear, level = verify_lengths(survival, [True, True], SHAPE, _model(per_token=1e-4, speculating=0.01), None)
-    assert dear == [0, 0] and level == SHAPE.emitting / (SHAPE.draft_time + 0.02 + 1e-4 * SHAPE.tokens)
 
 
 def test_a_sampled_proposal_is_cut_by_a_rule_fixed_before_its_tokens_are_seen():
