@@ -84,10 +84,12 @@ class VocabMap:
         return cls(raw["target_vocab_size"], ids.to(device), to_draft.to(device))
 
     def to_target(self, values: torch.Tensor, fill: float) -> torch.Tensor:
-        """[rows, draft_vocab] -> [rows, target_vocab], `fill` outside the draft's tokens
+        """[..., draft_vocab] -> [..., target_vocab], `fill` outside the draft's tokens
         (-inf for logits, 0 for probabilities)."""
-        full = values.new_full((values.shape[0], self.target_vocab_size), fill)
-        full[:, self.target_ids] = values
+        if values.shape[-1] != len(self.target_ids):
+            raise ValueError(f"{values.shape[-1]} columns; the draft's vocabulary has {len(self.target_ids)} tokens")
+        full = values.new_full((*values.shape[:-1], self.target_vocab_size), fill)
+        full[..., self.target_ids] = values
         return full
 
 

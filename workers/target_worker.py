@@ -32,6 +32,11 @@ class TargetWorker:
         for it in items:
             if it.draft_ids and not it.sample:
                 raise ValueError(f"request {it.req_id!r}: draft tokens need sample=True")
+        q = batch.proposal.draft_probs if batch.proposal is not None else None
+        if q is not None and self.draft_vocab is not None and q.shape[-1] != len(self.draft_vocab.target_ids):
+            # refused before the forward, so no request's cache has moved
+            raise ValueError(f"draft probabilities have {q.shape[-1]} columns; the draft's vocabulary has "
+                             f"{len(self.draft_vocab.target_ids)} tokens")
         num_logits = [len(it.draft_ids) + 1 if it.sample else 0 for it in items]
         logits, hidden = self.runner.run(
             [it.req_id for it in items],
@@ -105,16 +110,13 @@ class TargetWorker:
             if rows:
                 q = q_all[torch.tensor([items[r].proposal_row for r in rows])].to(dev)
                 width = min(max_k, q.shape[1])
-                block = torch.zeros(len(rows), width, vocab, device=dev)
                 if self.draft_vocab is not None:  # q over the draft's own tokens
-                    if q.shape[2] != len(self.draft_vocab.target_ids):
-                        raise ValueError(f"draft probabilities have {q.shape[2]} columns; the draft's "
-                                         f"vocabulary has {len(self.draft_vocab.target_ids)} tokens")
-                    block[:, :, self.draft_vocab.target_ids] = q[:, :width]
+                    block = self.draft_vocab.to_target(q[:, :width], 0.0)
                 else:
                     # A draft whose model vocab is padded differently: the ids past the shared
                     # tokenizer carry (near) zero mass in both models.
                     v = min(vocab, q.shape[2])
+                    block = torch.zeros(len(rows), width, vocab, device=dev)
                     block[:, :, :v] = q[:, :width, :v]
                 draft_probs[rows, :width] = block
 

@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
                          "--data-only --forced-exchanges N makes one)")
     args = ap.parse_args(argv)
     cfg = FeatureDistillConfig(steps=args.steps, layers=args.layers, lr=args.lr, eval_prompts=args.eval_prompts,
-                               feature_weight=args.feature_weight, passes=args.passes, forced=tuple(n for n in args.forced.split(",") if n),
+                               feature_weight=args.feature_weight, passes=args.passes,
+                               forced=tuple(n for n in args.forced.split(",") if n),
                                target_layers=tuple(int(m) for m in args.target_layers.split(",") if m))
     torch.set_num_threads(cfg.threads)
     t0 = time.time()

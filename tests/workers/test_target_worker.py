@@ -68,7 +68,8 @@ def test_q_over_the_drafts_vocabulary_verifies_as_the_same_q_over_the_targets(wo
     assert accepted_any and rejected_any
 
 
-def test_q_of_the_wrong_width_is_refused(workers):
+def test_q_of_the_wrong_width_is_refused_before_any_cache_moves(workers):
     reduced, _ = workers
     with pytest.raises(ValueError, match="columns"):
         _verify(reduced, 99, torch.full((2, K, DRAFT_VOCAB + 1), 1.0 / DRAFT_VOCAB), [[5] * K, [6] * K, [7]])
+    assert reduced.runner.cache.num_used_blocks == 0  # nothing was appended for the refused batch
