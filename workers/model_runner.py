@@ -86,8 +86,6 @@ class VocabMap:
     def to_target(self, values: torch.Tensor, fill: float) -> torch.Tensor:
         """[..., draft_vocab] -> [..., target_vocab], `fill` outside the draft's tokens
         (-inf for logits, 0 for probabilities)."""
-        if values.shape[-1] != len(self.target_ids):
-            raise ValueError(f"{values.shape[-1]} columns; the draft's vocabulary has {len(self.target_ids)} tokens")
         full = values.new_full((*values.shape[:-1], self.target_vocab_size), fill)
         full[..., self.target_ids] = values
         return full

@@ -7,10 +7,11 @@ import json
 
 import pytest
 import torch
+from transformers import AutoConfig
 
 from goodspec.config import DEFAULT_TARGET
 from goodspec.workers.messages import Proposal, VerifyBatch, VerifyItem
-from goodspec.workers.model_runner import ModelRunner, RunnerConfig, VocabMap
+from goodspec.workers.model_runner import RunnerConfig, VocabMap
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.target_worker import TargetWorker
 
@@ -20,7 +21,7 @@ K = 3
 
 @pytest.fixture(scope="module")
 def draft_dir(tmp_path_factory):
-    vocab = ModelRunner(RunnerConfig(DEFAULT_TARGET, "cpu", "float32", 64)).vocab_size
+    vocab = AutoConfig.from_pretrained(DEFAULT_TARGET).vocab_size
     ids = torch.randperm(vocab, generator=torch.Generator().manual_seed(0))[:DRAFT_VOCAB].sort().values
     out = tmp_path_factory.mktemp("draft")
     (out / "vocab_map.json").write_text(json.dumps({"target_vocab_size": vocab, "target_ids": ids.tolist()}))
