@@ -143,6 +143,8 @@ def train(draft: FeatureDraft, pools: list[tuple[list[dict], list[torch.Tensor]]
           table: torch.Tensor, cfg: FeatureDistillConfig, feature_rms: float) -> FeatureDraft:
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     counts = [round(cfg.batch_size * s) for s in shares]
+    if 0 in counts:  # with several record sets a small one's share can round away: say so, not drop it
+        raise ValueError(f"a record set gets no rows in a batch of {cfg.batch_size} (shares {shares})")
 
     def loss_at_step() -> torch.Tensor:
         picks = [(pool[0][i], pool[1][i]) for pool, n in zip(pools, counts)
