@@ -11,15 +11,25 @@ forward (`AttentionMetadata`) and reused by every layer.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 
 from goodspec.workers.kv_cache import PagedKVCache
 
 ATTENTION_NAME = "goodspec_paged"
+
+# On CUDA, PyTorch's first choice for a masked bfloat16 SDPA on Hopper is cuDNN's kernel, which
+# builds an execution plan for every new (num_seqs, max_new, max_context) shape it meets: steps of
+# 100-200 ms on an H100 where the step itself takes 20. Per-request k meets new shapes every step,
+# so under it goodput ran 2.5x slower than off (measured; BENCHMARKS.md, "GPU path"). The
+# memory-efficient kernel takes any shape with no plan to build (but not enable_gqa: on CUDA the
+# KV heads are repeated for it); math is the fallback.
+CUDA_SDPA_BACKENDS = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -101,12 +111,21 @@ def paged_attention(
     v_ctx = v_layer[meta.block_tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     q = query[0].transpose(0, 1)  # [num_tokens, heads, head_dim]
     q = torch.cat([q, q.new_zeros(1, *q.shape[1:])])[meta.pad_index]  # [num_seqs, max_new, heads, hd]
+    gqa = q.shape[2] != num_kv_heads
+    if gqa and q.is_cuda:  # the memory-efficient kernel takes no enable_gqa: give it every head
+        k_ctx = k_ctx.repeat_interleave(q.shape[2] // num_kv_heads, dim=1)
+        v_ctx = v_ctx.repeat_interleave(q.shape[2] // num_kv_heads, dim=1)
+        gqa = False
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k_ctx, v_ctx, attn_mask=meta.mask, scale=scaling,
-        enable_gqa=q.shape[2] != num_kv_heads,
+        q.transpose(1, 2), k_ctx, v_ctx, attn_mask=meta.mask, scale=scaling, enable_gqa=gqa,
     )  # [num_seqs, heads, max_new, head_dim]
     out = out.transpose(1, 2).reshape(-1, out.shape[1], head_dim)[meta.unpad_index]
     return out.unsqueeze(0), None  # [1, num_tokens, heads, head_dim]
+
+
+def attention_backends(device: torch.device):
+    """The SDPA kernels a forward on `device` may use (all of them off CUDA)."""
+    return sdpa_kernel(CUDA_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention)

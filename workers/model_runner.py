@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from goodspec.workers.attention import ATTENTION_NAME, AttentionMetadata
+from goodspec.workers.attention import ATTENTION_NAME, AttentionMetadata, attention_backends
 from goodspec.workers.feature_draft import FeatureInput, block_outputs, normalised
 from goodspec.workers.kv_cache import KVCacheSpec, PagedKVCache
 
@@ -194,7 +194,7 @@ class ModelRunner:
             args = {"inputs_embeds": embeds}
         else:
             args = {"input_ids": input_ids}
-        with block_outputs(blocks, layers if all_hidden else ()) as captured:
+        with attention_backends(self.device), block_outputs(blocks, layers if all_hidden else ()) as captured:
             hidden = base(**args, position_ids=positions.unsqueeze(0), use_cache=False,
                           goodspec_meta=meta).last_hidden_state[0]  # [total, d]
         kept = hidden[kept_index]

@@ -126,3 +126,18 @@ def test_a_fused_feature_draft_reads_normalised_block_outputs_before_the_last_st
     with pytest.raises(ValueError, match="decoder blocks"):
         runner.run(["L2"], [0], [[5]], [1], all_hidden=True, layers=(99,))
     runner.free(["L"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs on a GPU machine)")
+def test_cuda_attention_never_takes_cudnns_plan_per_shape_kernel():
+    """cuDNN's SDPA builds a plan per new shape (100-200 ms on an H100); per-request k makes a new
+    shape nearly every step. The runner's forwards must use the shape-agnostic kernel."""
+    from torch.profiler import profile
+
+    cuda = ModelRunner(RunnerConfig(DEFAULT_TARGET, device="cuda", dtype="bfloat16", kv_cache_tokens=1024))
+    with profile() as prof:
+        cuda.forward(["a", "b"], [0, 0], [list(range(5, 40)), list(range(7, 16))], [1, 3])
+        cuda.forward(["a", "b"], [35, 9], [[11, 12, 13, 14], [15]], [4, 1])
+    ops = {e.name for e in prof.events()}
+    assert "aten::_scaled_dot_product_efficient_attention" in ops
+    assert not [op for op in ops if "cudnn_attention" in op]
