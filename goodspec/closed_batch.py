@@ -1,0 +1,125 @@
+"""Closed-batch throughput of each speculation policy on one in-process engine, any device.
+
+    python -m goodspec.closed_batch --model tiny --device cuda --dtype bfloat16
+
+Every policy runs the same held-out ShareGPT prompts, all admitted at once (no arrivals, no Ray:
+what is left is the engine itself), `--replays` times; the table gives the median wall time, the
+ratio to `off`, the mean step, the policies' share of step time spent choosing k, the mean chosen
+k, acceptance, and how many greedy outputs equal `off`'s. The GPU figures in BENCHMARKS.md come
+from it; `goodspec bench` is the latency-against-load study on the Ray runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+from goodspec.config import MODEL_PAIRS, EngineConfig
+from goodspec.engine import LLMEngine
+from goodspec.scheduler.config import SchedulerConfig
+from goodspec.sharegpt import first_turn_prompts
+from goodspec.workers.sampling import SamplingParams
+
+
+@dataclass(frozen=True)
+class PolicyRun:
+    policy: str
+    walls: list[float]  # seconds, one per replay
+    tokens: int
+    steps: int  # of the last replay, as are the fields below
+    mean_step_ms: float
+    step_ms_p50_p90_max: list[float]
+    choose_share: float  # of step time: the policies choosing k (and cutting drafts)
+    mean_k: float
+    acceptance: float | None  # accepted / proposed draft tokens
+    same_as_off: int  # greedy outputs equal to the first policy's
+    requests: int
+
+    @property
+    def wall(self) -> float:
+        return statistics.median(self.walls)
+
+
+def run_policy(engine: LLMEngine, prompts: list[str], params: SamplingParams, policy: str,
+               replays: int, reference: list[list[int]] | None) -> tuple[PolicyRun, list[list[int]]]:
+    sched = engine.scheduler
+    walls = []
+    for _ in range(replays):
+        sched.step_records.clear()
+        ids = [engine.add_request(p, params, policy=policy) for p in prompts]
+        engine.target.runner.synchronize()
+        t0 = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+        walls.append(time.perf_counter() - t0)
+        outputs = [engine.take_completion(i).token_ids for i in ids]
+    recs = list(sched.step_records)
+    step_times = [r.step_time for r in recs]
+    drafted = sum(r.draft_tokens + r.lookup_tokens for r in recs)
+    ks = [k for r in recs for k in r.ks]
+    deciles = statistics.quantiles(step_times, n=10) if len(step_times) > 1 else step_times * 9
+    run = PolicyRun(
+        policy=policy, walls=walls, tokens=sum(len(o) for o in outputs), steps=len(recs),
+        mean_step_ms=1e3 * statistics.mean(step_times),
+        step_ms_p50_p90_max=[round(1e3 * deciles[4], 2), round(1e3 * deciles[8], 2), round(1e3 * max(step_times), 2)],
+        choose_share=sum(r.choose_time for r in recs) / sum(step_times),
+        mean_k=statistics.mean(ks) if ks else 0.0,
+        acceptance=sum(r.num_accepted for r in recs) / drafted if drafted else None,
+        same_as_off=sum(a == b for a, b in zip(outputs, reference or outputs)), requests=len(prompts),
+    )
+    return run, outputs
+
+
+def table(runs: list[PolicyRun]) -> str:
+    base = runs[0].wall
+    lines = [f"{'policy':<16} {'wall s':>7} {'tok/s':>7} {'vs ' + runs[0].policy:>8} {'step ms':>8} "
+             f"{'p90 ms':>7} {'choose':>7} {'mean k':>7} {'accept':>7} same"]
+    for r in runs:
+        acc = f"{r.acceptance:7.3f}" if r.acceptance is not None else f"{'-':>7}"
+        lines.append(f"{r.policy:<16} {r.wall:7.3f} {r.tokens / r.wall:7.0f} {base / r.wall:7.2f}x "
+                     f"{r.mean_step_ms:8.2f} {r.step_ms_p50_p90_max[1]:7.2f} {r.choose_share:7.2%} "
+                     f"{r.mean_k:7.2f} {acc} {r.same_as_off}/{r.requests}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny", choices=MODEL_PAIRS)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--policies", default="off,fixed:1,fixed:3,fixed:5,goodput,goodput-uniform",
+                    help="comma-separated; the first is the baseline (off)")
+    ap.add_argument("--prompts", type=int, default=64, help="held-out ShareGPT prompts of 10-600 characters")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--replays", type=int, default=5)
+    ap.add_argument("--out", default=None, help="write the runs as JSON here")
+    args = ap.parse_args(argv)
+
+    prompts = [p for p, _ in first_turn_prompts(held_out=True) if 10 <= len(p) <= 600][:args.prompts]
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
+    engine = LLMEngine(EngineConfig(
+        model=args.model, policy="off", device=args.device, dtype=args.dtype,
+        target_kv_tokens=65536, draft_kv_tokens=65536,
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_k=8, max_num_batched_tokens=2048)))
+    runner = engine.target.runner
+    print(f"{args.model} on {runner.device} ({runner.dtype}): {len(prompts)} prompts x {args.max_new_tokens} "
+          f"tokens, max_num_seqs {args.max_num_seqs}, median of {args.replays} replays", flush=True)
+    run_policy(engine, prompts, params, "fixed:3", 1, None)  # warm-up: kernels, allocator
+    runs, reference = [], None
+    for policy in args.policies.split(","):
+        run, outputs = run_policy(engine, prompts, params, policy, args.replays, reference)
+        reference = reference or outputs
+        runs.append(run)
+    print(table(runs))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump([asdict(r) for r in runs], f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,20 @@
+"""`python -m goodspec.closed_batch`: the in-process throughput table, on the tiny pair."""
+
+import json
+
+from goodspec.closed_batch import main
+
+
+def test_the_table_compares_policies_on_the_same_prompts_and_outputs_stay_lossless(tmp_path, capsys):
+    out = tmp_path / "runs.json"
+    assert main(["--prompts", "4", "--max-new-tokens", "12", "--max-num-seqs", "4", "--replays", "2",
+                 "--policies", "off,fixed:2,goodput", "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "vs off" in printed and "goodput" in printed
+    runs = {r["policy"]: r for r in json.loads(out.read_text())}
+    assert list(runs) == ["off", "fixed:2", "goodput"]
+    for r in runs.values():
+        assert len(r["walls"]) == 2 and r["tokens"] == 4 * 12
+        assert r["same_as_off"] == r["requests"] == 4  # greedy: every policy's output is off's
+    assert runs["off"]["mean_k"] == 0 and runs["off"]["acceptance"] is None
+    assert runs["fixed:2"]["mean_k"] > 0 and 0 < runs["fixed:2"]["acceptance"] <= 1
