@@ -37,6 +37,7 @@ class PolicyRun:
     acceptance: float | None  # accepted / proposed draft tokens
     same_as_off: int  # greedy outputs equal to the first policy's
     requests: int
+    records: list[dict]  # the last replay's StepRecords
 
     @property
     def wall(self) -> float:
@@ -69,6 +70,7 @@ def run_policy(engine: LLMEngine, prompts: list[str], params: SamplingParams, po
         mean_k=statistics.mean(ks) if ks else 0.0,
         acceptance=sum(r.num_accepted for r in recs) / drafted if drafted else None,
         same_as_off=sum(a == b for a, b in zip(outputs, reference or outputs)), requests=len(prompts),
+        records=[r.to_dict() for r in recs],
     )
     return run, outputs
 
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--replays", type=int, default=5)
-    ap.add_argument("--out", default=None, help="write the runs as JSON here")
+    ap.add_argument("--out", default=None, help="write the runs as JSON here, each with its last replay's step records")
     args = ap.parse_args(argv)
 
     prompts = [p for p, _ in first_turn_prompts(held_out=True) if 10 <= len(p) <= 600][:args.prompts]
