@@ -45,11 +45,12 @@ class FeatureDistillConfig:
     seed: int = 0
     # on-policy records under --work (the target's own greedy replies: the text it is judged on);
     # `1 - forced_share` of each batch comes from them, each set's part in proportion to its size
-    replies: tuple[str, ...] = ("replies-128-192-bfloat16-from7168", "replies-128-192-bfloat16")
+    replies: tuple[str, ...] = ("replies-128-192-bfloat16-from7168", "replies-128-192-bfloat16",
+                                "replies-128-192-bfloat16-from10240")
     # teacher-forced records under --work; `forced_share` of each batch comes from them, each
     # set's part in proportion to its size
     forced: tuple[str, ...] = ("forced-192-192-bfloat16-from10240", "forced-192-192-bfloat16-from0")
-    forced_share: float = 0.5
+    forced_share: float = 0.25
     layers: int = 1
     steps: int = 1500
     batch_size: int = 12
