@@ -5,8 +5,8 @@
 Every policy runs the same held-out ShareGPT prompts, all admitted at once (no arrivals, no Ray:
 what is left is the engine itself), `--replays` times; the table gives the median wall time, the
 ratio to `off`, the mean step, the policies' share of step time spent choosing k, the mean chosen
-k, acceptance, and how many greedy outputs equal `off`'s. The GPU figures in BENCHMARKS.md come
-from it; `goodspec bench` is the latency-against-load study on the Ray runtime.
+k, acceptance, and how many greedy outputs equal `off`'s. The GPU figures in BENCHMARKS.md were
+measured this way; `goodspec bench` is the latency-against-load study on the Ray runtime.
 """
 
 from __future__ import annotations
