@@ -12,6 +12,7 @@ measured this way; `goodspec bench` is the latency-against-load study on the Ray
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -101,7 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the runs as JSON here, each with its last replay's step records")
     args = ap.parse_args(argv)
 
-    prompts = [p for p, _ in first_turn_prompts(held_out=True) if 10 <= len(p) <= 600][:args.prompts]
+    fitting = (p for p, _ in first_turn_prompts(held_out=True) if 10 <= len(p) <= 600)
+    prompts = list(itertools.islice(fitting, args.prompts))  # stop reading once there are enough
+    if len(prompts) < args.prompts:
+        raise SystemExit(f"only {len(prompts)} held-out prompts of 10-600 characters; asked for {args.prompts}")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     engine = LLMEngine(EngineConfig(
         model=args.model, policy="off", device=args.device, dtype=args.dtype,
