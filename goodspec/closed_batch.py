@@ -3,9 +3,11 @@
     python -m goodspec.closed_batch --model tiny --device cuda --dtype bfloat16
 
 Every policy runs the same held-out ShareGPT prompts, all admitted at once (no arrivals, no Ray:
-what is left is the engine itself), `--replays` times; the table gives the median wall time, the
-ratio to `off`, the mean step, the policies' share of step time spent choosing k, the mean chosen
-k, acceptance, and how many greedy outputs equal `off`'s. The GPU figures in BENCHMARKS.md were
+what is left is the engine itself), `--replays` times, the policies in turn (a machine that drifts
+weighs on each alike); the table gives the median wall time, the ratio to `off`, the mean step,
+the median over replays of the draft's and the target's call time per step, the policies' share
+of step time spent choosing k, the mean chosen k, acceptance, and how many greedy outputs equal
+`off`'s. The GPU figures in BENCHMARKS.md were
 measured this way; `goodspec bench` is the latency-against-load study on the Ray runtime.
 """
 
@@ -29,6 +31,8 @@ from goodspec.workers.sampling import SamplingParams
 class PolicyRun:
     policy: str
     walls: list[float]  # seconds, one per replay
+    draft_ms: list[float]  # the draft's calls per step, mean over each replay's steps
+    verify_ms: list[float]  # the target's calls per step, likewise
     tokens: int
     steps: int  # of the last replay, as are the fields below
     mean_step_ms: float
@@ -45,45 +49,56 @@ class PolicyRun:
         return statistics.median(self.walls)
 
 
-def run_policy(engine: LLMEngine, prompts: list[str], params: SamplingParams, policy: str,
-               replays: int, reference: list[list[int]] | None) -> tuple[PolicyRun, list[list[int]]]:
+@dataclass(frozen=True)
+class Replay:
+    wall: float
+    outputs: list[list[int]]
+    records: list  # StepRecords
+
+
+def replay(engine: LLMEngine, prompts: list[str], params: SamplingParams, policy: str) -> Replay:
     sched = engine.scheduler
-    walls = []
-    for _ in range(replays):
-        sched.step_records.clear()
-        ids = [engine.add_request(p, params, policy=policy) for p in prompts]
-        engine.target.runner.synchronize()
-        t0 = time.perf_counter()
-        while engine.has_unfinished():
-            engine.step()
-        walls.append(time.perf_counter() - t0)
-        outputs = [engine.take_completion(i).token_ids for i in ids]
-    recs = list(sched.step_records)
+    sched.step_records.clear()
+    ids = [engine.add_request(p, params, policy=policy) for p in prompts]
+    engine.target.runner.synchronize()
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    wall = time.perf_counter() - t0
+    return Replay(wall, [engine.take_completion(i).token_ids for i in ids], list(sched.step_records))
+
+
+def summary(policy: str, replays: list[Replay], reference: list[list[int]]) -> PolicyRun:
+    """One policy's replays; the step figures are the last replay's."""
+    recs, outputs = replays[-1].records, replays[-1].outputs
     step_times = [r.step_time for r in recs]
     drafted = sum(r.draft_tokens + r.lookup_tokens for r in recs)
     ks = [k for r in recs for k in r.ks]
     deciles = statistics.quantiles(step_times, n=10) if len(step_times) > 1 else step_times * 9
-    run = PolicyRun(
-        policy=policy, walls=walls, tokens=sum(len(o) for o in outputs), steps=len(recs),
+    return PolicyRun(
+        policy=policy, walls=[r.wall for r in replays],
+        draft_ms=[round(1e3 * statistics.mean(s.draft_time for s in r.records), 3) for r in replays],
+        verify_ms=[round(1e3 * statistics.mean(s.verify_time for s in r.records), 3) for r in replays],
+        tokens=sum(len(o) for o in outputs), steps=len(recs),
         mean_step_ms=1e3 * statistics.mean(step_times),
         step_ms_p50_p90_max=[round(1e3 * deciles[4], 2), round(1e3 * deciles[8], 2), round(1e3 * max(step_times), 2)],
         choose_share=sum(r.choose_time for r in recs) / sum(step_times),
         mean_k=statistics.mean(ks) if ks else 0.0,
         acceptance=sum(r.num_accepted for r in recs) / drafted if drafted else None,
-        same_as_off=sum(a == b for a, b in zip(outputs, reference or outputs)), requests=len(prompts),
+        same_as_off=sum(a == b for a, b in zip(outputs, reference)), requests=len(outputs),
         records=[r.to_dict() for r in recs],
     )
-    return run, outputs
 
 
 def table(runs: list[PolicyRun]) -> str:
     base = runs[0].wall
     lines = [f"{'policy':<16} {'wall s':>7} {'tok/s':>7} {'vs ' + runs[0].policy:>8} {'step ms':>8} "
-             f"{'p90 ms':>7} {'choose':>7} {'mean k':>7} {'accept':>7} same"]
+             f"{'p90 ms':>7} {'draft':>6} {'verify':>6} {'choose':>7} {'mean k':>7} {'accept':>7} same"]
     for r in runs:
         acc = f"{r.acceptance:7.3f}" if r.acceptance is not None else f"{'-':>7}"
         lines.append(f"{r.policy:<16} {r.wall:7.3f} {r.tokens / r.wall:7.0f} {base / r.wall:7.2f}x "
-                     f"{r.mean_step_ms:8.2f} {r.step_ms_p50_p90_max[1]:7.2f} {r.choose_share:7.2%} "
+                     f"{r.mean_step_ms:8.2f} {r.step_ms_p50_p90_max[1]:7.2f} {statistics.median(r.draft_ms):6.2f} "
+                     f"{statistics.median(r.verify_ms):6.2f} {r.choose_share:7.2%} "
                      f"{r.mean_k:7.2f} {acc} {r.same_as_off}/{r.requests}")
     return "\n".join(lines)
 
@@ -114,12 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     runner = engine.target.runner
     print(f"{args.model} on {runner.device} ({runner.dtype}): {len(prompts)} prompts x {args.max_new_tokens} "
           f"tokens, max_num_seqs {args.max_num_seqs}, median of {args.replays} replays", flush=True)
-    run_policy(engine, prompts, params, "fixed:3", 1, None)  # warm-up: kernels, allocator
-    runs, reference = [], None
-    for policy in args.policies.split(","):
-        run, outputs = run_policy(engine, prompts, params, policy, args.replays, reference)
-        reference = reference or outputs
-        runs.append(run)
+    replay(engine, prompts, params, "fixed:3")  # warm-up: kernels, allocator
+    policies = args.policies.split(",")
+    done: dict[str, list[Replay]] = {p: [] for p in policies}
+    for _ in range(args.replays):  # round robin: a machine that drifts weighs on every policy alike
+        for policy in policies:
+            done[policy].append(replay(engine, prompts, params, policy))
+    reference = done[policies[0]][-1].outputs
+    runs = [summary(p, done[p], reference) for p in policies]
     print(table(runs))
     if args.out:
         with open(args.out, "w") as f:

@@ -14,10 +14,11 @@ def test_the_table_compares_policies_on_the_same_prompts_and_outputs_stay_lossle
     runs = {r["policy"]: r for r in json.loads(out.read_text())}
     assert list(runs) == ["off", "fixed:2", "goodput"]
     for r in runs.values():
-        assert len(r["walls"]) == 2 and r["tokens"] == 4 * 12
+        assert len(r["walls"]) == len(r["draft_ms"]) == len(r["verify_ms"]) == 2 and r["tokens"] == 4 * 12
         assert r["same_as_off"] == r["requests"] == 4  # greedy: every policy's output is off's
         assert len(r["records"]) == r["steps"]
     assert runs["off"]["mean_k"] == 0 and runs["off"]["acceptance"] is None
     assert runs["fixed:2"]["mean_k"] > 0 and 0 < runs["fixed:2"]["acceptance"] <= 1
+    assert runs["off"]["draft_ms"] == [0, 0] and min(runs["fixed:2"]["draft_ms"]) > 0
     assert not any(k for step in runs["off"]["records"] for k in step["ks"])
     assert max(k for step in runs["fixed:2"]["records"] for k in step["ks"]) == 2
