@@ -64,7 +64,8 @@ class EngineConfig:
     target_kv_tokens: int = _f(32768, "target KV cache budget, in tokens")
     draft_kv_tokens: int = _f(32768, "draft KV cache budget, in tokens")
     block_size: int = _f(16, "tokens per KV cache block")
-    threads: int = _f(0, "torch CPU threads per worker (0 = 1 per Ray worker actor, its CPU share; torch's default in process)")
+    threads: int = _f(0, "torch CPU threads per worker (0 = 1 per Ray worker actor, its CPU share; in process, "
+                            "torch's default on a CPU and 1 on a GPU)")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     @functools.cached_property

@@ -19,7 +19,7 @@ class RunnerConfig:
     dtype: str = "auto"  # "auto" = float32 on cpu, bfloat16 on cuda
     kv_cache_tokens: int = 65536  # the KV budget, in tokens across all sequences
     block_size: int = 16
-    threads: int = 0  # CPU threads for torch; 0 leaves torch's default
+    threads: int = 0  # CPU threads for torch; 0 = torch's default on a CPU, 1 on a GPU
 
     def __post_init__(self) -> None:
         if self.kv_cache_tokens < self.block_size:
@@ -109,10 +109,17 @@ class ModelRunner:
     """Owns a model and its KV cache. `forward` appends tokens to many sequences at once."""
 
     def __init__(self, config: RunnerConfig) -> None:
-        if config.threads > 0:
-            torch.set_num_threads(config.threads)
         self.config = config
         self.device = resolve_device(config.device)
+        # On a GPU the host thread only launches kernels and builds small index tensors; torch's
+        # pool of one thread per core made that slower (its threads spin between small ops and
+        # against the controller's numpy). Closed batch on an H100 host of 16 cores: `off` 1.12
+        # and 1.10 s with the default pools, 0.85 s between them with OMP/OpenBLAS/MKL at one
+        # thread; on a second H100, this one torch thread alone ran as fast as all three pinned
+        # (BENCHMARKS.md, GPU section). Ray's worker actors already get one thread each.
+        threads = config.threads or (1 if self.device.type == "cuda" else 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
         self.dtype = resolve_dtype(config.dtype, self.device)
         path = model_path(config.model_dir)  # resolved once: a GGUF file is hashed to find its copy
         self.model = load_causal_lm(path, self.device, self.dtype)
