@@ -171,7 +171,18 @@ class AcceptanceEstimator:
     _finished: deque = field(default_factory=lambda: deque(maxlen=256))
 
     def observe(self, req_id: str, num_draft: int, num_accepted: int) -> None:
-        if num_draft <= 0:
+        self.observe_many([(req_id, num_draft, num_accepted)])
+
+    def observe_many(self, outcomes: Sequence[tuple[str, int, int]]) -> None:
+        """(req_id, k, accepted) of one step's requests. Each is compared with the global rates
+        as they stood before the step, and the global counts take the step's evidence at once
+        (one update per step, not per request: per request it cost 1.2 ms of a batch-32 step's
+        host time, most of a GPU step's controller overhead)."""
+        evidence = []
+        for req_id, num_draft, num_accepted in outcomes:
+            if num_draft > 0:
+                evidence.append((req_id, num_draft, num_accepted))
+                continue
             # No evidence this step: let the request's own record fade towards the global rate,
             # so a request judged poor is retried later instead of being written off for good
             # (acceptance comes in bursts; a k = 0 request would otherwise never be re-measured).
@@ -179,25 +190,36 @@ class AcceptanceEstimator:
                 if s is not None:
                     s[0] *= self.decay
                     s[1] *= self.decay
+        if not evidence:
             return
-        v = self._vs_global.setdefault(req_id, [0.0, 0.0])
-        v[0] = v[0] * self.decay + num_accepted
-        v[1] = v[1] * self.decay + float(self.global_reach(num_draft).sum())
-        fail = 1.0 if num_accepted < num_draft else 0.0
-        s = self._per_request.setdefault(req_id, [0.0, 0.0])
-        s[0] = s[0] * self.decay + num_accepted
-        s[1] = s[1] * self.decay + fail
-        t = self._totals.setdefault(req_id, [0.0, 0.0])
-        t[0] += num_accepted
-        t[1] += fail
-        self.global_success = self.global_success * 0.999 + num_accepted
-        self.global_failure = self.global_failure * 0.999 + fail
-        if self._depth.shape[1] < num_draft:
-            self._depth = np.pad(self._depth, ((0, 0), (0, num_draft - self._depth.shape[1])))
-        self._depth *= 0.999
-        self._depth[0, :num_accepted] += 1.0
-        if num_accepted < num_draft:
-            self._depth[1, num_accepted] += 1.0
+        ks = np.array([k for _, k, _ in evidence])
+        acc = np.array([a for _, _, a in evidence])
+        kmax = int(ks.max())
+        # What the global rates predicted for each verification: sum of reach over its k positions.
+        predicted = np.concatenate([[0.0], np.cumsum(self.global_reach(kmax))])[ks]
+        fails = (acc < ks).astype(float)
+        for (req_id, _, a), pred, fail in zip(evidence, predicted.tolist(), fails.tolist()):
+            v = self._vs_global.setdefault(req_id, [0.0, 0.0])
+            v[0] = v[0] * self.decay + a
+            v[1] = v[1] * self.decay + pred
+            s = self._per_request.setdefault(req_id, [0.0, 0.0])
+            s[0] = s[0] * self.decay + a
+            s[1] = s[1] * self.decay + fail
+            t = self._totals.setdefault(req_id, [0.0, 0.0])
+            t[0] += a
+            t[1] += fail
+        fade = 0.999 ** len(evidence)  # the global counts fade by 0.999 per verification
+        self.global_success = self.global_success * fade + float(acc.sum())
+        self.global_failure = self.global_failure * fade + float(fails.sum())
+        if self._depth.shape[1] < kmax:
+            self._depth = np.pad(self._depth, ((0, 0), (0, kmax - self._depth.shape[1])))
+        self._depth *= fade
+        # Position j (0-based) was reached and accepted by every verification with accepted > j,
+        # and was the first rejection of each with accepted == j < k.
+        width = self._depth.shape[1]
+        self._depth[0] += np.cumsum(np.bincount(acc, minlength=width + 1)[::-1])[::-1][1:width + 1]
+        rejected = acc[acc < ks]
+        self._depth[1] += np.bincount(rejected, minlength=width)[:width]
 
     @property
     def global_alpha(self) -> float:

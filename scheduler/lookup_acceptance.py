@@ -43,7 +43,15 @@ class LookupAcceptance:
 
     def observe(self, req_id: str, num_draft: int, num_accepted: int) -> None:
         """A lookup proposal's outcome (verified, or scored against what the target committed)."""
-        self._estimator(self._class.get(req_id, (True, 0))).observe(req_id, num_draft, num_accepted)
+        self.observe_many([(req_id, num_draft, num_accepted)])
+
+    def observe_many(self, outcomes: Sequence[tuple[str, int, int]]) -> None:
+        """One step's outcomes, each given to the estimator of its request's class."""
+        groups: dict[LookupClass, list[tuple[str, int, int]]] = {}
+        for outcome in outcomes:
+            groups.setdefault(self._class.get(outcome[0], (True, 0)), []).append(outcome)
+        for cls, seen in groups.items():
+            self._estimator(cls).observe_many(seen)
 
     def expected_tokens(self, req_ids: Sequence[str], kmax: int) -> np.ndarray:
         """[requests, kmax + 1]: E_i(k) of k lookup tokens, each request priced in its class."""

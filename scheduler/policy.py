@@ -214,8 +214,7 @@ class GoodputPolicy(SpeculationPolicy):
 
     def observe_lookup(self, outcomes) -> None:
         if self.lookup_acceptance is not None:
-            for req_id, compared, matched in outcomes:
-                self.lookup_acceptance.observe(req_id, compared, matched)
+            self.lookup_acceptance.observe_many(outcomes)
 
     def choose(self, requests: Sequence[Request], caps: Sequence[int],
                prefill: tuple[int, int] = (0, 0)) -> list[int]:
@@ -287,17 +286,23 @@ class GoodputPolicy(SpeculationPolicy):
         return lengths
 
     def observe(self, outcomes, record) -> None:
+        drafted, looked_up = [], []
         for req_id, k, accepted in outcomes:
             if req_id in self._lookup_ids:
-                self.lookup_acceptance.observe(req_id, k, accepted)
-                self.acceptance.observe(req_id, 0, 0)  # no evidence on the draft this step
+                looked_up.append((req_id, k, accepted))
+                drafted.append((req_id, 0, 0))  # no evidence on the draft this step
             else:
-                self.acceptance.observe(req_id, k, accepted)
+                drafted.append((req_id, k, accepted))
             self._observations += k > 0
-            if self.calibrator is not None and req_id in self._verifying:
-                conf, greedy = self._verifying.pop(req_id)
-                if len(conf) == k:  # else the cut's step never verified (a worker was lost)
-                    self.calibrator.observe(conf, accepted, greedy)
+        self.acceptance.observe_many(drafted)
+        if looked_up:
+            self.lookup_acceptance.observe_many(looked_up)
+        if self.calibrator is not None:
+            for req_id, k, accepted in outcomes:
+                if req_id in self._verifying:
+                    conf, greedy = self._verifying.pop(req_id)
+                    if len(conf) == k:  # else the cut's step never verified (a worker was lost)
+                        self.calibrator.observe(conf, accepted, greedy)
         # Only steps that were pure decode batches are what the prediction was made for.
         if self._predicted is not None and record.num_decode == record.batch_size:
             self.prediction_log.append((self._predicted, record.draft_time + record.verify_time))
