@@ -271,3 +271,24 @@ def test_exploration_measures_with_one_request_whose_draft_is_furthest_along():
 
     assert GoodputPolicy._explore([400, 3, 0, 0], [2, 2, 0, 2]) == [0, 0, 0, 1]
     assert GoodputPolicy._explore([5, 3], [0, 0]) == [0, 0]
+
+
+def test_a_steps_outcomes_at_once_learn_what_one_at_a_time_would_in_any_order():
+    """observe_many (the policy's per-step call) against the same outcomes one by one: the
+    global rates and each request's scale agree, and the order of a step's requests is moot."""
+    rng = random.Random(3)
+    steps = [[(f"r{i}", k, rng.randint(0, k)) for i, k in enumerate(rng.choice([0, 1, 3, 8]) for _ in range(32))]
+             for _ in range(200)]
+    at_once, reversed_, singly = AcceptanceEstimator(), AcceptanceEstimator(), AcceptanceEstimator()
+    for outcomes in steps:
+        at_once.observe_many(outcomes)
+        reversed_.observe_many(outcomes[::-1])
+        for o in outcomes:
+            singly.observe(*o)
+    ids = [f"r{i}" for i in range(32)]
+    assert np.array_equal(at_once.depth_rates(8), reversed_.depth_rates(8))
+    assert np.array_equal(at_once.scales(ids), reversed_.scales(ids))
+    assert np.allclose(at_once.depth_rates(8), singly.depth_rates(8), rtol=2e-3)
+    assert np.allclose(at_once.scales(ids), singly.scales(ids), rtol=5e-3)  # one at a time, each
+    # request after the first in a step was compared with rates its step-mates had just moved
+    assert at_once.global_alpha == pytest.approx(singly.global_alpha, rel=1e-3)
