@@ -6,6 +6,7 @@ the top-level array one record at a time and stop at the first record that does 
 
 from __future__ import annotations
 
+import itertools
 import json
 import zlib
 from dataclasses import dataclass
@@ -92,3 +93,27 @@ def first_turn_prompts(
         n += 1
         if limit is not None and n >= limit:
             return
+
+
+# A later user turn shorter than this ("continue", "thanks") is dropped by `later_turn_prompts`:
+# the target answers it with the same few generic replies, which teach a draft little.
+MIN_LATER_TURN_CHARS = 20
+
+
+def later_turn_prompts(held_out: bool | None = None, limit: int | None = None) -> Iterator[str]:
+    """The user's second and later turns of each conversation, each as a prompt on its own (the
+    first turn's counterpart for training data: more prompts from the same conversations, and the
+    held-out split's conversations stay unseen), in file order."""
+    n = 0
+    if limit is not None and limit <= 0:
+        return
+    for conv in iter_conversations():
+        if held_out is not None and conv.is_held_out() != held_out:
+            continue
+        for text, _ in itertools.islice(exchanges(conv), 1, None):
+            if len(text.strip()) < MIN_LATER_TURN_CHARS:
+                continue
+            yield text
+            n += 1
+            if limit is not None and n >= limit:
+                return

@@ -66,3 +66,21 @@ def test_a_limit_of_zero_prompts_yields_none():
 
     assert list(first_turn_prompts(held_out=False, limit=0)) == []
     assert len(list(first_turn_prompts(held_out=False, limit=2))) == 2
+
+
+def test_later_turn_prompts_are_the_training_conversations_later_user_turns():
+    """Training data beyond first turns: each conversation's second and later user turns, long
+    enough to ask something, from the training split only."""
+    import itertools
+
+    from goodspec.sharegpt import MIN_LATER_TURN_CHARS, exchanges, iter_conversations, later_turn_prompts
+
+    got = list(later_turn_prompts(held_out=False, limit=20))
+    want = [text for conv in iter_conversations() if not conv.is_held_out()
+            for text, _ in itertools.islice(exchanges(conv), 1, None)
+            if len(text.strip()) >= MIN_LATER_TURN_CHARS]
+    assert got == want[:20]
+    held_out_firsts = {text for conv in itertools.islice(iter_conversations(), 2000) if conv.is_held_out()
+                       for text, _ in exchanges(conv)}
+    assert not held_out_firsts & set(later_turn_prompts(held_out=False, limit=500))
+    assert list(later_turn_prompts(held_out=False, limit=0)) == []

@@ -54,6 +54,9 @@ class DistillConfig:
     # Skip this many training prompts: with --resume, the draft already learned the target's
     # replies to the first ones, and new prompts teach it more than the same replies again.
     prompt_offset: int = 0
+    # Prompts from the user's later turns (each on its own) instead of first turns: three times
+    # as many as first turns in the training split, once every first turn has its reply.
+    later_turns: bool = False
     prompt_user_tokens: int = 192  # a long user turn is cut to its first tokens
     new_tokens: int = 128  # greedy target tokens generated per prompt
     gen_batch: int = 64
@@ -218,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-prompts", type=int, default=DistillConfig.train_prompts)
     ap.add_argument("--prompt-offset", type=int, default=DistillConfig.prompt_offset,
                     help="skip the first N training prompts (with --resume: those already learned)")
+    ap.add_argument("--later-turns", action="store_true",
+                    help="prompt with the conversations' later user turns (each on its own), not first turns")
     ap.add_argument("--forced-exchanges", type=int, default=DistillConfig.forced_exchanges,
                     help="ShareGPT replies the target reads teacher-forced (cheaper data, off-policy)")
     ap.add_argument("--forced-share", type=float, default=DistillConfig.forced_share)
@@ -230,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
                     "target replies and stop")
     args = ap.parse_args(argv)
     cfg = DistillConfig(seed=args.seed, steps=args.steps, train_prompts=args.train_prompts,
-                        prompt_offset=args.prompt_offset, forced_exchanges=args.forced_exchanges,
+                        prompt_offset=args.prompt_offset, later_turns=args.later_turns, forced_exchanges=args.forced_exchanges,
                         forced_share=args.forced_share, lr=args.lr)
     torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
@@ -240,8 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
 
     args.work.mkdir(parents=True, exist_ok=True)
-    prompts = chat_prompts(tokenizer, False, cfg.train_prompts, cfg.prompt_user_tokens, cfg.prompt_offset)
-    key = f"{cfg.new_tokens}-{cfg.prompt_user_tokens}-{cfg.data_dtype}"
+    prompts = chat_prompts(tokenizer, False, cfg.train_prompts, cfg.prompt_user_tokens, cfg.prompt_offset,
+                           cfg.later_turns)
+    key = f"{cfg.new_tokens}-{cfg.prompt_user_tokens}-{cfg.data_dtype}" + ("-later" if cfg.later_turns else "")
     offset = f"-from{cfg.prompt_offset}" if cfg.prompt_offset else ""
     generator = AutoModelForCausalLM.from_pretrained(target_dir, dtype=getattr(torch, cfg.data_dtype)).eval()
     data = cached_replies(generator, tokenizer, prompts, cfg, args.work / f"replies-{key}{offset}")

@@ -27,11 +27,13 @@ def render(tokenizer, user_text: str, max_user_tokens: int) -> list[int]:
 
 
 def chat_prompts(tokenizer, held_out: bool, limit: int, max_user_tokens: int,
-                 offset: int = 0) -> list[list[int]]:
-    from goodspec.sharegpt import first_turn_prompts
+                 offset: int = 0, later_turns: bool = False) -> list[list[int]]:
+    """Rendered first user turns (or, with `later_turns`, the later user turns, each on its own)."""
+    from goodspec.sharegpt import first_turn_prompts, later_turn_prompts
 
-    pairs = itertools.islice(first_turn_prompts(held_out=held_out, limit=offset + limit), offset, None)
-    return [render(tokenizer, p, max_user_tokens) for p, _ in pairs]
+    texts = (later_turn_prompts(held_out=held_out, limit=offset + limit) if later_turns
+             else (p for p, _ in first_turn_prompts(held_out=held_out, limit=offset + limit)))
+    return [render(tokenizer, p, max_user_tokens) for p in itertools.islice(texts, offset, None)]
 
 
 def chat_exchanges(tokenizer, start: int, limit: int, cfg: DistillConfig) -> list[tuple[list[int], list[int]]]:
