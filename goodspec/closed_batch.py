@@ -5,10 +5,11 @@
 Every policy runs the same held-out ShareGPT prompts, all admitted at once (no arrivals, no Ray:
 what is left is the engine itself), `--replays` times, the policies in turn (a machine that drifts
 weighs on each alike); the table gives the median wall time, the ratio to `off`, the mean step,
-the median over replays of the draft's and the target's call time per step, the policies' share
-of step time spent choosing k, the mean chosen k, acceptance, and how many greedy outputs equal
-`off`'s. The GPU figures in BENCHMARKS.md were
-measured this way; `goodspec bench` is the latency-against-load study on the Ray runtime.
+the median over replays of the draft's and the target's call time per step and of the time per
+step spent after it (the policies learning from it), the policies' share of step time spent
+choosing k, the mean chosen k, acceptance, and how many greedy outputs equal `off`'s. The GPU
+figures in BENCHMARKS.md were measured this way; `goodspec bench` is the latency-against-load
+study on the Ray runtime.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class PolicyRun:
     walls: list[float]  # seconds, one per replay
     draft_ms: list[float]  # the draft's calls per step, mean over each replay's steps
     verify_ms: list[float]  # the target's calls per step, likewise
+    # Per step, likewise: wall time outside the StepRecord's step_time (the policies learning from
+    # the step, output handling). Step records are taken before the policies observe the step.
+    after_step_ms: list[float]
     tokens: int
     steps: int  # of the last replay, as are the fields below
     mean_step_ms: float
@@ -79,6 +83,8 @@ def summary(policy: str, replays: list[Replay], reference: list[list[int]]) -> P
         policy=policy, walls=[r.wall for r in replays],
         draft_ms=[round(1e3 * statistics.mean(s.draft_time for s in r.records), 3) for r in replays],
         verify_ms=[round(1e3 * statistics.mean(s.verify_time for s in r.records), 3) for r in replays],
+        after_step_ms=[round(1e3 * (r.wall - sum(s.step_time for s in r.records)) / len(r.records), 3)
+                       for r in replays],
         tokens=sum(len(o) for o in outputs), steps=len(recs),
         mean_step_ms=1e3 * statistics.mean(step_times),
         step_ms_p50_p90_max=[round(1e3 * deciles[4], 2), round(1e3 * deciles[8], 2), round(1e3 * max(step_times), 2)],
@@ -93,12 +99,13 @@ def summary(policy: str, replays: list[Replay], reference: list[list[int]]) -> P
 def table(runs: list[PolicyRun]) -> str:
     base = runs[0].wall
     lines = [f"{'policy':<16} {'wall s':>7} {'tok/s':>7} {'vs ' + runs[0].policy:>8} {'step ms':>8} "
-             f"{'p90 ms':>7} {'draft':>6} {'verify':>6} {'choose':>7} {'mean k':>7} {'accept':>7} same"]
+             f"{'p90 ms':>7} {'draft':>6} {'verify':>6} {'after':>6} {'choose':>7} {'mean k':>7} {'accept':>7} same"]
     for r in runs:
         acc = f"{r.acceptance:7.3f}" if r.acceptance is not None else f"{'-':>7}"
         lines.append(f"{r.policy:<16} {r.wall:7.3f} {r.tokens / r.wall:7.0f} {base / r.wall:7.2f}x "
                      f"{r.mean_step_ms:8.2f} {r.step_ms_p50_p90_max[1]:7.2f} {statistics.median(r.draft_ms):6.2f} "
-                     f"{statistics.median(r.verify_ms):6.2f} {r.choose_share:7.2%} "
+                     f"{statistics.median(r.verify_ms):6.2f} {statistics.median(r.after_step_ms):6.2f} "
+                     f"{r.choose_share:7.2%} "
                      f"{r.mean_k:7.2f} {acc} {r.same_as_off}/{r.requests}")
     return "\n".join(lines)
 

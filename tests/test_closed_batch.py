@@ -14,7 +14,7 @@ def test_the_table_compares_policies_on_the_same_prompts_and_outputs_stay_lossle
     runs = {r["policy"]: r for r in json.loads(out.read_text())}
     assert list(runs) == ["off", "fixed:2", "goodput"]
     for r in runs.values():
-        assert len(r["walls"]) == len(r["draft_ms"]) == len(r["verify_ms"]) == 2 and r["tokens"] == 4 * 12
+        assert len(r["walls"]) == len(r["draft_ms"]) == len(r["verify_ms"]) == len(r["after_step_ms"]) == 2 and r["tokens"] == 4 * 12
         assert r["same_as_off"] == r["requests"] == 4  # greedy: every policy's output is off's
         assert len(r["records"]) == r["steps"]
     assert runs["off"]["mean_k"] == 0 and runs["off"]["acceptance"] is None
