@@ -180,6 +180,7 @@ def cmd_serve(args) -> int:
 
     from goodspec.cluster.group import EngineGroup
     from goodspec.cluster.grpc_server import serve_forever
+    from goodspec.cluster.lifecycle import SHUTDOWN_TIMEOUT_S, ensure_port_free, shutdown_within
 
     logging.basicConfig(level=logging.WARNING)
     config = build_config(args)
@@ -190,39 +191,6 @@ def cmd_serve(args) -> int:
     finally:
         shutdown_within(group, SHUTDOWN_TIMEOUT_S)
     return 0
-
-
-SHUTDOWN_TIMEOUT_S = 15.0
-
-
-def ensure_port_free(host: str, port: int) -> None:
-    """Fail now, with the reason, when another process serves the port (gRPC's SO_REUSEPORT
-    would otherwise let two servers share it)."""
-    import socket
-
-    if port == 0:
-        return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed server's TIME_WAIT is fine
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise RuntimeError(f"cannot bind {host}:{port}: {e.strerror} (another goodspec serve?)") from None
-
-
-def shutdown_within(group, timeout_s: float) -> None:
-    """Stop the engines, but never hang the exit on a Ray runtime that is itself going away."""
-    import os
-    import threading
-
-    done = threading.Thread(target=group.shutdown, name="goodspec-shutdown", daemon=True)
-    done.start()
-    done.join(timeout_s)
-    if done.is_alive():
-        print(f"goodspec: the Ray runtime did not answer within {timeout_s:.0f}s at shutdown; exiting",
-              file=sys.stderr, flush=True)
-        os._exit(0)  # drained already; Ray's own exit hooks would wait on the same dead runtime
 
 
 def cmd_complete(args) -> int:
