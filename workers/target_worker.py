@@ -75,27 +75,52 @@ class TargetWorker:
         return hidden[(first[row_of] + offset).to(hidden.device)].to(torch.bfloat16).cpu()
 
     def _accept(self, batch: VerifyBatch, emit: list[int], logits: torch.Tensor):
+        """(num_accepted, output ids) per emitting item. Greedy rows are compared by argmax and
+        only sampled rows go through the rejection sampler's [rows, max_k + 1, vocab] tensors:
+        together, one sampled request in a batch made every row build them (a row's result
+        depends on its own logits, draft and seed only, so the split changes no output)."""
         items = [batch.items[i] for i in emit]
-        num_rows = len(items)
+        sizes = torch.tensor([len(it.draft_ids) + 1 for it in items])
+        first = (torch.cumsum(sizes, 0) - sizes).tolist()  # each item's first row in `logits`
+        num_accepted: list[int] = [0] * len(items)
+        output_ids: list[list[int]] = [[] for _ in items]
+        greedy = [it.sampling.temperature <= 0 for it in items]
+        for want_greedy in (True, False):
+            rows = [r for r, g in enumerate(greedy) if g == want_greedy]
+            if rows:
+                accept = self._accept_greedy if want_greedy else self._accept_sampled
+                acc, out = accept(batch, [items[r] for r in rows], [first[r] for r in rows], logits)
+                for r, a, o in zip(rows, acc, out):
+                    num_accepted[r], output_ids[r] = a, o
+        return num_accepted, output_ids
+
+    @staticmethod
+    def _slots(items, first: list[int], logits: torch.Tensor):
+        """[rows, max_k + 1] flat logits row of each slot (padding slots repeat a valid row and are
+        never read past num_accepted <= num_draft), the draft ids padded to max_k, and k per row."""
         num_draft = torch.tensor([len(it.draft_ids) for it in items])
         max_k = int(num_draft.max())
-        vocab = logits.shape[-1]
-        # Gather the flat logits into [rows, max_k + 1, vocab]; padding slots repeat a valid row
-        # and are never read past num_accepted <= num_draft.
-        first = torch.cumsum(num_draft + 1, 0) - (num_draft + 1)
         slot = torch.arange(max_k + 1)
-        index = first[:, None] + torch.minimum(slot[None, :], num_draft[:, None])
+        index = torch.tensor(first)[:, None] + torch.minimum(slot[None, :], num_draft[:, None])
+        draft_ids = torch.tensor([it.draft_ids + [0] * (max_k - len(it.draft_ids)) for it in items],
+                                 dtype=torch.long).view(len(items), max_k).to(logits.device)
+        return index.to(logits.device), draft_ids, num_draft.to(logits.device), max_k
+
+    def _accept_greedy(self, batch: VerifyBatch, items, first: list[int], logits: torch.Tensor):
+        index, draft_ids, num_draft, _ = self._slots(items, first, logits)
+        num_accepted, out = greedy_verify(logits[index].argmax(-1), draft_ids, num_draft)
+        return num_accepted.tolist(), out.tolist()
+
+    def _accept_sampled(self, batch: VerifyBatch, items, first: list[int], logits: torch.Tensor):
+        index, draft_ids, num_draft, max_k = self._slots(items, first, logits)
+        num_rows = len(items)
+        vocab = logits.shape[-1]
+        slot = torch.arange(max_k + 1)
         params = SamplingTensors.from_params([it.sampling for it in items])
         dev = logits.device
-        draft_ids = torch.tensor([it.draft_ids + [0] * (max_k - len(it.draft_ids)) for it in items],
-                                 dtype=torch.long).view(num_rows, max_k).to(dev)
-        if params.all_greedy:
-            num_accepted, out = greedy_verify(logits[index.to(dev)].argmax(-1), draft_ids, num_draft.to(dev))
-            return num_accepted.tolist(), out.tolist()
         per_slot = params.expand(max_k + 1)
         target_probs = logits_to_probs(
-            logits[index.to(dev)], *(t.to(dev) for t in
-                                     (per_slot.temperature, per_slot.top_k, per_slot.top_p)),
+            logits[index], *(t.to(dev) for t in (per_slot.temperature, per_slot.top_k, per_slot.top_p)),
         )  # [rows, max_k + 1, vocab]
 
         # q: the draft model's rows where it kept them, else the one-hot of the proposed token
@@ -126,7 +151,7 @@ class TargetWorker:
         u_accept = hash_uniform(seeds, pos[:, :max_k], STREAM_ACCEPT)
         u_sample = hash_uniform(seeds, pos, STREAM_TARGET)
         num_accepted, out = rejection_sample(
-            target_probs, draft_probs, draft_ids, num_draft.to(dev), u_accept, u_sample
+            target_probs, draft_probs, draft_ids, num_draft, u_accept, u_sample
         )
         return num_accepted.tolist(), out.tolist()
 

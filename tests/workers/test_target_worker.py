@@ -74,3 +74,30 @@ def test_q_of_the_wrong_width_is_refused_before_any_cache_moves(workers):
     with pytest.raises(ValueError, match="columns"):
         _verify(reduced, 99, torch.full((2, K, DRAFT_VOCAB + 1), 1.0 / DRAFT_VOCAB), [[5] * K, [6] * K, [7]])
     assert reduced.runner.cache.num_used_blocks == 0  # nothing was appended for the refused batch
+
+
+def test_greedy_and_sampled_rows_in_one_batch_verify_as_each_would_alone(workers, draft_dir):
+    """Greedy rows are verified by argmax and sampled rows by the rejection sampler, apart: a
+    batch that mixes them (and rows of different k, and a plain decode) gives every row what a
+    batch of that row alone gives."""
+    reduced, _ = workers
+    vmap = VocabMap.load(draft_dir, torch.device("cpu"))
+    g = torch.Generator().manual_seed(7)
+    q = torch.softmax(4 * torch.randn(4, K, DRAFT_VOCAB, generator=g), -1)
+    drafts = vmap.target_ids[torch.multinomial(q.view(-1, DRAFT_VOCAB), 1, generator=g).view(4, K)].tolist()
+    drafts[1], drafts[3] = drafts[1][:2], []  # k = 2, and a decode without drafts
+    temps = [1.0, 0.0, 0.8, 0.0]
+
+    def items(rows):
+        return [VerifyItem(f"m{i}", 0, [1, 40 + i, 7, 99], True, SamplingParams(temperature=temps[i], seed=100 + i),
+                           drafts[i], proposal_row=i) for i in rows]
+
+    def verify(rows):
+        batch = items(rows)
+        result = reduced.verify(VerifyBatch(batch, Proposal([drafts[i] for i in range(4)], q)))
+        reduced.free([it.req_id for it in batch])
+        return list(zip(result.num_accepted, result.output_ids))
+
+    together = verify([0, 1, 2, 3])
+    assert together == [verify([i])[0] for i in range(4)]
+    assert together[3][0] == 0 and len(together[3][1]) == 1
