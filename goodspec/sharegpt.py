@@ -76,23 +76,21 @@ def exchanges(conv: Conversation) -> Iterator[tuple[str, str]]:
             yield text, reply
 
 
+def _split(held_out: bool | None) -> Iterator[Conversation]:
+    """The conversations of one split (held-out or training), or all with None."""
+    return (c for c in iter_conversations() if held_out is None or c.is_held_out() == held_out)
+
+
+def _first(items: Iterator, limit: int | None) -> Iterator:
+    return itertools.islice(items, None if limit is None else max(0, limit))
+
+
 def first_turn_prompts(
     held_out: bool | None = None, limit: int | None = None
 ) -> Iterator[tuple[str, str]]:
     """First (prompt, reply) exchange of each conversation, optionally only held-out ones."""
-    n = 0
-    if limit is not None and limit <= 0:
-        return
-    for conv in iter_conversations():
-        if held_out is not None and conv.is_held_out() != held_out:
-            continue
-        first = next(exchanges(conv), None)
-        if first is None:
-            continue
-        yield first
-        n += 1
-        if limit is not None and n >= limit:
-            return
+    firsts = (first for conv in _split(held_out) if (first := next(exchanges(conv), None)) is not None)
+    return _first(firsts, limit)
 
 
 # A later user turn shorter than this ("continue", "thanks") is dropped by `later_turn_prompts`:
@@ -104,16 +102,6 @@ def later_turn_prompts(held_out: bool | None = None, limit: int | None = None) -
     """The user's second and later turns of each conversation, each as a prompt on its own (the
     first turn's counterpart for training data: more prompts from the same conversations, and the
     held-out split's conversations stay unseen), in file order."""
-    n = 0
-    if limit is not None and limit <= 0:
-        return
-    for conv in iter_conversations():
-        if held_out is not None and conv.is_held_out() != held_out:
-            continue
-        for text, _ in itertools.islice(exchanges(conv), 1, None):
-            if len(text.strip()) < MIN_LATER_TURN_CHARS:
-                continue
-            yield text
-            n += 1
-            if limit is not None and n >= limit:
-                return
+    later = (text for conv in _split(held_out) for text, _ in itertools.islice(exchanges(conv), 1, None)
+             if len(text.strip()) >= MIN_LATER_TURN_CHARS)
+    return _first(later, limit)
