@@ -46,7 +46,7 @@ class FeatureDistillConfig:
     # on-policy records under --work (the target's own greedy replies: the text it is judged on);
     # `1 - forced_share` of each batch comes from them, each set's part in proportion to its size
     replies: tuple[str, ...] = ("replies-128-192-bfloat16-from7168", "replies-128-192-bfloat16",
-                                "replies-128-192-bfloat16-from10240")
+                                "replies-128-192-bfloat16-from10240", "replies-128-192-bfloat16-later")
     # teacher-forced records under --work; `forced_share` of each batch comes from them, each
     # set's part in proportion to its size
     forced: tuple[str, ...] = ("forced-192-192-bfloat16-from10240", "forced-192-192-bfloat16-from0")
