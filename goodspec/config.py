@@ -56,7 +56,7 @@ class EngineConfig:
     draft_dir: str | None = _f("", "draft model directory (same tokenizer; unset = the named pair's); "
                                    "none = no draft", aliases=("--draft",))
     policy: str = _f("fixed:3", "speculation policy: off | fixed:K | lookup:K (proposer auto or ngram) | goodput | "
-                                "goodput-uniform (one k per batch) | goodput-conf | goodput-pooled")
+                                "goodput-uniform (one k per batch) | goodput-conf")
     proposer: str = _f("draft", "who proposes draft tokens: draft (the draft model) | ngram (prompt lookup, no model) | "
                                 "auto (both: goodput policies choose per request and step; others use the draft)")
     device: str = _f("auto", "auto (cuda when present) | cpu | cuda | cuda:N")

@@ -78,7 +78,7 @@ class FixedPolicy(SpeculationPolicy):
         return [min(self.k, c) for c in caps]
 
 
-POLICY_NAMES = ("off", "fixed:K", "lookup:K", "goodput", "goodput-uniform", "goodput-conf", "goodput-pooled")
+POLICY_NAMES = ("off", "fixed:K", "lookup:K", "goodput", "goodput-uniform", "goodput-conf")
 MAX_FIXED_K = 64
 MAX_POLICY_CHARS = 32  # longer text is refused before it is looked at
 
@@ -88,18 +88,18 @@ class PolicySpec:
     """A speculation policy as the server or a request names it, parsed once where the text
     enters (CLI flag, gRPC field) and carried typed from there; `build` makes the policy."""
 
-    kind: Literal["off", "fixed", "lookup", "goodput", "goodput-uniform", "goodput-conf", "goodput-pooled"]
+    kind: Literal["off", "fixed", "lookup", "goodput", "goodput-uniform", "goodput-conf"]
     k: int = 0  # fixed:K and lookup:K only
 
     @classmethod
     def parse(cls, text: str) -> "PolicySpec":
-        """'off', 'fixed:K' / 'lookup:K' (0 <= K <= MAX_FIXED_K) or 'goodput[-uniform|-conf|-pooled]',
+        """'off', 'fixed:K' / 'lookup:K' (0 <= K <= MAX_FIXED_K) or 'goodput[-uniform|-conf]',
         case and spaces ignored ('FIXED:05 ' is fixed:5); ValueError naming the accepted forms
         otherwise."""
         if len(text) > MAX_POLICY_CHARS:
             raise ValueError(f"a speculation policy is at most {MAX_POLICY_CHARS} characters")
         norm = text.strip().lower()
-        if norm in ("off", "goodput", "goodput-uniform", "goodput-conf", "goodput-pooled"):
+        if norm in ("off", "goodput", "goodput-uniform", "goodput-conf"):
             return cls(norm)  # type: ignore[arg-type]
         for kind in ("fixed", "lookup"):
             if norm.startswith(kind + ":"):
@@ -126,8 +126,6 @@ class PolicySpec:
             return GoodputPolicy(uniform=True)
         if self.kind == "goodput-conf":
             return GoodputPolicy(confidence=True)
-        if self.kind == "goodput-pooled":
-            return GoodputPolicy(pooled=True)
         if self.kind == "lookup":
             return LookupPolicy(self.k)
         return FixedPolicy(self.k)
@@ -157,17 +155,12 @@ class GoodputPolicy(SpeculationPolicy):
     name = "goodput"
 
     def __init__(self, refit_every: int = 16, warmup_k: int = 2, uniform: bool = False,
-                 confidence: bool = False, pooled: bool = False) -> None:
+                 confidence: bool = False) -> None:
         from goodspec.scheduler.confidence import ConfidenceCalibrator
-        from goodspec.scheduler.goodput import StepTimeModel
-        from goodspec.scheduler.lookup_acceptance import ClassedAcceptance, sampling_class
+        from goodspec.scheduler.goodput import AcceptanceEstimator, StepTimeModel
 
         self.time_model = StepTimeModel()
-        # The draft model's acceptance, learned apart for greedy and sampled requests (one pool
-        # for both with `pooled`, the A/B variant goodput-pooled).
-        self.acceptance = ClassedAcceptance(lambda r: True) if pooled else ClassedAcceptance(sampling_class, True)
-        if pooled:
-            self.name = "goodput-pooled"
+        self.acceptance = AcceptanceEstimator()
         # With prompt lookup offered (offer_lookup): its own acceptance, learned from its
         # verifications and from its proposals scored against what the target committed, per
         # class of proposal (goodspec.scheduler.lookup_acceptance).
@@ -232,8 +225,7 @@ class GoodputPolicy(SpeculationPolicy):
         self._steps += 1
         ids = [r.req_id for r in requests]
         self._lookup_ids = set(ids) if self.lookup_only else set()
-        self.acceptance.classify(requests)  # which estimator each request's evidence feeds
-        if self.lookup_acceptance is not None:
+        if self.lookup_acceptance is not None:  # which lookup estimator each request's evidence feeds
             self.lookup_acceptance.classify(requests)
         if not self.time_model.ready or self._observations < self.min_observations:
             return [min(self.warmup_k, c) for c in caps]

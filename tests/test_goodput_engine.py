@@ -36,9 +36,9 @@ def test_greedy_output_under_goodput_equals_target_only(proposer, goodput_engine
     policy = engine.scheduler.policy  # nothing per request is left once all finished
     assert not engine.has_unfinished()
     lookup = policy.lookup_acceptance
-    for estimator in (*policy.acceptance.estimators(), *(lookup.estimators() if lookup else ())):
+    for estimator in (policy.acceptance, *(lookup.estimators() if lookup else ())):
         assert not (estimator._per_request or estimator._vs_global)
-    assert not policy.acceptance._class and not (lookup and lookup._class)
+    assert not (lookup and lookup._class)
 
 
 def test_step_time_model_predicts_held_out_real_steps_within_15_percent(goodput_engine, sharegpt_prompts):

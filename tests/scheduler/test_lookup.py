@@ -213,28 +213,3 @@ def test_a_lookup_request_reserves_no_draft_cache():
     planner = KVPlanner(KVBudget(8, 16), KVBudget(2, 16))  # target 128 tokens, draft 32
     assert not planner.fits([r], {"r": 8}, {})  # drafting 8 more would need 37 draft positions
     assert planner.fits([r], {"r": 8}, {}, lookup={"r"})
-
-
-def test_the_draft_models_acceptance_is_learned_apart_for_greedy_and_sampled_requests():
-    """goodput prices a new sampled request at what sampled requests accepted, not at the greedy
-    requests' rate (goodput-pooled, the A/B variant, keeps one pool)."""
-    from goodspec.scheduler.policy import PolicySpec
-    from goodspec.scheduler.request import Request
-    from goodspec.workers.sampling import SamplingParams
-
-    def request(rid, temperature):
-        return Request(rid, [1, 2, 3], SamplingParams(max_new_tokens=8, temperature=temperature, seed=0))
-
-    gains = {}
-    for name in ("goodput", "goodput-pooled"):
-        policy = PolicySpec.parse(name).build()
-        assert policy.name == name
-        greedy, sampled = request("g", 0.0), request("s", 0.9)
-        for _ in range(200):
-            policy.acceptance.classify([greedy, sampled])
-            policy.acceptance.observe_many([("g", 4, 3), ("s", 4, 0)])
-        policy.acceptance.classify([request("new-g", 0.0), request("new-s", 0.9)])
-        gains[name] = policy.acceptance.expected_tokens(["new-g", "new-s"], 4)
-    assert gains["goodput"][0, 4] > 3.0 and gains["goodput"][1, 4] < 1.3
-    pooled = gains["goodput-pooled"]
-    assert abs(pooled[0, 4] - pooled[1, 4]) < 1e-9 and 1.3 < pooled[1, 4] < 3.0
