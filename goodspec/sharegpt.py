@@ -81,7 +81,8 @@ def _split(held_out: bool | None) -> Iterator[Conversation]:
     return (c for c in iter_conversations() if held_out is None or c.is_held_out() == held_out)
 
 
-def _first(items: Iterator, limit: int | None) -> Iterator:
+def _at_most(items: Iterator, limit: int | None) -> Iterator:
+    """The first `limit` items (all with None, none for a limit <= 0), read lazily."""
     return itertools.islice(items, None if limit is None else max(0, limit))
 
 
@@ -90,7 +91,7 @@ def first_turn_prompts(
 ) -> Iterator[tuple[str, str]]:
     """First (prompt, reply) exchange of each conversation, optionally only held-out ones."""
     firsts = (first for conv in _split(held_out) if (first := next(exchanges(conv), None)) is not None)
-    return _first(firsts, limit)
+    return _at_most(firsts, limit)
 
 
 # A later user turn shorter than this ("continue", "thanks") is dropped by `later_turn_prompts`:
@@ -104,4 +105,4 @@ def later_turn_prompts(held_out: bool | None = None, limit: int | None = None) -
     held-out split's conversations stay unseen), in file order."""
     later = (text for conv in _split(held_out) for text, _ in itertools.islice(exchanges(conv), 1, None)
              if len(text.strip()) >= MIN_LATER_TURN_CHARS)
-    return _first(later, limit)
+    return _at_most(later, limit)
