@@ -60,7 +60,7 @@ class DistillConfig:
     prompt_user_tokens: int = 192  # a long user turn is cut to its first tokens
     new_tokens: int = 128  # greedy target tokens generated per prompt
     gen_batch: int = 64
-    # The replies are generated in bfloat16: about twice as fast on a CPU with AMX/AVX-512 bf16
+    # The replies are generated in bfloat16: about twice as fast on a CPU with AVX-512 bf16 or AMX
     # (measured here: 334 vs 149 tokens/s) and the draft learns a distribution, not bits. The
     # held-out evaluation runs the target in float32, the dtype goodspec serves with on a CPU.
     data_dtype: str = "bfloat16"
