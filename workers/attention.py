@@ -5,7 +5,8 @@ one, `[1, num_tokens]`, with explicit position ids, so a 300-token prompt chunk,
 and a 6-token verification share one forward without padding the MLPs. Attention is the only
 place sequences must be told apart: each layer writes its new K/V into the cache slots of its
 sequence, gathers each sequence's whole context through its block table, and runs SDPA on a
-`[num_seqs, max_new, max_context]` causal mask. Everything here is tensor ops prepared once per
+`[num_seqs, max_new, max_context]` causal mask (in bfloat16 on a CPU, two grouped matmuls
+instead: see `_grouped_matmul_attention`). Everything here is tensor ops prepared once per
 forward (`AttentionMetadata`) and reused by every layer.
 """
 
@@ -116,7 +117,7 @@ def paged_attention(
         k_ctx = k_ctx.repeat_interleave(q.shape[2] // num_kv_heads, dim=1)
         v_ctx = v_ctx.repeat_interleave(q.shape[2] // num_kv_heads, dim=1)
         gqa = False
-    if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         out = _grouped_matmul_attention(q.transpose(1, 2), k_ctx, v_ctx, meta.mask, scaling)
     else:
         out = F.scaled_dot_product_attention(
@@ -136,8 +137,9 @@ def _grouped_matmul_attention(
     """Attention as two batched matmuls with each KV head's query heads stacked, softmax in
     float32 (as transformers' eager attention does). Why not SDPA: on a CPU, PyTorch's flash
     kernel in bfloat16 takes 1.1-2.3 ms a layer for 16-32 sequences of one new token and 200 of
-    context, where these two matmuls take 0.13-0.19 (this machine: AVX-512 bf16, no AMX; float32 SDPA 0.15-0.33):
-    it was 59% of a bfloat16 decode step. float32 keeps SDPA, the kernel its exactness tests ran on."""
+    context, where these two matmuls take 0.13-0.19 (this machine: AVX-512 bf16, no AMX; float32
+    SDPA 0.15-0.33): it was 59% of a bfloat16 decode step. float32 keeps SDPA, the kernel its
+    exactness tests ran on; float16 on a CPU was not measured and keeps it too."""
     num_seqs, heads, max_new, head_dim = q.shape
     kv_heads, ctx = k.shape[1], k.shape[2]
     group = heads // kv_heads  # query head h reads KV head h // group, as repeat_interleave does
