@@ -99,14 +99,19 @@ def test_the_draft_is_small_and_maps_into_the_targets_vocabulary(pair):
     assert torch.isfinite(logits[0, ~outside]).all()
 
 
-@pytest.mark.parametrize("policy", ["off", "fixed:3", "goodput", "goodput-conf"])
-def test_greedy_output_equals_the_targets_own_on_held_out_chat_prompts(pair, chat_prompts, reference, policy):
+def _generate(prompts, policy: str, dtype: str):
+    """The prompts through an in-process engine on the real pair, greedy, NEW_TOKENS each."""
     from goodspec.engine import LLMEngine
 
     engine = LLMEngine(EngineConfig(
-        model="smollm2", policy=policy, device="cpu", dtype="float32", target_kv_tokens=8192,
+        model="smollm2", policy=policy, device="cpu", dtype=dtype, target_kv_tokens=8192,
         draft_kv_tokens=8192, scheduler=SchedulerConfig(max_num_seqs=8, max_k=5, max_num_batched_tokens=1024)))
-    got = engine.generate(chat_prompts, SamplingParams(max_new_tokens=NEW_TOKENS))
+    return engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS))
+
+
+@pytest.mark.parametrize("policy", ["off", "fixed:3", "goodput", "goodput-conf"])
+def test_greedy_output_equals_the_targets_own_on_held_out_chat_prompts(pair, chat_prompts, reference, policy):
+    got = _generate(chat_prompts, policy, "float32")
     for p, c in zip(chat_prompts, got):
         assert c.token_ids == reference[p], (policy, p[-80:])
     if policy != "off":
@@ -119,17 +124,9 @@ def test_bfloat16_on_a_cpu_speculates_to_its_own_plain_greedy_output(pair, chat_
     """bfloat16 on a CPU (2.2x faster here) is its own target: speculation must reproduce what the
     same engine decodes with speculation off; a near-tie may flip when batch shapes differ (none
     did on 24 prompts of 48 tokens here), as the CUDA test allows."""
-    from goodspec.engine import LLMEngine
-
-    def run(policy):
-        engine = LLMEngine(EngineConfig(
-            model="smollm2", policy=policy, device="cpu", dtype="bfloat16", target_kv_tokens=8192,
-            draft_kv_tokens=8192, scheduler=SchedulerConfig(max_num_seqs=8, max_k=5, max_num_batched_tokens=1024)))
-        return engine.generate(chat_prompts, SamplingParams(max_new_tokens=NEW_TOKENS))
-
-    plain = [c.token_ids for c in run("off")]
+    plain = [c.token_ids for c in _generate(chat_prompts, "off", "bfloat16")]
     for policy in ("fixed:3", "goodput"):
-        got = run(policy)
+        got = _generate(chat_prompts, policy, "bfloat16")
         assert sum(c.token_ids == want for c, want in zip(got, plain)) >= len(plain) - 1, policy
         assert sum(c.usage.draft_tokens_accepted for c in got) > 0
 

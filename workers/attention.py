@@ -139,7 +139,9 @@ def _grouped_matmul_attention(
     kernel in bfloat16 takes 1.1-2.3 ms a layer for 16-32 sequences of one new token and 200 of
     context, where these two matmuls take 0.13-0.19 (this machine: AVX-512 bf16, no AMX; float32
     SDPA 0.15-0.33): it was 59% of a bfloat16 decode step. float32 keeps SDPA, the kernel its
-    exactness tests ran on; float16 on a CPU was not measured and keeps it too."""
+    exactness tests ran on; float16 on a CPU was not measured and keeps it too. transformers'
+    eager attention computes the same thing but first copies K and V once per query head
+    (repeat_kv) and takes an additive float mask; stacking the query heads avoids both."""
     num_seqs, heads, max_new, head_dim = q.shape
     kv_heads, ctx = k.shape[1], k.shape[2]
     group = heads // kv_heads  # query head h reads KV head h // group, as repeat_interleave does

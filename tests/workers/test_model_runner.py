@@ -26,14 +26,19 @@ def _ref_logits(model, ids):
         return model(input_ids=torch.tensor([ids], device=model.device)).logits[0]
 
 
-def test_one_forward_mixes_prompt_chunks_decodes_and_verification_spans(runner, reference):
-    g = torch.Generator().manual_seed(0)
+def _two_packed_steps(runner, seed: int):
+    """Three random sequences through two packed forwards: prompt chunks of different lengths,
+    then a 6-token "verification" span, a 1-token decode and the rest of a prompt."""
+    g = torch.Generator().manual_seed(seed)
     seqs = [torch.randint(3, 4000, (n,), generator=g).tolist() for n in (41, 7, 70)]
-    # Step 1: chunks of different length for three sequences.
     first = runner.forward(["a", "b", "c"], [0, 0, 0], [seqs[0][:30], seqs[1][:6], seqs[2][:33]], [30, 1, 2])
-    # Step 2: a 6-token "verification" span, a 1-token decode, and the rest of a prompt.
     second = runner.forward(["c", "b", "a"], [33, 6, 30], [seqs[2][33:39], seqs[1][6:], seqs[0][30:]],
                             [6, 1, 11])
+    return seqs, first, second
+
+
+def test_one_forward_mixes_prompt_chunks_decodes_and_verification_spans(runner, reference):
+    seqs, first, second = _two_packed_steps(runner, seed=0)
     want_a = _ref_logits(reference, seqs[0])
     want_b = _ref_logits(reference, seqs[1])
     want_c = _ref_logits(reference, seqs[2][:39])
@@ -42,6 +47,21 @@ def test_one_forward_mixes_prompt_chunks_decodes_and_verification_spans(runner, 
     torch.testing.assert_close(second[6], want_b[6], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(first[31:33], want_c[31:33], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(second[:6], want_c[33:39], atol=1e-4, rtol=1e-4)
+    runner.free(["a", "b", "c"])
+
+
+def test_a_bfloat16_cpu_forward_agrees_with_the_float32_model():
+    """The same two packed steps in bfloat16 on a CPU take the grouped-matmul attention; the logits
+    stay within bfloat16's error of the float32 model's and pick the same token almost everywhere
+    (a wrong head grouping or mask would not)."""
+    runner = ModelRunner(RunnerConfig(DEFAULT_TARGET, device="cpu", dtype="bfloat16", kv_cache_tokens=1024))
+    model = AutoModelForCausalLM.from_pretrained(DEFAULT_TARGET, dtype=torch.float32).eval()
+    seqs, first, second = _two_packed_steps(runner, seed=1)
+    want = [_ref_logits(model, s) for s in (seqs[0], seqs[1], seqs[2][:39])]
+    got = torch.cat([first[:30], second[7:], first[30:31], second[6:7], first[31:33], second[:6]]).float()
+    ref = torch.cat([want[0], want[1][5:7], want[2][31:39]])
+    assert (got - ref).abs().max() < 0.5 and (got - ref).abs().mean() < 0.05
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.95
     runner.free(["a", "b", "c"])
 
 
