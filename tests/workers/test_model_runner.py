@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from goodspec.config import DEFAULT_TARGET
+from goodspec.workers.attention import AttentionMetadata
 from goodspec.workers.kv_cache import KVCacheFullError
 from goodspec.workers.model_runner import ModelRunner, RunnerConfig
 from tests.conftest import DEVICES
@@ -48,6 +49,37 @@ def test_one_forward_mixes_prompt_chunks_decodes_and_verification_spans(runner, 
     torch.testing.assert_close(first[31:33], want_c[31:33], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(second[:6], want_c[33:39], atol=1e-4, rtol=1e-4)
     runner.free(["a", "b", "c"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_prompt_chunk_beside_decodes_is_attended_as_its_own_group(dtype):
+    """A 40-token prompt chunk beside six 1-token decodes: the decodes are not padded to the
+    chunk's 40 queries (two attention groups), and every row still equals the whole-sequence
+    forward (float32: transformers' own; bfloat16: the same runner's single-group forwards)."""
+    runner = ModelRunner(RunnerConfig(DEFAULT_TARGET, device="cpu", dtype=dtype, kv_cache_tokens=2048))
+    g = torch.Generator().manual_seed(7)
+    seqs = [torch.randint(3, 4000, (n,), generator=g).tolist() for n in (20, 33, 9, 25, 14, 30, 40)]
+    names = [f"s{i}" for i in range(7)]
+    lens = [len(s) - 1 for s in seqs[:6]] + [0]
+    runner.forward(names[:6], [0] * 6, [s[:-1] for s in seqs[:6]], [1] * 6)  # prompts, one group
+    runner.cache.prepare(list(zip(names, lens, [1] * 6 + [40])))
+    meta, _ = AttentionMetadata.build(runner.cache, names[:6], lens[:6], [1] * 6, runner.device)
+    assert len(meta.groups) == 1 and meta.groups[0].token_index is None
+    meta, _ = AttentionMetadata.build(runner.cache, names, lens, [1] * 6 + [40], runner.device)
+    assert [g.pad_index.shape for g in meta.groups] == [(6, 1), (1, 40)]
+    mixed = runner.forward(names, lens, [[s[-1]] for s in seqs[:6]] + [seqs[6]], [1] * 6 + [40])
+    if dtype == "float32":
+        reference = AutoModelForCausalLM.from_pretrained(DEFAULT_TARGET, dtype=torch.float32).eval()
+        want = torch.stack([_ref_logits(reference, s)[-1] for s in seqs[:6]])
+        want_chunk = _ref_logits(reference, seqs[6])
+        tol = 1e-4
+    else:
+        alone = ModelRunner(RunnerConfig(DEFAULT_TARGET, device="cpu", dtype=dtype, kv_cache_tokens=2048))
+        want = torch.cat([alone.forward([n], [0], [s], [1]) for n, s in zip(names[:6], seqs[:6])])
+        want_chunk = alone.forward(["s6"], [0], [seqs[6]], [40])
+        tol = 2e-2
+    torch.testing.assert_close(mixed[:6], want, atol=tol, rtol=tol)
+    torch.testing.assert_close(mixed[6:], want_chunk, atol=tol, rtol=tol)
 
 
 def test_a_bfloat16_cpu_forward_agrees_with_the_float32_model():
