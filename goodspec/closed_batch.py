@@ -60,10 +60,10 @@ class Replay:
     records: list  # StepRecords
 
 
-def replay(engine: LLMEngine, prompts: list[str], params: SamplingParams, policy: str) -> Replay:
+def replay(engine: LLMEngine, prompts: list[str], params: list[SamplingParams], policy: str) -> Replay:
     sched = engine.scheduler
     sched.step_records.clear()
-    ids = [engine.add_request(p, params, policy=policy) for p in prompts]
+    ids = [engine.add_request(p, sp, policy=policy) for p, sp in zip(prompts, params)]
     engine.target.runner.synchronize()
     t0 = time.perf_counter()
     while engine.has_unfinished():
@@ -119,23 +119,41 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated; the first is the baseline (off)")
     ap.add_argument("--prompts", type=int, default=64, help="held-out ShareGPT prompts of 10-600 characters")
     ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--workload", default=None, choices=("chat",),
+                    help="chat: `goodspec bench`'s chat workload instead (held-out first turns through the chat "
+                         "template, each request's output length its ShareGPT reply's, capped at --max-new-tokens): "
+                         "the saturated end of the bench's latency study, without arrivals or Ray")
+    ap.add_argument("--proposer", default="draft", choices=("draft", "auto"))
     ap.add_argument("--max-num-seqs", type=int, default=32)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                    help="tokens per target forward (the server's default is 512)")
     ap.add_argument("--replays", type=int, default=5)
     ap.add_argument("--out", default=None, help="write the runs as JSON here, each with its last replay's step records")
     args = ap.parse_args(argv)
 
-    fitting = (p for p, _ in first_turn_prompts(held_out=True) if 10 <= len(p) <= 600)
-    prompts = list(itertools.islice(fitting, args.prompts))  # stop reading once there are enough
-    if len(prompts) < args.prompts:
-        raise SystemExit(f"only {len(prompts)} held-out prompts of 10-600 characters; asked for {args.prompts}")
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)
     engine = LLMEngine(EngineConfig(
-        model=args.model, policy="off", device=args.device, dtype=args.dtype,
+        model=args.model, policy="off", device=args.device, dtype=args.dtype, proposer=args.proposer,
         target_kv_tokens=65536, draft_kv_tokens=65536,
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_k=8, max_num_batched_tokens=2048)))
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_k=8,
+                                  max_num_batched_tokens=args.max_num_batched_tokens)))
+    if args.workload:
+        from goodspec.workloads import build_workload
+
+        items = build_workload(args.workload, engine.codec, args.prompts, seed=0,
+                               max_output_tokens=args.max_new_tokens)
+        prompts = [it.prompt for it in items]
+        params = [SamplingParams(max_new_tokens=it.max_new_tokens, ignore_eos=True) for it in items]
+    else:
+        fitting = (p for p, _ in first_turn_prompts(held_out=True) if 10 <= len(p) <= 600)
+        prompts = list(itertools.islice(fitting, args.prompts))  # stop reading once there are enough
+        params = [SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True)] * len(prompts)
+    if len(prompts) < args.prompts:
+        raise SystemExit(f"only {len(prompts)} held-out prompts fit; asked for {args.prompts}")
     runner = engine.target.runner
-    print(f"{args.model} on {runner.device} ({runner.dtype}): {len(prompts)} prompts x {args.max_new_tokens} "
-          f"tokens, max_num_seqs {args.max_num_seqs}, median of {args.replays} replays", flush=True)
+    print(f"{args.model} on {runner.device} ({runner.dtype}): {len(prompts)} {args.workload or 'plain'} prompts, "
+          f"{sum(p.max_new_tokens for p in params)} tokens in all, max_num_seqs {args.max_num_seqs}, "
+          f"{args.max_num_batched_tokens} tokens a step, proposer {args.proposer}, median of {args.replays} replays",
+          flush=True)
     replay(engine, prompts, params, "fixed:3")  # warm-up: kernels, allocator
     policies = args.policies.split(",")
     done: dict[str, list[Replay]] = {p: [] for p in policies}

@@ -22,3 +22,20 @@ def test_the_table_compares_policies_on_the_same_prompts_and_outputs_stay_lossle
     assert runs["off"]["draft_ms"] == [0, 0] and min(runs["fixed:2"]["draft_ms"]) > 0
     assert not any(k for step in runs["off"]["records"] for k in step["ks"])
     assert max(k for step in runs["fixed:2"]["records"] for k in step["ks"]) == 2
+
+
+def test_the_bench_chat_workload_replays_on_the_real_pair_under_the_servers_token_budget(tmp_path, capsys):
+    """`--workload chat`: the bench's chat requests (chat template, each its own output length)
+    on SmolLM2 in bfloat16, 64 tokens a step (so prompt chunks share steps with decodes) and
+    proposer auto; greedy outputs of every policy equal off's."""
+    out = tmp_path / "runs.json"
+    assert main(["--model", "smollm2", "--dtype", "bfloat16", "--device", "cpu", "--workload", "chat",
+                 "--prompts", "6", "--max-new-tokens", "8", "--max-num-seqs", "6", "--replays", "1",
+                 "--max-num-batched-tokens", "64", "--proposer", "auto", "--policies", "off,goodput",
+                 "--out", str(out)]) == 0
+    assert "6 chat prompts" in capsys.readouterr().out
+    runs = {r["policy"]: r for r in json.loads(out.read_text())}
+    for r in runs.values():
+        assert r["same_as_off"] == r["requests"] == 6
+        assert all(step["verify_tokens"] <= 64 for step in r["records"])
+        assert any(0 < step["num_decode"] < step["batch_size"] for step in r["records"])  # mixed steps

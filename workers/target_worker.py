@@ -108,7 +108,9 @@ class TargetWorker:
 
     def _accept_greedy(self, batch: VerifyBatch, items, first: list[int], logits: torch.Tensor):
         index, draft_ids, num_draft, _ = self._slots(items, first, logits)
-        num_accepted, out = greedy_verify(logits[index].argmax(-1), draft_ids, num_draft)
+        # argmax first, then the slots: gathering [rows, max_k + 1, vocab] logits to take their
+        # argmax copied 20-60 MB a step at batch 32 (21 ms of a 190 ms step under cProfile).
+        num_accepted, out = greedy_verify(logits.argmax(-1)[index], draft_ids, num_draft)
         return num_accepted.tolist(), out.tolist()
 
     def _accept_sampled(self, batch: VerifyBatch, items, first: list[int], logits: torch.Tensor):
