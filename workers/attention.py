@@ -7,8 +7,8 @@ place sequences must be told apart: each layer writes its new K/V into the cache
 sequence, gathers each sequence's whole context through its block table, and runs SDPA on a
 `[num_seqs, max_new, max_context]` causal mask (in bfloat16 on a CPU, two grouped matmuls
 instead: see `_grouped_matmul_attention`); a batch mixing prompt chunks with decodes runs as two
-such groups, so decodes are not padded to a chunk's length (`query_groups`). Everything here is tensor ops prepared once per
-forward (`AttentionMetadata`) and reused by every layer.
+such groups, so decodes are not padded to a chunk's length (`query_groups`). Everything here is
+tensor ops prepared once per forward (`AttentionMetadata`) and reused by every layer.
 """
 
 from __future__ import annotations
