@@ -9,7 +9,9 @@ the median over replays of the draft's and the target's call time per step and o
 step spent after it (the policies learning from it), the policies' share of step time spent
 choosing k, the mean chosen k, acceptance, and how many greedy outputs equal `off`'s. The GPU
 figures in BENCHMARKS.md were measured this way; `goodspec bench` is the latency-against-load
-study on the Ray runtime.
+study on the Ray runtime. `--workload chat --max-num-batched-tokens 512 --proposer auto` replays
+that study's saturated end instead: its chat requests and the server's token budget, so prompt
+chunks share steps with decodes as they do there.
 """
 
 from __future__ import annotations
