@@ -73,7 +73,7 @@ class AttentionMetadata:
         positions = start_t[seq_of_token] + offset
         slot_mapping = block_tables[seq_of_token, positions // bs] * bs + positions % bs
         groups = [_group(torch.tensor(members, dtype=torch.long), block_tables, blocks, q_lens, start_t, cu,
-                         total, bs, device, whole=len(members) == num_seqs)
+                         total, bs, device)
                   for members in query_groups(num_new)]
         meta = cls(cache=cache, slot_mapping=slot_mapping.to(device), groups=groups)
         return meta, positions.to(device)
@@ -100,10 +100,10 @@ def query_groups(num_new: list[int]) -> list[list[int]]:
 
 
 def _group(idx: torch.Tensor, all_tables: torch.Tensor, blocks: torch.Tensor, q_lens: torch.Tensor,
-           start_t: torch.Tensor, cu: torch.Tensor, total: int, bs: int, device: torch.device,
-           whole: bool) -> AttentionGroup:
+           start_t: torch.Tensor, cu: torch.Tensor, total: int, bs: int, device: torch.device) -> AttentionGroup:
     """The group of sequences `idx`; `all_tables`, `blocks`, `q_lens`, `start_t`, `cu`: every
-    sequence's block table, its length in blocks, its new tokens, its start and first packed index."""
+    sequence's block table, its length in blocks, its new tokens, its start and first packed index.
+    A group of every sequence keeps the packed order, so it needs no token_index."""
     lens, starts, firsts = q_lens[idx], start_t[idx], cu[idx]
     max_blocks = int(blocks[idx].max())
     block_tables = all_tables[idx, :max_blocks]
@@ -114,7 +114,7 @@ def _group(idx: torch.Tensor, all_tables: torch.Tensor, blocks: torch.Tensor, q_
     local = torch.repeat_interleave(torch.arange(len(idx)), lens)
     within = torch.arange(int(lens.sum())) - (torch.cumsum(lens, 0) - lens)[local]
     unpad_index = local * max_new + within
-    token_index = firsts[local] + within
+    whole = len(idx) == all_tables.shape[0]
     # A padded query row attends like the sequence's last real query, so no row is all-masked.
     q_pos = starts[:, None] + torch.minimum(j[None, :], (lens - 1)[:, None])
     key_pos = torch.arange(max_blocks * bs)
@@ -123,7 +123,7 @@ def _group(idx: torch.Tensor, all_tables: torch.Tensor, blocks: torch.Tensor, q_
         block_tables=block_tables.to(device),
         pad_index=pad_index.to(device),
         unpad_index=unpad_index.to(device),
-        token_index=None if whole else token_index.to(device),
+        token_index=None if whole else (firsts[local] + within).to(device),
         mask=mask.to(device),
     )
 
@@ -150,7 +150,7 @@ def paged_attention(
     v_layer.view(-1, num_kv_heads, key.shape[3])[meta.slot_mapping] = value[0].transpose(0, 1)
     q = query[0].transpose(0, 1)  # [num_tokens, heads, head_dim]
     q = torch.cat([q, q.new_zeros(1, *q.shape[1:])])  # a zero row for padded queries
-    if len(meta.groups) == 1 and meta.groups[0].token_index is None:
+    if len(meta.groups) == 1:  # every sequence, in packed order
         out = _group_attention(q, k_layer, v_layer, meta.groups[0], scaling)
     else:
         out = q.new_empty(q.shape[0] - 1, *q.shape[1:])

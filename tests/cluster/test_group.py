@@ -120,9 +120,10 @@ def test_small_kv_budget_preempts_through_ray_and_outputs_are_unchanged(group, s
 
 
 def test_two_replicas_share_the_requests(ray_session, sharegpt_prompts):
+    new_tokens = 8
     g = make_group(cluster__replicas=2)
     try:
-        res = g.complete_all(sharegpt_prompts[:8], SamplingParams(max_new_tokens=8))
+        res = g.complete_all(sharegpt_prompts[:8], SamplingParams(max_new_tokens=new_tokens))
     finally:
         g.shutdown()
     replicas = [c.replica for c in res]
@@ -130,7 +131,7 @@ def test_two_replicas_share_the_requests(ray_session, sharegpt_prompts):
     # Routing is least outstanding work (prompt tokens + max_new_tokens), picked as the requests
     # arrive, and asyncio starts them in no fixed order: request counts may differ (two long
     # prompts balance six short ones), but the work on each replica is within one request's.
-    cost = [c.usage.prompt_tokens + 8 for c in res]
+    cost = [c.usage.prompt_tokens + new_tokens for c in res]
     load = [sum(w for w, r in zip(cost, replicas) if r == i) for i in (0, 1)]
     assert abs(load[0] - load[1]) <= max(cost), (load, cost, replicas)
 

@@ -66,7 +66,7 @@ def test_a_prompt_chunk_beside_decodes_is_attended_as_its_own_group(dtype):
     meta, _ = AttentionMetadata.build(runner.cache, names[:6], lens[:6], [1] * 6, runner.device)
     assert len(meta.groups) == 1 and meta.groups[0].token_index is None
     meta, _ = AttentionMetadata.build(runner.cache, names, lens, [1] * 6 + [40], runner.device)
-    assert [g.pad_index.shape for g in meta.groups] == [(6, 1), (1, 40)]
+    assert [group.pad_index.shape for group in meta.groups] == [(6, 1), (1, 40)]
     mixed = runner.forward(names, lens, [[s[-1]] for s in seqs[:6]] + [seqs[6]], [1] * 6 + [40])
     if dtype == "float32":
         reference = AutoModelForCausalLM.from_pretrained(DEFAULT_TARGET, dtype=torch.float32).eval()
