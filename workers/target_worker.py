@@ -109,7 +109,8 @@ class TargetWorker:
     def _accept_greedy(self, batch: VerifyBatch, items, first: list[int], logits: torch.Tensor):
         index, draft_ids, num_draft, _ = self._slots(items, first, logits)
         # argmax first, then the slots: gathering [rows, max_k + 1, vocab] logits to take their
-        # argmax copied 20-60 MB a step at batch 32 (21 ms of a 190 ms step under cProfile).
+        # argmax copied up to 57 MB a step at batch 32 (32 x 9 x 49152 floats; 21 ms of a 190 ms
+        # goodput step under cProfile).
         num_accepted, out = greedy_verify(logits.argmax(-1)[index], draft_ids, num_draft)
         return num_accepted.tolist(), out.tolist()
 
