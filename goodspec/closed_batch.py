@@ -11,7 +11,8 @@ choosing k, the mean chosen k, acceptance, and how many greedy outputs equal `of
 figures in BENCHMARKS.md were measured this way; `goodspec bench` is the latency-against-load
 study on the Ray runtime. `--workload chat --max-num-batched-tokens 512 --proposer auto` replays
 that study's saturated end instead: its chat requests and the server's token budget, so prompt
-chunks share steps with decodes as they do there.
+chunks share steps with decodes as they do there; `--workload mixed` its mixed workload (chat,
+copy-from-the-prompt and sampled requests, each sampled one seeded by its index).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class PolicyRun:
     mean_k: float
     acceptance: float | None  # accepted / proposed draft tokens
     same_as_off: int  # greedy outputs equal to the first policy's
-    requests: int
+    requests: int  # greedy ones (a sampled request's output depends on its k: same distribution)
     records: list[dict]  # the last replay's StepRecords
 
     @property
@@ -74,8 +75,9 @@ def replay(engine: LLMEngine, prompts: list[str], params: list[SamplingParams], 
     return Replay(wall, [engine.take_completion(i).token_ids for i in ids], list(sched.step_records))
 
 
-def summary(policy: str, replays: list[Replay], reference: list[list[int]]) -> PolicyRun:
-    """One policy's replays; the step figures are the last replay's."""
+def summary(policy: str, replays: list[Replay], reference: list[list[int]], greedy: list[bool]) -> PolicyRun:
+    """One policy's replays; the step figures are the last replay's; `greedy`: which requests'
+    outputs must equal the reference's."""
     recs, outputs = replays[-1].records, replays[-1].outputs
     step_times = [r.step_time for r in recs]
     drafted = sum(r.draft_tokens + r.lookup_tokens for r in recs)
@@ -93,7 +95,7 @@ def summary(policy: str, replays: list[Replay], reference: list[list[int]]) -> P
         choose_share=sum(r.choose_time for r in recs) / sum(step_times),
         mean_k=statistics.mean(ks) if ks else 0.0,
         acceptance=sum(r.num_accepted for r in recs) / drafted if drafted else None,
-        same_as_off=sum(a == b for a, b in zip(outputs, reference)), requests=len(outputs),
+        same_as_off=sum(a == b for a, b, g in zip(outputs, reference, greedy) if g), requests=sum(greedy),
         records=[r.to_dict() for r in recs],
     )
 
@@ -121,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated; the first is the baseline (off)")
     ap.add_argument("--prompts", type=int, default=64, help="held-out ShareGPT prompts of 10-600 characters")
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--workload", default=None, choices=("chat",),
+    ap.add_argument("--workload", default=None, choices=("chat", "mixed"),
                     help="chat: `goodspec bench`'s chat workload instead (held-out first turns through the chat "
                          "template, each request's output length its ShareGPT reply's, capped at --max-new-tokens): "
-                         "the saturated end of the bench's latency study, without arrivals or Ray")
+                         "the saturated end of the bench's latency study, without arrivals or Ray; mixed: its "
+                         "mixed workload (chat, copy and sampled requests interleaved)")
     ap.add_argument("--proposer", default="draft", choices=("draft", "auto"))
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -144,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         items = build_workload(args.workload, engine.codec, args.prompts, seed=0,
                                max_output_tokens=args.max_new_tokens)
         prompts = [it.prompt for it in items]
-        params = [SamplingParams(max_new_tokens=it.max_new_tokens, ignore_eos=True) for it in items]
+        params = [SamplingParams(max_new_tokens=it.max_new_tokens, ignore_eos=True, temperature=it.temperature,
+                                 seed=i if it.temperature > 0 else None) for i, it in enumerate(items)]
     else:
         fitting = (p for p, _ in first_turn_prompts(held_out=True) if 10 <= len(p) <= 600)
         prompts = list(itertools.islice(fitting, args.prompts))  # stop reading once there are enough
@@ -163,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         for policy in policies:
             done[policy].append(replay(engine, prompts, params, policy))
     reference = done[policies[0]][-1].outputs
-    runs = [summary(p, done[p], reference) for p in policies]
+    greedy = [p.temperature == 0 for p in params]
+    runs = [summary(p, done[p], reference, greedy) for p in policies]
     print(table(runs))
     if args.out:
         with open(args.out, "w") as f:
