@@ -35,10 +35,6 @@ class LookupAcceptance:
             n = r.lookup.match_length() if r.lookup is not None else 0
             self._class[r.req_id] = (r.sampling.temperature <= 0, n)
 
-    def classes(self, req_ids: Sequence[str]) -> list[LookupClass]:
-        """Each request's class at its last `classify`."""
-        return [self._class.get(r, (True, 0)) for r in req_ids]
-
     def _estimator(self, cls: LookupClass) -> AcceptanceEstimator:
         est = self._estimators.get(cls)
         if est is None:
@@ -61,8 +57,8 @@ class LookupAcceptance:
         """[requests, kmax + 1]: E_i(k) of k lookup tokens, each request priced in its class."""
         reach = np.empty((len(req_ids), kmax))
         groups: dict[LookupClass, list[int]] = {}
-        for i, cls in enumerate(self.classes(req_ids)):
-            groups.setdefault(cls, []).append(i)
+        for i, r in enumerate(req_ids):
+            groups.setdefault(self._class.get(r, (True, 0)), []).append(i)
         for cls, rows in groups.items():  # one estimator call per class present, not per request
             est = self._estimator(cls)
             reach[rows] = est.global_reach(kmax)[None, :] * est.scales([req_ids[i] for i in rows])[:, None]

@@ -99,8 +99,6 @@ class PolicySpec:
         if len(text) > MAX_POLICY_CHARS:
             raise ValueError(f"a speculation policy is at most {MAX_POLICY_CHARS} characters")
         norm = text.strip().lower()
-        if norm == "goodput-uncalibrated":  # this commit's A/B arm
-            return cls("goodput-uncalibrated")  # type: ignore[arg-type]
         if norm in ("off", "goodput", "goodput-uniform", "goodput-conf"):
             return cls(norm)  # type: ignore[arg-type]
         for kind in ("fixed", "lookup"):
@@ -128,10 +126,6 @@ class PolicySpec:
             return GoodputPolicy(uniform=True)
         if self.kind == "goodput-conf":
             return GoodputPolicy(confidence=True)
-        if self.kind == "goodput-uncalibrated":
-            policy = GoodputPolicy(calibrate=False)
-            policy.name = self.kind
-            return policy
         if self.kind == "lookup":
             return LookupPolicy(self.k)
         return FixedPolicy(self.k)
@@ -161,8 +155,7 @@ class GoodputPolicy(SpeculationPolicy):
     name = "goodput"
 
     def __init__(self, refit_every: int = 16, warmup_k: int = 2, uniform: bool = False,
-                 confidence: bool = False, calibrate: bool = True) -> None:
-        from goodspec.scheduler.choice_calibration import ChoiceCalibration
+                 confidence: bool = False) -> None:
         from goodspec.scheduler.confidence import ConfidenceCalibrator
         from goodspec.scheduler.goodput import AcceptanceEstimator, StepTimeModel
 
@@ -198,9 +191,6 @@ class GoodputPolicy(SpeculationPolicy):
         self._steps = 0
         self._predicted: float | None = None
         self.prediction_log: list[tuple[float, float]] = []  # (predicted, measured) step seconds
-        # What each kind of option's predictions are worth once the choice takes them
-        # (goodspec.scheduler.choice_calibration); None for the uncalibrated A/B arm.
-        self.calibration = ChoiceCalibration() if calibrate else None
 
     def seed(self, records) -> None:
         """Start from profiled step records (taken at start-up or loaded from the cache)."""
@@ -241,15 +231,9 @@ class GoodputPolicy(SpeculationPolicy):
             return [min(self.warmup_k, c) for c in caps]
         kmax = max(caps, default=0)
         contexts = [len(r.token_ids) for r in requests]
-        draft_kinds = [("draft", r.sampling.temperature <= 0) for r in requests]
-        lookup_kinds = None
-        if self.lookup_acceptance is not None:
-            lookup_kinds = [("lookup", *c) for c in self.lookup_acceptance.classes(ids)]
         if self.lookup_only:  # one proposer, priced like the draft model but with nothing to draft
-            raw = self.lookup_acceptance.expected_tokens(ids, kmax)
-            ks = best_choice(None, contexts, caps, self.time_model, None, prefill,
-                             self._calibrated(raw, lookup_kinds), uniform=self.uniform).ks
-            self._expect(ids, ks, lookup_kinds, raw)
+            gains = self.lookup_acceptance.expected_tokens(ids, kmax)
+            ks = best_choice(None, contexts, caps, self.time_model, None, prefill, gains, uniform=self.uniform).ks
             self._predicted = self.time_model.predict_step_time(ks, contexts, None, [True] * len(ks))
             return ks
         gains = self.acceptance.expected_tokens(ids, kmax)
@@ -269,29 +253,13 @@ class GoodputPolicy(SpeculationPolicy):
         if self.lookup_acceptance is not None:
             lookup_gains = self.lookup_acceptance.expected_tokens(ids, kmax)
         choice = best_choice(None, contexts, caps, self.time_model, np.asarray(catchups) / horizons,
-                             prefill, self._calibrated(gains, draft_kinds), uniform=self.uniform,
-                             lookup_gains=self._calibrated(lookup_gains, lookup_kinds))
+                             prefill, gains, uniform=self.uniform, lookup_gains=lookup_gains)
         ks, lookup = choice.ks, choice.lookup
         if not any(ks) and self._steps % self.explore_every == 0:
             ks, lookup = self._explore(catchups, caps), [False] * len(ks)
         self._lookup_ids = {i for i, lk in zip(ids, lookup) if lk}
-        if lookup_kinds is None:
-            self._expect(ids, ks, draft_kinds, gains)
-        else:
-            self._expect(ids, ks, [lkind if lk else dkind for lkind, dkind, lk in zip(lookup_kinds, draft_kinds, lookup)],
-                         np.where(np.asarray(lookup)[:, None], lookup_gains, gains))
         self._predicted = self.time_model.predict_step_time(ks, contexts, catchups, lookup)
         return ks
-
-    def _calibrated(self, gains, kinds):
-        if gains is None or self.calibration is None:
-            return gains
-        return self.calibration.apply(gains, kinds)
-
-    def _expect(self, ids, ks, kinds, raw_gains) -> None:
-        """Tell the calibration what this choice predicted (uncalibrated) for each request."""
-        if self.calibration is not None:
-            self.calibration.expect(ids, ks, kinds, [float(raw_gains[i, k]) - 1.0 for i, k in enumerate(ks)])
 
     @staticmethod
     def _explore(catchups: Sequence[int], caps: Sequence[int]) -> list[int]:
@@ -327,8 +295,6 @@ class GoodputPolicy(SpeculationPolicy):
                 drafted.append((req_id, k, accepted))
             self._observations += k > 0
         self.acceptance.observe_many(drafted)
-        if self.calibration is not None:
-            self.calibration.observe(outcomes)
         if looked_up:
             self.lookup_acceptance.observe_many(looked_up)
         if self.calibrator is not None:
@@ -358,5 +324,3 @@ class GoodputPolicy(SpeculationPolicy):
             self.lookup_acceptance.forget(req_id)
         self._lookup_ids.discard(req_id)
         self._verifying.pop(req_id, None)
-        if self.calibration is not None:
-            self.calibration.forget(req_id)

@@ -261,15 +261,9 @@ def test_after_the_load_jumps_8x_the_chosen_k_settles_within_20_steps():
         policy.observe([(r.req_id, k, a) for r, k, a in zip(reqs, ks, accepted)], record)
         mean_k.append(sum(ks) / n)
     assert min(mean_k[:100]) >= 2, mean_k[:20]  # no cold start at k = 0
-    light, settled = np.mean(mean_k[70:100]), mean_k[160:200]
-    # The load matters: a real change to react to.
-    assert light - np.mean(settled) >= 2.0, (light, np.mean(settled))
-    # Settled, k moves between near-equal choices (2 or 3 for most requests here); from 20 steps
-    # after the jump on, every step's mean k lies in that settled band (a quarter token of slack)
-    # and none near the light-load level.
-    low, high = min(settled) - 0.25, max(settled) + 0.25
-    assert light - high >= 1.5, (light, high)
-    assert all(low <= k <= high for k in mean_k[120:200]), (low, high, mean_k[100:140])
+    light, settled = np.mean(mean_k[70:100]), np.mean(mean_k[160:200])
+    assert light - settled >= 2.0, (light, settled)  # the load matters: a real change to react to
+    assert all(abs(k - settled) <= 0.75 for k in mean_k[120:200]), (settled, mean_k[100:140])
 
 
 def test_exploration_measures_with_one_request_whose_draft_is_furthest_along():
