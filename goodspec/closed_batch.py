@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=64, help="held-out ShareGPT prompts of 10-600 characters")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--workload", default=None, choices=("chat", "mixed"),
-                    help="chat: `goodspec bench`'s chat workload instead (held-out first turns through the chat "
-                         "template, each request's output length its ShareGPT reply's, capped at --max-new-tokens): "
+                    help="chat: `goodspec bench`'s chat workload instead (held-out first turns, through the chat "
+                         "template where the target has one, each request's output length its ShareGPT reply's, capped at --max-new-tokens): "
                          "the saturated end of the bench's latency study, without arrivals or Ray; mixed: its "
                          "mixed workload (chat, copy and sampled requests interleaved)")
     ap.add_argument("--proposer", default="draft", choices=("draft", "auto"))
@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.workload:
         from goodspec.workloads import build_workload
 
-        items = build_workload(args.workload, engine.codec, args.prompts, seed=0,
-                               max_output_tokens=args.max_new_tokens)
+        items = build_workload(args.workload, engine.codec, args.prompts, seed=0,  # the template where there is one
+                               max_output_tokens=args.max_new_tokens, chat=engine.codec.has_chat_template)
         prompts = [it.prompt for it in items]
         params = [SamplingParams(max_new_tokens=it.max_new_tokens, ignore_eos=True, temperature=it.temperature,
                                  seed=i if it.temperature > 0 else None) for i, it in enumerate(items)]

@@ -39,3 +39,17 @@ def test_the_bench_chat_workload_replays_on_the_real_pair_under_the_servers_toke
         assert r["same_as_off"] == r["requests"] == 6
         assert all(step["verify_tokens"] <= 64 for step in r["records"])
         assert any(0 < step["num_decode"] < step["batch_size"] for step in r["records"])  # mixed steps
+
+
+def test_the_mixed_workload_replays_with_its_sampled_requests_and_checks_only_the_greedy_ones(tmp_path, capsys):
+    """`--workload mixed`: chat, copy and sampled requests in one trace; a sampled request's output
+    depends on its k (its distribution does not), so only the greedy ones are compared with off's."""
+    out = tmp_path / "runs.json"
+    assert main(["--device", "cpu", "--workload", "mixed", "--prompts", "6", "--max-new-tokens", "8",
+                 "--max-num-seqs", "6", "--replays", "1", "--proposer", "auto", "--policies", "off,fixed:2,goodput",
+                 "--out", str(out)]) == 0
+    assert "6 mixed prompts" in capsys.readouterr().out
+    runs = {r["policy"]: r for r in json.loads(out.read_text())}
+    for r in runs.values():
+        assert 0 < r["requests"] < 6  # the greedy ones
+        assert r["same_as_off"] == r["requests"]
