@@ -124,10 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", type=int, default=64, help="held-out ShareGPT prompts of 10-600 characters")
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--workload", default=None, choices=("chat", "mixed"),
-                    help="chat: `goodspec bench`'s chat workload instead (held-out first turns, through the chat "
-                         "template where the target has one, each request's output length its ShareGPT reply's, capped at --max-new-tokens): "
-                         "the saturated end of the bench's latency study, without arrivals or Ray; mixed: its "
-                         "mixed workload (chat, copy and sampled requests interleaved)")
+                    help="chat: `goodspec bench`'s chat workload instead (held-out first turns, through the "
+                         "chat template where the target has one, each request's output length its ShareGPT "
+                         "reply's, capped at --max-new-tokens): the saturated end of the bench's latency study, "
+                         "without arrivals or Ray; mixed: its mixed workload (chat, copy and sampled requests)")
     ap.add_argument("--proposer", default="draft", choices=("draft", "auto"))
     ap.add_argument("--max-num-seqs", type=int, default=32)
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.workload:
         from goodspec.workloads import build_workload
 
-        items = build_workload(args.workload, engine.codec, args.prompts, seed=0,  # the template where there is one
+        items = build_workload(args.workload, engine.codec, args.prompts, seed=0,
                                max_output_tokens=args.max_new_tokens, chat=engine.codec.has_chat_template)
         prompts = [it.prompt for it in items]
         params = [SamplingParams(max_new_tokens=it.max_new_tokens, ignore_eos=True, temperature=it.temperature,
