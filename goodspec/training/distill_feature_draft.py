@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from goodspec.training.distill_smollm2 import VOCAB_MAP_FILE, decode_ms, kl_to_teacher, to_draft_ids
+from goodspec.training.distill_smollm2 import (
+    VOCAB_MAP_FILE, ce_to_teacher_top1, decode_ms, kl_to_teacher, to_draft_ids,
+)
 from goodspec.training.target_features import cached_features
 from goodspec.training.teacher_data import chat_prompts, record_sequence, right_padded, target_replies
 from goodspec.training.train_pair import optimise
@@ -58,6 +60,7 @@ class FeatureDistillConfig:
     warmup_steps: int = 50
     feature_weight: float = 1.0  # smooth L1 on features scaled to unit RMS
     second_pass_weight: float = 1.0  # each pass after the first
+    top1_weight: float = 0.0  # cross-entropy to the teacher's argmax, added to each pass's KL
     passes: int = 2  # training-time test: pass j reads pass j-1's predicted features
     target_layers: tuple[int, ...] = ()  # fused with the last state (EAGLE-3), e.g. (3, 15)
     train_dtype: str = "bfloat16"
@@ -167,7 +170,9 @@ def train(draft: FeatureDraft, pools: list[tuple[list[dict], list[torch.Tensor]]
         valid = mask.bool()
         last = feats[..., -hs[0].shape[-1]:]  # the target's last state: what a drafted state stands for
         reg = F.smooth_l1_loss(hs[0].float()[valid] / feature_rms, last[valid] / feature_rms)
-        ces = [kl_to_teacher(lg, rows, table) for lg in logits]
+        ces = [kl_to_teacher(lg, rows, table)
+               + (cfg.top1_weight * ce_to_teacher_top1(lg, rows, table) if cfg.top1_weight else 0.0)
+               for lg in logits]
         return ces[0] + cfg.feature_weight * reg + cfg.second_pass_weight * sum(ces[1:])
 
     return optimise(draft, loss_at_step, cfg.steps, cfg.lr, cfg.warmup_steps, 0.0, "feature draft", "loss")
@@ -244,6 +249,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--passes", type=int, default=FeatureDistillConfig.passes,
                     help="training-time test depth: passes per batch, each after the first reading the previous "
                          "pass's predicted features")
+    ap.add_argument("--top1-weight", type=float, default=FeatureDistillConfig.top1_weight,
+                    help="weight of a cross-entropy to the teacher's argmax beside the KL (greedy acceptance "
+                         "scores only the argmax)")
     ap.add_argument("--eval-prompts", type=int, default=FeatureDistillConfig.eval_prompts)
     ap.add_argument("--max-parts", type=int, default=None, help="use only the first N cached parts of each set")
     ap.add_argument("--replies", default=",".join(FeatureDistillConfig.replies),
@@ -256,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
                          "--data-only --forced-exchanges N makes one)")
     args = ap.parse_args(argv)
     cfg = FeatureDistillConfig(steps=args.steps, layers=args.layers, lr=args.lr, eval_prompts=args.eval_prompts,
-                               feature_weight=args.feature_weight, passes=args.passes,
+                               feature_weight=args.feature_weight, passes=args.passes, top1_weight=args.top1_weight,
                                replies=tuple(n for n in args.replies.split(",") if n),
                                forced_share=args.forced_share,
                                forced=tuple(n for n in args.forced.split(",") if n),

@@ -140,6 +140,15 @@ def kl_to_teacher(logits: torch.Tensor, rows: list[dict], table: torch.Tensor) -
     return -(weight * student.gather(1, ids)).sum() / len(student)
 
 
+def ce_to_teacher_top1(logits: torch.Tensor, rows: list[dict], table: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to the teacher's most likely token at the rows' reply positions (a position
+    whose top token lies outside the draft's vocabulary teaches nothing): greedy acceptance
+    scores only whether the draft's argmax is that token, which the KL weighs like any other."""
+    student = F.log_softmax(logits.float(), -1)
+    ids = table[torch.cat([r["top_ids"][:, 0] for r in rows]).long()]  # topk: sorted, best first
+    return -(student.gather(1, ids[:, None]).squeeze(1) * (ids != 0)).sum() / len(student)
+
+
 def train(draft, data: list[dict], table: torch.Tensor, cfg: DistillConfig, forced: list[dict] = ()):
     """KL(target || draft) at the generated positions, the teacher's top-k renormalised within
     the draft's vocabulary (the draft can put no mass elsewhere; a position whose top-k lies
