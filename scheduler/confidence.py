@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from goodspec.scheduler.goodput import StepTimeModel, verify_features
+from goodspec.scheduler.step_time import StepTimeModel, verify_features
 
 BINS = 20
 

@@ -4,8 +4,8 @@ goodput(k_1..k_n) = sum_i E_i(k_i) / (T_draft(k) + T_verify(k))
 
 - E_i(k) = (1 - alpha_i^(k+1)) / (1 - alpha_i): expected tokens one verification emits for a
   request whose draft tokens are each accepted with probability alpha_i (the bonus included).
-- T_draft and T_verify are linear in features of the step (below), fitted online by weighted
-  least squares on the scheduler's StepRecords, recent steps weighing more.
+- T_draft and T_verify come from the step-time model (goodspec.scheduler.step_time), fitted
+  online on the scheduler's StepRecords.
 - k is chosen to maximise that ratio exactly for each number of draft passes (SmartSpec's
   marginal-gain rule, applied per request at the optimum's goodput level): see best_ks.
   All-zero means no draft call at all, which is how the system falls back to plain decoding.
@@ -19,113 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from goodspec.scheduler.step_record import StepRecord
-
-
-# -- step time ----------------------------------------------------------------------------------
-# Attention gathers every request's context padded to the longest one in the batch, so its cost
-# follows (requests x longest context), not the sum of contexts.
-def draft_features(sum_k: int, max_k: int, max_context: int, catchup: int = 0) -> list[float]:
-    """[1 if any draft work, passes (max k), draft tokens (sum k), sum k * longest context / 1000,
-    catch-up tokens / 100]. A request that has not speculated for a while makes the draft process
-    every token it missed first: that cost belongs to the decision to speculate again."""
-    if sum_k == 0:
-        return [0.0] * 5
-    return [1.0, float(max_k), float(sum_k), sum_k * max_context / 1000.0, catchup / 100.0]
-
-
-def verify_features(batch_size: int, verify_tokens: int, max_context: int) -> list[float]:
-    """[1, requests, tokens processed, requests * longest context / 1000]."""
-    return [1.0, float(batch_size), float(verify_tokens), batch_size * max_context / 1000.0]
-
-
-def record_features(r: StepRecord) -> tuple[list[float], list[float]]:
-    return (draft_features(r.draft_tokens, r.max_k, r.max_context, r.draft_catchup_tokens),
-            verify_features(r.batch_size, r.verify_tokens, r.max_context))
-
-
-@dataclass
-class LinearTimeModel:
-    """t = features . coef, coef >= 0, fitted by weighted non-negative least squares."""
-
-    coef: np.ndarray = field(default_factory=lambda: np.zeros(5))
-
-    def predict(self, features: Sequence[float]) -> float:
-        return float(np.dot(self.coef, features))
-
-    def fit(self, x: np.ndarray, y: np.ndarray, w: np.ndarray) -> None:
-        from scipy.optimize import nnls
-
-        sw = np.sqrt(w)[:, None]
-        # Relative error matters (a 1 ms step and a 100 ms step are both worth getting right):
-        # divide each row by its target so least squares minimises squared relative error.
-        scale = 1.0 / np.maximum(y, 1e-6)[:, None]
-        a = x * sw * scale
-        b = (y[:, None] * sw * scale).ravel()
-        self.coef, _ = nnls(a, b, maxiter=200)
-
-
-class StepTimeModel:
-    """Predicts the draft call's and the verify call's wall time of a candidate step."""
-
-    def __init__(self, window: int = 2000, half_life: int = 200) -> None:
-        self.draft = LinearTimeModel()
-        self.verify = LinearTimeModel()
-        self.window = window
-        self.half_life = half_life
-        self.num_fitted = 0
-
-    def fit(self, records: Sequence[StepRecord], prior: Sequence[StepRecord] = (),
-            prior_weight: float = 0.2) -> None:
-        """Fit on live `records` (newest weighs 1, halving every half_life steps) and on `prior`
-        records (the start-up sweep) at a fixed low weight: the sweep gives the shape before
-        there is traffic, live steps on this machine's real batches decide once they exist."""
-        records = list(records)[-self.window:]
-        prior = list(prior)
-        if len(records) + len(prior) < 8:
-            return
-        w = np.concatenate([
-            np.full(len(prior), prior_weight if records else 1.0),
-            0.5 ** (np.arange(len(records))[::-1] / self.half_life),
-        ])
-        records = prior + records
-        n = len(records)
-        xd, xv = zip(*(record_features(r) for r in records))
-        xd, xv = np.array(xd), np.array(xv)
-        yd = np.array([r.draft_time for r in records])
-        yv = np.array([r.verify_time for r in records])
-        has_draft = yd > 0
-        if has_draft.sum() >= 4:
-            self.draft.fit(xd[has_draft], yd[has_draft], w[has_draft])
-        self.verify.fit(xv, yv, w)
-        self.num_fitted = n
-
-    @property
-    def ready(self) -> bool:
-        return self.num_fitted > 0
-
-    def predict_step_time(self, ks: Sequence[int], contexts: Sequence[int],
-                          catchups: Sequence[int] | None = None,
-                          lookup: Sequence[bool] | None = None) -> float:
-        """Draft + verify seconds of a decode step; `lookup[i]`: request i's tokens come from
-        prompt lookup (verified, never drafted)."""
-        longest = max(c + k for c, k in zip(contexts, ks)) if ks else 0
-        drafted = [0 if lookup and lookup[i] else k for i, k in enumerate(ks)]
-        catchup = sum(c for c, k in zip(catchups, drafted) if k > 0) if catchups else 0
-        draft = self.draft.predict(draft_features(sum(drafted), max(drafted, default=0), longest, catchup)) \
-            if any(drafted) else 0.0
-        return draft + self.verify.predict(verify_features(len(ks), sum(ks) + len(ks), longest))
-
-
-def mape(model: StepTimeModel, records: Sequence[StepRecord]) -> float:
-    """Mean absolute percentage error of predicted (draft + verify) time on records."""
-    errs = []
-    for r in records:
-        d, v = record_features(r)
-        pred = model.draft.predict(d) + model.verify.predict(v)
-        actual = r.draft_time + r.verify_time
-        errs.append(abs(pred - actual) / actual)
-    return float(np.mean(errs)) if errs else float("nan")
+from goodspec.scheduler.step_time import StepTimeModel
 
 
 # -- acceptance -------------------------------------------------------------------------------

@@ -157,7 +157,8 @@ class GoodputPolicy(SpeculationPolicy):
     def __init__(self, refit_every: int = 16, warmup_k: int = 2, uniform: bool = False,
                  confidence: bool = False) -> None:
         from goodspec.scheduler.confidence import ConfidenceCalibrator
-        from goodspec.scheduler.goodput import AcceptanceEstimator, StepTimeModel
+        from goodspec.scheduler.goodput import AcceptanceEstimator
+        from goodspec.scheduler.step_time import StepTimeModel
 
         self.time_model = StepTimeModel()
         self.acceptance = AcceptanceEstimator()

@@ -44,7 +44,7 @@ def test_greedy_output_under_goodput_equals_target_only(proposer, goodput_engine
 def test_step_time_model_predicts_held_out_real_steps_within_15_percent(goodput_engine, sharegpt_prompts):
     """Real steps of the shipped pair (a goodput-scheduled ShareGPT workload): fitted on the
     start-up sweep and every other live step, it predicts the steps it did not see."""
-    from goodspec.scheduler.goodput import StepTimeModel, mape
+    from goodspec.scheduler.step_time import StepTimeModel, mape
 
     engine = goodput_engine
     policy = engine.scheduler.policy

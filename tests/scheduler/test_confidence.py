@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from goodspec.scheduler.confidence import ConfidenceCalibrator, VerifyShape, verify_lengths
-from goodspec.scheduler.goodput import StepTimeModel
+from goodspec.scheduler.step_time import StepTimeModel
 
 
 def _model(per_token: float, base: float = 0.02) -> StepTimeModel:

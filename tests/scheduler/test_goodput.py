@@ -7,9 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from goodspec.scheduler.goodput import (
-    AcceptanceEstimator, StepTimeModel, best_ks, expected_tokens, mape, record_features,
-)
+from goodspec.scheduler.goodput import AcceptanceEstimator, best_ks, expected_tokens
+from goodspec.scheduler.step_time import StepTimeModel, mape, record_features
 from goodspec.scheduler.step_record import StepRecord
 
 # launch, per pass, per token, per k*ctx/1000, per 100 catch-up tokens
