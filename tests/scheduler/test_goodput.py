@@ -1,4 +1,4 @@
-"""The goodput model: step-time fit, acceptance estimate, and the choice of k."""
+"""The goodput model: the acceptance estimate and the choice of k (the step-time fit: test_step_time)."""
 
 from __future__ import annotations
 
@@ -8,59 +8,9 @@ import numpy as np
 import pytest
 
 from goodspec.scheduler.goodput import AcceptanceEstimator, best_ks, expected_tokens
-from goodspec.scheduler.step_time import StepTimeModel, mape, record_features
 from goodspec.scheduler.step_record import StepRecord
-
-# launch, per pass, per token, per k*ctx/1000, per 100 catch-up tokens
-TRUE_DRAFT = np.array([0.0015, 0.0012, 0.00008, 0.00002, 0.002])
-TRUE_VERIFY = np.array([0.004, 0.0006, 0.0009, 0.0005])  # launch, per request, per token, per ctx/1000
-
-
-def synthetic_records(n=400, seed=0, noise=0.0, draft=TRUE_DRAFT, verify=TRUE_VERIFY):
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        b = rng.randint(1, 32)
-        k = rng.choice([0, 1, 2, 3, 5, 8])
-        ctx = rng.randint(20, 600)
-        r = StepRecord(batch_size=b, num_decode=b, num_draft_reqs=b if k else 0, draft_tokens=b * k,
-                       verify_tokens=b * (k + 1), context_tokens=b * ctx, max_context=ctx + k,
-                       max_k=k, num_accepted=0,
-                       draft_time=0.0, verify_time=0.0, draft_compute_time=0.0,
-                       verify_compute_time=0.0, step_time=0.0,
-                       draft_catchup_tokens=rng.choice([0, 0, 0, 40, 300]) if k else 0)
-        d, v = record_features(r)
-        r.draft_time = float(np.dot(draft, d)) * (1 + rng.gauss(0, noise))
-        r.verify_time = float(np.dot(verify, v)) * (1 + rng.gauss(0, noise))
-        out.append(r)
-    return out
-
-
-def fitted(draft=TRUE_DRAFT, verify=TRUE_VERIFY) -> StepTimeModel:
-    m = StepTimeModel()
-    m.fit(synthetic_records(draft=draft, verify=verify))
-    return m
-
-
-def test_step_time_model_recovers_known_coefficients():
-    m = fitted()
-    np.testing.assert_allclose(m.draft.coef, TRUE_DRAFT, rtol=1e-3, atol=1e-7)
-    np.testing.assert_allclose(m.verify.coef, TRUE_VERIFY, rtol=1e-3, atol=1e-7)
-
-
-def test_step_time_model_predicts_noisy_held_out_records():
-    m = StepTimeModel()
-    m.fit(synthetic_records(noise=0.05, seed=1))
-    assert mape(m, synthetic_records(noise=0.05, seed=2, n=200)) < 0.06
-
-
-def test_recent_steps_weigh_more_so_the_model_follows_a_slower_machine():
-    m = StepTimeModel(half_life=50)
-    old = synthetic_records(n=300, seed=3)
-    slow = synthetic_records(n=300, seed=4, verify=TRUE_VERIFY * 2, draft=TRUE_DRAFT * 2)
-    m.fit(old + slow)
-    assert mape(m, synthetic_records(n=100, seed=5, verify=TRUE_VERIFY * 2, draft=TRUE_DRAFT * 2)) < 0.1
-
+from goodspec.scheduler.step_time import record_features
+from tests.scheduler.test_step_time import TRUE_DRAFT, fitted, synthetic_records
 
 def test_expected_tokens_counts_the_bonus_token():
     assert expected_tokens(0.0, 5) == 1.0

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from goodspec.scheduler.goodput import best_choice
-from goodspec.scheduler.step_time import StepTimeModel
 from goodspec.scheduler.lookup import LookupIndex, matched_prefix
 from goodspec.scheduler.proposers import Proposers
+from goodspec.scheduler.step_time import StepTimeModel
 from goodspec.workers.messages import Proposal
 
 
