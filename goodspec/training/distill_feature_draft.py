@@ -182,14 +182,18 @@ def train(draft: FeatureDraft, pools: list[tuple[list[dict], list[torch.Tensor]]
 def evaluate(target, draft: FeatureDraft, tokenizer, table: torch.Tensor, target_ids: list[int],
              cfg: FeatureDistillConfig, depth: int = 3) -> dict:
     """Greedy agreement with the target at draft depth 1..depth over held-out replies: depth 1
-    reads the target's features, depth j > 1 the draft's own from depth j-1."""
+    reads the target's features, depth j > 1 the draft's own from depth j-1. Depth 1 is also
+    given by reply position (in bands of 32 tokens: later tokens are easier) and with its
+    standard error over prompts (each reply's positions are not independent of each other)."""
     prompts = chat_prompts(tokenizer, True, cfg.eval_prompts, cfg.prompt_user_tokens)
     data = target_replies(target, tokenizer, prompts, cfg.eval_new_tokens, 16, 1, "eval: target replies")
     back = torch.tensor(target_ids)
     agree = [0] * depth
-    total = 0
     overlap = 0.0
-    for r in tqdm(data, desc="eval: acceptance"):
+    per_reply = torch.zeros(len(data), 2)  # depth-1 agreements, positions
+    band_agree = torch.zeros(-(-cfg.eval_new_tokens // 32))
+    band_total = torch.zeros_like(band_agree)
+    for i, r in enumerate(tqdm(data, desc="eval: acceptance")):
         seq = torch.tensor([record_sequence(r)])
         p0, n = len(r["prompt"]) - 1, len(r["reply"])
         out = target.model(input_ids=seq, output_hidden_states=bool(cfg.target_layers))
@@ -201,17 +205,36 @@ def evaluate(target, draft: FeatureDraft, tokenizer, table: torch.Tensor, target
         for j in range(depth):
             h = draft.hidden(ids, feats)
             logits = draft.llm.lm_head(h[0, p0:p0 + n]).float()
-            agree[j] += int((p.argmax(-1) == back[logits.argmax(-1)]).sum())
+            same = p.argmax(-1) == back[logits.argmax(-1)]
+            agree[j] += int(same.sum())
             if j == 0:
+                per_reply[i] = torch.tensor([float(same.sum()), n])
+                band = torch.arange(n) // 32
+                band_agree.index_add_(0, band, same.float())
+                band_total.index_add_(0, band, torch.ones(n))
                 q = torch.zeros_like(p)
                 q[:, back] = logits.softmax(-1)
                 overlap += float(torch.minimum(p, q).sum())
             feats = shifted(h)
-        total += n
-    return {"greedy_acceptance": agree[0] / total,
+    total = int(per_reply[:, 1].sum())
+    rate, se = clustered_rate(per_reply[:, 0], per_reply[:, 1])
+    return {"greedy_acceptance": rate, "greedy_acceptance_standard_error": se,
             "greedy_acceptance_by_depth": [a / total for a in agree],
+            "greedy_acceptance_by_reply_position": {
+                f"{32 * b}-{32 * b + 31}": {"acceptance": round(float(a / t), 4), "positions": int(t)}
+                for b, (a, t) in enumerate(zip(band_agree, band_total)) if t},
             "sampled_acceptance_t1": overlap / total, "acceptance_positions": total,
-            "eval_prompts": len(data)}
+            "eval_prompts": len(data), "eval_new_tokens": cfg.eval_new_tokens}
+
+
+def clustered_rate(hits: torch.Tensor, totals: torch.Tensor) -> tuple[float, float]:
+    """sum(hits) / sum(totals) and its standard error with each row (a reply) as a cluster: the
+    positions of one reply succeed or fail together more than positions of different replies."""
+    hits, totals = hits.double(), totals.double()
+    rate = float(hits.sum() / totals.sum())
+    m = len(hits)
+    spread = float((hits - rate * totals).pow(2).sum().sqrt())
+    return rate, spread / float(totals.sum()) * (m / max(m - 1, 1)) ** 0.5
 
 
 def step_costs(target, draft: FeatureDraft) -> dict:
@@ -252,7 +275,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--top1-weight", type=float, default=FeatureDistillConfig.top1_weight,
                     help="weight of a cross-entropy to the teacher's argmax beside the KL (greedy acceptance "
                          "scores only the argmax)")
-    ap.add_argument("--eval-prompts", type=int, default=FeatureDistillConfig.eval_prompts)
+    ap.add_argument("--eval-prompts", type=int, default=FeatureDistillConfig.eval_prompts,
+                    help="held-out first turns to evaluate on (the held-out split has 319)")
+    ap.add_argument("--eval-new-tokens", type=int, default=FeatureDistillConfig.eval_new_tokens,
+                    help="the target's reply length in the evaluation (acceptance rises along a reply)")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="evaluate the --from-feature-draft draft and print its report; no training, nothing written")
     ap.add_argument("--max-parts", type=int, default=None, help="use only the first N cached parts of each set")
     ap.add_argument("--replies", default=",".join(FeatureDistillConfig.replies),
                     help="comma-separated on-policy record sets under --work (goodspec.training.distill_smollm2 "
@@ -264,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
                          "--data-only --forced-exchanges N makes one)")
     args = ap.parse_args(argv)
     cfg = FeatureDistillConfig(steps=args.steps, layers=args.layers, lr=args.lr, eval_prompts=args.eval_prompts,
+                               eval_new_tokens=args.eval_new_tokens,
                                feature_weight=args.feature_weight, passes=args.passes, top1_weight=args.top1_weight,
                                replies=tuple(n for n in args.replies.split(",") if n),
                                forced_share=args.forced_share,
@@ -271,11 +300,21 @@ def main(argv: list[str] | None = None) -> None:
                                target_layers=tuple(int(m) for m in args.target_layers.split(",") if m))
     if not cfg.replies or (cfg.forced_share > 0) != bool(cfg.forced):
         ap.error("--replies needs at least one set, and --forced-share > 0 exactly when --forced names one")
+    if args.eval_only and not args.from_feature_draft:
+        ap.error("--eval-only evaluates the draft named by --from-feature-draft")
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
     target_dir = converted_dir(smollm2_gguf_path())
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
+    if args.eval_only:
+        draft = from_feature_draft(args.from_feature_draft, ())
+        target_ids = json.loads((args.from_feature_draft / VOCAB_MAP_FILE).read_text())["target_ids"]
+        cfg = replace(cfg, target_layers=draft.feature_input.target_layers)
+        report = evaluate(target, draft, tokenizer, to_draft_ids(target_ids, target.config.vocab_size),
+                          target_ids, cfg)
+        print(json.dumps({"draft": str(args.from_feature_draft), **report}, indent=2))
+        return
     fast = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.bfloat16).eval()
     pools = [fused_features(fast, args.work / name, args.max_parts, cfg.target_layers)
              for name in (*cfg.replies, *cfg.forced)]
