@@ -26,7 +26,8 @@ from goodspec.workers.sampling import SamplingParams
 
 def held_out_chat(engine: LLMEngine, limit: int, user_tokens: int) -> list[str]:
     """Held-out first turns, user text cut to `user_tokens` tokens, rendered as the draft's
-    training and evaluation render them."""
+    training and evaluation render them (goodspec.training.teacher_data.render), but as text:
+    the engine takes prompts as text and encodes them itself."""
     tok = engine.codec.tokenizer
     out = []
     for user, _ in first_turn_prompts(held_out=True, limit=limit):
