@@ -21,19 +21,16 @@ from goodspec.config import EngineConfig
 from goodspec.engine import LLMEngine
 from goodspec.scheduler.config import SchedulerConfig
 from goodspec.sharegpt import first_turn_prompts
+from goodspec.training.teacher_data import cut_user_text
 from goodspec.workers.sampling import SamplingParams
 
 
 def held_out_chat(engine: LLMEngine, limit: int, user_tokens: int) -> list[str]:
-    """Held-out first turns, user text cut to `user_tokens` tokens, rendered as the draft's
-    training and evaluation render them (goodspec.training.teacher_data.render), but as text:
-    the engine takes prompts as text and encodes them itself."""
+    """Held-out first turns cut as the draft's evaluation cuts them, rendered as text: the engine
+    takes prompts as text and encodes them itself."""
     tok = engine.codec.tokenizer
-    out = []
-    for user, _ in first_turn_prompts(held_out=True, limit=limit):
-        ids = tok(user, add_special_tokens=False)["input_ids"][:user_tokens]
-        out.append(engine.codec.render_chat([("user", tok.decode(ids))]))
-    return out
+    return [engine.codec.render_chat([("user", cut_user_text(tok, user, user_tokens))])
+            for user, _ in first_turn_prompts(held_out=True, limit=limit)]
 
 
 def run(engine: LLMEngine, prompts: list[str], policy: str, new_tokens: int) -> tuple[list[list[int]], dict]:

@@ -19,9 +19,14 @@ if TYPE_CHECKING:
 PART_PROMPTS = 512  # prompts per cached file of target replies
 
 
+def cut_user_text(tokenizer, user_text: str, max_user_tokens: int) -> str:
+    """The user's text cut to its first `max_user_tokens` tokens: what every rendered prompt of
+    the draft's training and evaluation carries."""
+    return tokenizer.decode(tokenizer(user_text, add_special_tokens=False)["input_ids"][:max_user_tokens])
+
+
 def render(tokenizer, user_text: str, max_user_tokens: int) -> list[int]:
-    ids = tokenizer(user_text, add_special_tokens=False)["input_ids"][:max_user_tokens]
-    text = tokenizer.decode(ids)
+    text = cut_user_text(tokenizer, user_text, max_user_tokens)
     return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
                                          add_generation_prompt=True, return_dict=False)
 
