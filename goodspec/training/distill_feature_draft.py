@@ -40,6 +40,7 @@ from goodspec.training.train_pair import optimise
 from goodspec.workers.feature_draft import FeatureInput, normalised
 
 DISTILL = Path.home() / ".cache" / "goodspec" / "distill"
+POSITION_BAND = 32  # reply positions per band of the evaluation's acceptance by position
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ def evaluate(target, draft: FeatureDraft, tokenizer, table: torch.Tensor, target
              cfg: FeatureDistillConfig, depth: int = 3) -> dict:
     """Greedy agreement with the target at draft depth 1..depth over held-out replies: depth 1
     reads the target's features, depth j > 1 the draft's own from depth j-1. Depth 1 is also
-    given by reply position (in bands of 32 tokens: later tokens are easier) and with its
+    given by reply position (in bands of POSITION_BAND tokens: later ones are easier) and with its
     standard error over prompts (each reply's positions are not independent of each other)."""
     prompts = chat_prompts(tokenizer, True, cfg.eval_prompts, cfg.prompt_user_tokens)
     data = target_replies(target, tokenizer, prompts, cfg.eval_new_tokens, 16, 1, "eval: target replies")
@@ -191,7 +192,7 @@ def evaluate(target, draft: FeatureDraft, tokenizer, table: torch.Tensor, target
     agree = [0] * depth
     overlap = 0.0
     per_reply = torch.zeros(len(data), 2)  # depth-1 agreements, positions
-    band_agree = torch.zeros(-(-cfg.eval_new_tokens // 32))
+    band_agree = torch.zeros(-(-cfg.eval_new_tokens // POSITION_BAND))
     band_total = torch.zeros_like(band_agree)
     for i, r in enumerate(tqdm(data, desc="eval: acceptance")):
         seq = torch.tensor([record_sequence(r)])
@@ -209,7 +210,7 @@ def evaluate(target, draft: FeatureDraft, tokenizer, table: torch.Tensor, target
             agree[j] += int(same.sum())
             if j == 0:
                 per_reply[i] = torch.tensor([float(same.sum()), n])
-                band = torch.arange(n) // 32
+                band = torch.arange(n) // POSITION_BAND
                 band_agree.index_add_(0, band, same.float())
                 band_total.index_add_(0, band, torch.ones(n))
                 q = torch.zeros_like(p)
@@ -221,7 +222,7 @@ def evaluate(target, draft: FeatureDraft, tokenizer, table: torch.Tensor, target
     return {"greedy_acceptance": rate, "greedy_acceptance_standard_error": se,
             "greedy_acceptance_by_depth": [a / total for a in agree],
             "greedy_acceptance_by_reply_position": {
-                f"{32 * b}-{32 * b + 31}": {"acceptance": round(float(a / t), 4), "positions": int(t)}
+                f"{POSITION_BAND * b}-{POSITION_BAND * (b + 1) - 1}": {"acceptance": round(float(a / t), 4), "positions": int(t)}
                 for b, (a, t) in enumerate(zip(band_agree, band_total)) if t},
             "sampled_acceptance_t1": overlap / total, "acceptance_positions": total,
             "eval_prompts": len(data), "eval_new_tokens": cfg.eval_new_tokens}
