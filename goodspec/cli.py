@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--target", default=None, help="model directory or GGUF file (overrides --model)")
     prof.add_argument("--device", default="auto")
     prof.add_argument("--dtype", default="auto")
+    prof.add_argument("--cpu-linear", default="onednn", choices=("onednn", "torch"),
+                      help="float32 on a CPU: oneDNN linear layers or torch's own")
     prof.add_argument("--batch-size", type=int, default=16)
     prof.add_argument("--k", type=int, default=4, help="draft tokens verified per sequence")
     prof.add_argument("--context", type=int, default=200)
@@ -306,10 +308,12 @@ def cmd_profile(args) -> int:
     from goodspec.workers.profiling import compare_forwards
 
     runner = ModelRunner(RunnerConfig(args.target or model_pair(args.model)[0], args.device, args.dtype,
-                                      kv_cache_tokens=args.batch_size * (args.context + 64)))
+                                      kv_cache_tokens=args.batch_size * (args.context + 64),
+                                      cpu_linear=args.cpu_linear))
     b, ctx = args.batch_size, args.context
     decode, verify = compare_forwards(runner, b, 1, args.k + 1, ctx, args.repeats)
-    print(f"device {runner.device}, dtype {runner.dtype}, batch {b}, context {ctx}, "
+    linears = f", {runner.onednn_linears} oneDNN linears" if runner.onednn_linears else ""
+    print(f"device {runner.device}, dtype {runner.dtype}{linears}, batch {b}, context {ctx}, "
           f"median of {args.repeats}")
     print(f"decode  1 token/seq : {decode.median_s * 1e3:8.2f} ms")
     print(f"verify {args.k + 1} tokens/seq: {verify.median_s * 1e3:8.2f} ms")

@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="tiny", choices=MODEL_PAIRS)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--cpu-linear", default="onednn", choices=("onednn", "torch"),
+                    help="float32 on a CPU: oneDNN linear layers or torch's own")
     ap.add_argument("--policies", default="off,fixed:1,fixed:3,fixed:5,goodput,goodput-uniform",
                     help="comma-separated; the first is the baseline (off)")
     ap.add_argument("--prompts", type=int, default=64, help="held-out ShareGPT prompts of 10-600 characters")
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = LLMEngine(EngineConfig(
         model=args.model, policy="off", device=args.device, dtype=args.dtype, proposer=args.proposer,
-        target_kv_tokens=65536, draft_kv_tokens=65536,
+        cpu_linear=args.cpu_linear, target_kv_tokens=65536, draft_kv_tokens=65536,
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_k=8,
                                   max_num_batched_tokens=args.max_num_batched_tokens)))
     if args.workload:
@@ -156,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(prompts) < args.prompts:
         raise SystemExit(f"only {len(prompts)} held-out prompts fit; asked for {args.prompts}")
     runner = engine.target.runner
-    print(f"{args.model} on {runner.device} ({runner.dtype}): {len(prompts)} {args.workload or 'plain'} prompts, "
+    print(f"{args.model} on {runner.device} ({runner.dtype}, {runner.onednn_linears} oneDNN linears): "
+          f"{len(prompts)} {args.workload or 'plain'} prompts, "
           f"{sum(p.max_new_tokens for p in params)} tokens in all, max_num_seqs {args.max_num_seqs}, "
           f"{args.max_num_batched_tokens} tokens a step, proposer {args.proposer}, median of {args.replays} replays",
           flush=True)

@@ -42,7 +42,7 @@ class LLMEngine:
 
     def _runner_config(self, model_dir: str, kv_tokens: int) -> RunnerConfig:
         c = self.config
-        return RunnerConfig(model_dir, c.device, c.dtype, kv_tokens, c.block_size, c.threads)
+        return RunnerConfig(model_dir, c.device, c.dtype, kv_tokens, c.block_size, c.threads, c.cpu_linear)
 
     def add_request(
         self, prompt: str, sampling: SamplingParams, req_id: str | None = None,

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from goodspec.workers.attention import ATTENTION_NAME, AttentionMetadata, attention_backends
+from goodspec.workers.cpu_linear import to_onednn_linears, uses_onednn
 from goodspec.workers.feature_draft import FeatureInput, block_outputs, normalised
 from goodspec.workers.kv_cache import KVCacheSpec, PagedKVCache
 
@@ -20,6 +21,7 @@ class RunnerConfig:
     kv_cache_tokens: int = 65536  # the KV budget, in tokens across all sequences
     block_size: int = 16
     threads: int = 0  # CPU threads for torch; 0 = torch's default on a CPU, 1 on a GPU
+    cpu_linear: str = "onednn"  # float32 on a CPU: oneDNN linears (see cpu_linear.py) | torch
 
     def __post_init__(self) -> None:
         if self.kv_cache_tokens < self.block_size:
@@ -28,6 +30,7 @@ class RunnerConfig:
             )
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1; got {self.block_size}")
+        uses_onednn(self.cpu_linear, torch.device("cpu"), torch.float32)  # raises on an unknown choice
 
 
 def resolve_device(device: str) -> torch.device:
@@ -123,6 +126,8 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device)
         path = model_path(config.model_dir)  # resolved once: a GGUF file is hashed to find its copy
         self.model = load_causal_lm(path, self.device, self.dtype)
+        self.onednn_linears = (to_onednn_linears(self.model)
+                               if uses_onednn(config.cpu_linear, self.device, self.dtype) else 0)
         mc = self.model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         self.vocab_map = VocabMap.load(path, self.device)

@@ -1,0 +1,56 @@
+"""oneDNN linears on a CPU: the same logits as torch's own, every linear swapped, and only where
+they are meant to be used."""
+
+import pytest
+import torch
+from torch import nn
+
+from goodspec.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
+from goodspec.workers.cpu_linear import uses_onednn
+from goodspec.workers.model_runner import ModelRunner, RunnerConfig
+
+
+def _runner(model_dir: str, cpu_linear: str) -> ModelRunner:
+    return ModelRunner(RunnerConfig(model_dir, device="cpu", dtype="float32", kv_cache_tokens=512,
+                                    cpu_linear=cpu_linear))
+
+
+def _prefill_then_verify(runner: ModelRunner) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sequences' prompts, then a 4-token verification span and a 1-token decode."""
+    g = torch.Generator().manual_seed(3)
+    a, b = (torch.randint(3, 4000, (n,), generator=g).tolist() for n in (37, 12))
+    first = runner.forward(["a", "b"], [0, 0], [a[:33], b[:11]], [2, 1])
+    second = runner.forward(["a", "b"], [33, 11], [a[33:], b[11:]], [4, 1])
+    runner.free(["a", "b"])
+    return first, second
+
+
+@pytest.mark.parametrize("model_dir", [DEFAULT_TARGET, DEFAULT_DRAFT], ids=["target", "draft"])
+def test_onednn_linears_give_torchs_logits(model_dir):
+    plain, onednn = _runner(model_dir, "torch"), _runner(model_dir, "onednn")
+    linears = sum(type(m) is nn.Linear for m in plain.model.modules())
+    assert plain.onednn_linears == 0
+    assert onednn.onednn_linears == linears > 0
+    assert not any(type(m) is nn.Linear for m in onednn.model.modules())
+    for want, got in zip(_prefill_then_verify(plain), _prefill_then_verify(onednn)):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_onednn_only_for_float32_on_a_cpu():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert uses_onednn("onednn", cpu, torch.float32) == torch.backends.mkldnn.is_available()
+    assert not uses_onednn("onednn", cpu, torch.bfloat16)  # torch's bfloat16 linear is oneDNN already
+    assert not uses_onednn("onednn", cuda, torch.float32)
+    assert not uses_onednn("torch", cpu, torch.float32)
+    bf16 = ModelRunner(RunnerConfig(DEFAULT_DRAFT, device="cpu", dtype="bfloat16", kv_cache_tokens=64))
+    assert bf16.onednn_linears == 0
+
+
+def test_unknown_cpu_linear_is_refused_at_the_edge():
+    with pytest.raises(ValueError, match="cpu_linear must be"):
+        uses_onednn("mkl", torch.device("cpu"), torch.float32)
+    with pytest.raises(ValueError, match="cpu_linear must be"):
+        RunnerConfig(DEFAULT_TARGET, cpu_linear="mkl")
+    with pytest.raises(ValueError, match="cpu_linear must be onednn or torch"):
+        EngineConfig(target_dir=DEFAULT_TARGET, draft_dir=DEFAULT_DRAFT, cpu_linear="mkl")
