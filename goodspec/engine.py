@@ -121,7 +121,7 @@ def build_scheduler(
 
         warm_up_goodput(scheduler, target_kv.tokens,
                         [config.target_dir, config.draft_dir, config.proposer, config.threads,
-                         torch.__version__, *device_key])
+                         f"cpu_linear={config.cpu_linear}", torch.__version__, *device_key])
     return scheduler
 
 

@@ -54,3 +54,19 @@ def test_unknown_cpu_linear_is_refused_at_the_edge():
         RunnerConfig(DEFAULT_TARGET, cpu_linear="mkl")
     with pytest.raises(ValueError, match="cpu_linear must be onednn or torch"):
         EngineConfig(target_dir=DEFAULT_TARGET, draft_dir=DEFAULT_DRAFT, cpu_linear="mkl")
+
+
+def test_step_time_profiles_are_cached_per_cpu_linear(monkeypatch):
+    """The goodput model is seeded from a cached profiling sweep: one measured with torch's
+    linears must not seed an engine running oneDNN's (they differ by up to 2x)."""
+    import goodspec.scheduler.profiler as profiler
+    from goodspec.engine import LLMEngine
+
+    keys = []
+    monkeypatch.setattr(profiler, "warm_up_goodput", lambda _sched, _tokens, key: keys.append(key))
+    for choice in ("onednn", "torch"):
+        LLMEngine(EngineConfig(target_dir=DEFAULT_TARGET, draft_dir=DEFAULT_DRAFT, policy="goodput",
+                               device="cpu", dtype="float32", cpu_linear=choice,
+                               target_kv_tokens=1024, draft_kv_tokens=1024))
+    assert len(keys) == 2 and keys[0] != keys[1]
+    assert profiler.profile_key(*keys[0]) != profiler.profile_key(*keys[1])
