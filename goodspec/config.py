@@ -66,8 +66,8 @@ class EngineConfig:
     block_size: int = _f(16, "tokens per KV cache block")
     threads: int = _f(0, "torch CPU threads per worker (0 = 1 per Ray worker actor, its CPU share; in process, "
                             "torch's default on a CPU and 1 on a GPU)")
-    cpu_linear: str = _f("onednn", "float32 on a CPU: onednn (oneDNN linear layers, 1.2-2.4x faster forwards "
-                                   "here) | torch (torch's own)")
+    cpu_linear: str = _f("onednn", "float32 on a CPU: onednn (oneDNN linear layers; verification and prefill "
+                                   "up to 2.4x faster here) | torch (torch's own)")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     @functools.cached_property
