@@ -8,6 +8,7 @@ import sys
 import time
 
 from goodspec.config import add_config_flags, build_config
+from goodspec.workers.cpu_linear import CPU_LINEAR_CHOICES
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--target", default=None, help="model directory or GGUF file (overrides --model)")
     prof.add_argument("--device", default="auto")
     prof.add_argument("--dtype", default="auto")
-    prof.add_argument("--cpu-linear", default="onednn", choices=("onednn", "torch"),
+    prof.add_argument("--cpu-linear", default="onednn", choices=CPU_LINEAR_CHOICES,
                       help="float32 on a CPU: oneDNN linear layers or torch's own")
     prof.add_argument("--batch-size", type=int, default=16)
     prof.add_argument("--k", type=int, default=4, help="draft tokens verified per sequence")

@@ -28,6 +28,7 @@ from goodspec.config import MODEL_PAIRS, EngineConfig
 from goodspec.engine import LLMEngine
 from goodspec.scheduler.config import SchedulerConfig
 from goodspec.sharegpt import first_turn_prompts
+from goodspec.workers.cpu_linear import CPU_LINEAR_CHOICES
 from goodspec.workers.sampling import SamplingParams
 
 
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="tiny", choices=MODEL_PAIRS)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--cpu-linear", default="onednn", choices=("onednn", "torch"),
+    ap.add_argument("--cpu-linear", default="onednn", choices=CPU_LINEAR_CHOICES,
                     help="float32 on a CPU: oneDNN linear layers or torch's own")
     ap.add_argument("--policies", default="off,fixed:1,fixed:3,fixed:5,goodput,goodput-uniform",
                     help="comma-separated; the first is the baseline (off)")

@@ -25,7 +25,7 @@ CPU_LINEAR_CHOICES = ("onednn", "torch")
 def uses_onednn(choice: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `choice` ("onednn" | "torch") swaps the linears of a model on `device` in `dtype`."""
     if choice not in CPU_LINEAR_CHOICES:
-        raise ValueError(f"cpu_linear must be one of {', '.join(CPU_LINEAR_CHOICES)}; got {choice!r}")
+        raise ValueError(f"cpu_linear must be {' or '.join(CPU_LINEAR_CHOICES)}; got {choice!r}")
     return (choice == "onednn" and device.type == "cpu" and dtype == torch.float32
             and torch.backends.mkldnn.is_available())
 
