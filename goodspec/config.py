@@ -20,11 +20,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from goodspec.scheduler.config import SchedulerConfig
 from goodspec.scheduler.policy import PolicySpec
-from goodspec.workers.cpu_linear import uses_onednn
+from goodspec.workers.cpu_linear import check_cpu_linear
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_TARGET = str(MODELS_DIR / "target")  # the tiny pair, trained here: fast tests
@@ -86,7 +84,7 @@ class EngineConfig:
         if self.draft_dir is not None and self.draft_dir.lower() == "none":
             object.__setattr__(self, "draft_dir", None)
         spec = self.policy_spec  # parsed once, here; raises with the accepted forms
-        uses_onednn(self.cpu_linear, torch.device("cpu"), torch.float32)  # raises on an unknown choice
+        check_cpu_linear(self.cpu_linear)
         if self.proposer not in ("draft", "ngram", "auto"):
             raise ValueError(f"proposer must be draft, ngram or auto; got {self.proposer!r}")
         if spec.kind == "lookup" and self.proposer == "draft":

@@ -22,11 +22,16 @@ from torch import nn
 CPU_LINEAR_CHOICES = ("onednn", "torch")
 
 
-def uses_onednn(choice: str, device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `choice` ("onednn" | "torch") swaps the linears of a model on `device` in `dtype`."""
+def check_cpu_linear(choice: str) -> str:
+    """`choice` if it is one of CPU_LINEAR_CHOICES, else ValueError naming them."""
     if choice not in CPU_LINEAR_CHOICES:
         raise ValueError(f"cpu_linear must be {' or '.join(CPU_LINEAR_CHOICES)}; got {choice!r}")
-    return (choice == "onednn" and device.type == "cpu" and dtype == torch.float32
+    return choice
+
+
+def uses_onednn(choice: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `choice` ("onednn" | "torch") swaps the linears of a model on `device` in `dtype`."""
+    return (check_cpu_linear(choice) == "onednn" and device.type == "cpu" and dtype == torch.float32
             and torch.backends.mkldnn.is_available())
 
 

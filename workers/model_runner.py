@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from goodspec.workers.attention import ATTENTION_NAME, AttentionMetadata, attention_backends
-from goodspec.workers.cpu_linear import to_onednn_linears, uses_onednn
+from goodspec.workers.cpu_linear import check_cpu_linear, to_onednn_linears, uses_onednn
 from goodspec.workers.feature_draft import FeatureInput, block_outputs, normalised
 from goodspec.workers.kv_cache import KVCacheSpec, PagedKVCache
 
@@ -30,7 +30,7 @@ class RunnerConfig:
             )
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1; got {self.block_size}")
-        uses_onednn(self.cpu_linear, torch.device("cpu"), torch.float32)  # raises on an unknown choice
+        check_cpu_linear(self.cpu_linear)
 
 
 def resolve_device(device: str) -> torch.device:
