@@ -1,7 +1,7 @@
 """oneDNN linear layers for float32 inference on a CPU.
 
 torch's float32 `nn.Linear` on a CPU (MKL's sgemm in this build) handles the few-row inputs of
-decoding and verification badly: SmolLM2-135M's 211 weight matrices took 34 / 57 / 71 / 52 ms
+decoding and verification badly: 211 matrices of SmolLM2-135M's shapes took 34 / 57 / 71 / 52 ms
 for inputs of 1 / 2 / 3 / 4 rows here, about as if each of 2 or 3 rows read every weight again,
 so verifying 2 tokens per sequence cost 1.7x a 1-token decode and more than verifying 4 (batch
 1, context 200: 71 / 42 / 60 ms). oneDNN's inner product (`torch.utils.mkldnn.MkldnnLinear`,
