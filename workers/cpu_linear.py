@@ -6,9 +6,10 @@ for inputs of 1 / 2 / 3 / 4 rows here, about as if each of 2 or 3 rows read ever
 so verifying 2 tokens per sequence cost 1.7x a 1-token decode and more than verifying 4 (batch
 1, context 200: 71 / 42 / 60 ms). oneDNN's inner product (`torch.utils.mkldnn.MkldnnLinear`,
 torch's own wrapper) took 28 / 29 / 30 / 30 ms for the same matrices; with it, 1 to 6 tokens
-per sequence cost 36 to 41 ms, batch 16 and a 500-token prefill run 1.6-1.9x faster, and logits move by under 1e-4 (BENCHMARKS.md, fourteenth
-session). It is not used for bfloat16, where torch's own linear already calls oneDNN and the
-wrapper's conversions only added time (23 -> 37 ms a decode), nor off the CPU.
+per sequence cost 36 to 41 ms, batch 16 and a 500-token prefill run 1.6-1.9x faster, and
+logits move by under 1e-4 (BENCHMARKS.md, fourteenth session). It is not used for bfloat16,
+where torch's own linear already calls oneDNN and the wrapper's conversions only added time
+(23 -> 37 ms a decode), nor off the CPU.
 
 The swap is done on the loaded Hugging Face model rather than by a home-made kernel: the decoder
 stays transformers' LlamaModel and only its `nn.Linear` children change class.
