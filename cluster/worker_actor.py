@@ -7,8 +7,10 @@ ChannelServer (goodspec.cluster.channel), whose address the actor reports in `in
 from __future__ import annotations
 
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+import torch
 
 from goodspec.workers.draft_worker import DraftWorker
 from goodspec.workers.model_runner import RunnerConfig
@@ -29,6 +31,7 @@ class WorkerInfo:
     channel: tuple[str, int]  # where the scheduler connects for propose/verify/free
     reads_features: bool = False  # a feature draft: propose needs the target's hidden states
     feature_layers: tuple[int, ...] = ()  # ... and these blocks' outputs (a fused one)
+    threads: int = 0  # torch's CPU threads on the compute thread, as the worker runs
 
 
 class WorkerActor:
@@ -44,14 +47,18 @@ class WorkerActor:
         if kind not in ("draft", "target"):
             raise ValueError(f"worker kind must be draft or target; got {kind!r}")
         self.kind = kind
-        self.worker = DraftWorker(config) if kind == "draft" else TargetWorker(config, draft_dir)
-        # The per-step calls are reachable over the channel only, never as Ray methods: their
-        # answers may hold tensors, and Ray would carry a device tensor to a scheduler that has
-        # no GPU. Channel calls run on the channel's thread, Ray calls (info, used_blocks) on
-        # Ray's; the lock keeps them apart.
-        self._lock = threading.Lock()
+        # Every call that touches the model (loading it included) runs on this one thread, which
+        # owns torch's thread pool. GNU OpenMP keeps a team of threads per thread that opens a
+        # parallel region, and its waiting threads spin 100 times instead of 300,000 once they
+        # outnumber the cores (libgomp's GOMP_SPINCOUNT documentation). With the model loaded on
+        # one thread and run on the channel's, 2 torch threads on 2 cores took 80 ms for a batch-1
+        # SmolLM2 decode that took 41 ms on the loading thread (200 oneDNN linear layers: 55 vs
+        # 27 ms). One thread also keeps the channel's calls and Ray's (used_blocks) apart.
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"goodspec-{kind}-compute")
+        self.worker = self._compute.submit(
+            lambda: DraftWorker(config) if kind == "draft" else TargetWorker(config, draft_dir)).result()
         step = {"propose": self.worker.propose} if kind == "draft" else {"verify": self.worker.verify}
-        methods = {name: self._locked(fn) for name, fn in {"free": self.worker.free, **step}.items()}
+        methods = {name: self._on_compute_thread(fn) for name, fn in {"free": self.worker.free, **step}.items()}
         if host is None:
             import ray
 
@@ -63,18 +70,17 @@ class WorkerActor:
                                 spec.num_blocks, spec.block_size, runner.max_context,
                                 runner.vocab_size, config.model_dir, self.channel.address,
                                 runner.feature_input is not None,
-                                runner.feature_input.target_layers if runner.feature_input is not None else ())
+                                runner.feature_input.target_layers if runner.feature_input is not None else (),
+                                self._compute.submit(torch.get_num_threads).result())
 
     def info(self) -> WorkerInfo:
         return self._info
 
-    def _locked(self, fn):
+    def _on_compute_thread(self, fn):
         def call(arg):
-            with self._lock:
-                return fn(arg)
+            return self._compute.submit(fn, arg).result()
 
         return call
 
     def used_blocks(self) -> int:
-        with self._lock:
-            return self.worker.runner.cache.num_used_blocks
+        return self._compute.submit(lambda: self.worker.runner.cache.num_used_blocks).result()
