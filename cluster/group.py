@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import AsyncIterator
 
 import ray
@@ -107,9 +108,13 @@ class EngineGroup:
                 **kw,
             )
 
-        # One thread per worker: each actor holds one CPU of the bundle. More threads made every
-        # step slower on 2 cores (threads of the idle worker spin while the other computes).
-        threads = cfg.threads or 1
+        # The draft proposes, then the target verifies: they take turns, so the target may use
+        # every core the engine has; the draft keeps one thread (its forwards are too small to
+        # split: 3 batch-1 passes took 15 ms with one thread, 19 ms with two). Measured on 2 cores:
+        # BENCHMARKS.md, fifteenth session. On a joined cluster the nodes' cores are unknown here.
+        cores = (os.cpu_count() or 1) // max(1, cl.replicas) if cl.ray_address is None else 1
+        threads = cfg.threads or (1 if gpus else max(1, cores))
+        cfg = replace(cfg, threads=threads, draft_threads=cfg.draft_threads or 1)  # the profile key sees these
         device = cfg.device if gpus or cfg.device != "auto" else "cpu"
         token = new_token()  # the workers' channels accept only this engine's scheduler
         channel_host = channel_host_for(cl.placement_strategy)
@@ -121,8 +126,8 @@ class EngineGroup:
         draft = None
         if cfg.draft_dir:
             draft = worker_cls.options(**opts(2, gpus, max_restarts=cl.max_restarts, max_task_retries=0)).remote(
-                "draft", RunnerConfig(cfg.draft_dir, device, cfg.dtype, cfg.draft_kv_tokens, cfg.block_size, threads,
-                                      cfg.cpu_linear),
+                "draft", RunnerConfig(cfg.draft_dir, device, cfg.dtype, cfg.draft_kv_tokens, cfg.block_size,
+                                      cfg.draft_threads, cfg.cpu_linear),
                 token, channel_host)
         actor = ray.remote(EngineActor).options(**opts(0), max_concurrency=10_000).remote(
             cfg, target, draft, cl.call_timeout_s, cl.placement_timeout_s + 300, token, index)
@@ -144,6 +149,7 @@ class EngineGroup:
             "max_context": min(cfg.scheduler.max_context, r["target"].max_context),
             "vocab_size": self.codec.vocab_size, "policy": cfg.policy_spec.name, "proposer": cfg.proposer,
             "replicas": len(self.engines),
+            "threads": {kind: r[kind].threads for kind in ("target", "draft") if r.get(kind) is not None},
         }
 
     async def complete_on(self, index: int, prompt: str, sampling: SamplingParams) -> None:

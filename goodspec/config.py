@@ -29,6 +29,8 @@ DEFAULT_TARGET = str(MODELS_DIR / "target")  # the tiny pair, trained here: fast
 DEFAULT_DRAFT = str(MODELS_DIR / "draft")
 SMOLLM2_DRAFT = str(MODELS_DIR / "smollm2-draft")
 MODEL_PAIRS = ("smollm2", "tiny")
+STARTUP_PROFILE_CHOICES = ("auto", "on", "off")
+MAX_THREADS = 1024
 
 
 def model_pair(name: str) -> tuple[str, str]:
@@ -65,10 +67,18 @@ class EngineConfig:
     target_kv_tokens: int = _f(32768, "target KV cache budget, in tokens")
     draft_kv_tokens: int = _f(32768, "draft KV cache budget, in tokens")
     block_size: int = _f(16, "tokens per KV cache block")
-    threads: int = _f(0, "torch CPU threads per worker (0 = 1 per Ray worker actor, its CPU share; in process, "
-                            "torch's default on a CPU and 1 on a GPU)")
+    threads: int = _f(0, "torch CPU threads of the target worker (0 = on a local Ray, this machine's cores "
+                            "shared among the replicas; on a joined Ray cluster or a GPU, 1; in process, torch's "
+                            "default on a CPU and 1 on a GPU)")
+    draft_threads: int = _f(0, "torch CPU threads of the draft worker actor (0 = 1: its forwards are too small to "
+                               "split, and it runs while the target waits); in process the draft runs on the "
+                               "target's thread and threads applies")
     cpu_linear: str = _f("onednn", "float32 on a CPU: onednn (oneDNN linear layers; verification and prefill "
                                    "up to 2.4x faster here) | torch (torch's own)")
+    startup_profile: str = _f("auto", "profiling sweep at start-up (cached on disk per model pair and device), which "
+                                      "seeds the goodput policies' step-time model: auto (when the server's own "
+                                      "policy is a goodput one) | on (also for requests that ask for goodput on a "
+                                      "server of another policy) | off (goodput learns from live steps only)")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
     @functools.cached_property
@@ -85,6 +95,12 @@ class EngineConfig:
             object.__setattr__(self, "draft_dir", None)
         spec = self.policy_spec  # parsed once, here; raises with the accepted forms
         check_cpu_linear(self.cpu_linear)
+        if not (0 <= self.threads <= MAX_THREADS and 0 <= self.draft_threads <= MAX_THREADS):
+            raise ValueError(f"threads and draft_threads must be in [0, {MAX_THREADS}]; "
+                             f"got {self.threads} and {self.draft_threads}")
+        if self.startup_profile not in STARTUP_PROFILE_CHOICES:
+            raise ValueError(f"startup_profile must be one of {', '.join(STARTUP_PROFILE_CHOICES)}; "
+                             f"got {self.startup_profile!r}")
         if self.proposer not in ("draft", "ngram", "auto"):
             raise ValueError(f"proposer must be draft, ngram or auto; got {self.proposer!r}")
         if spec.kind == "lookup" and self.proposer == "draft":

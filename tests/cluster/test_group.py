@@ -19,7 +19,7 @@ from goodspec.workers.sampling import SamplingParams
 
 def make_group(**overrides) -> EngineGroup:
     base = dict(engine__model="tiny", engine__device="cpu", engine__dtype="float32", engine__policy="fixed:3",
-                engine__threads=1, cluster__call_timeout_s=60.0)
+                cluster__call_timeout_s=60.0)
     base.update(overrides)
     return EngineGroup(build_config(**base))
 
@@ -58,6 +58,12 @@ async def _staggered(group: EngineGroup, prompts, reference, kill=None, policies
         tasks.append(killer())
     results = await asyncio.gather(*tasks)
     return {r[0]: (r[1], r[2]) for r in results if r is not None}
+
+
+def test_the_target_takes_the_machines_cores_and_the_draft_one_thread(group):
+    """Default threads on a local Ray: the two workers take turns within a step, so the target
+    runs on every core of this machine (one replica) and the draft on one thread."""
+    assert group.model_info()["threads"] == {"target": max(1, os.cpu_count() or 1), "draft": 1}
 
 
 def test_32_concurrent_mixed_requests_match_target_only_greedy(group, sharegpt_prompts, greedy_reference):
