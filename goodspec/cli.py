@@ -250,12 +250,17 @@ def cmd_bench(args) -> int:
     rates = [float(r) for r in args.rates.split(",") if r.strip()]
     from goodspec.scheduler.policy import PolicySpec
 
-    policies = [PolicySpec.parse(p).name for p in args.policies.split(",") if p.strip()]
+    specs = [PolicySpec.parse(p) for p in args.policies.split(",") if p.strip()]
+    policies = [s.name for s in specs]
     group = server = None
     address = args.address
     if address is None:
         from dataclasses import replace
 
+        if config.engine.startup_profile == "auto" and any(s.learns_step_times for s in specs):
+            # The embedded server's own policy is not goodput, but the bench's goodput requests
+            # should start from the step-time model a goodput server would have: seed it.
+            config = replace(config, engine=replace(config.engine, startup_profile="on"))
         from goodspec.cluster.group import EngineGroup
         from goodspec.cluster.grpc_server import BackgroundServer
 

@@ -104,7 +104,7 @@ def build_scheduler(
 ) -> Scheduler:
     """The one way an engine's Scheduler is made, in process or in the Ray scheduler actor:
     context capped by both models, EOS and stop strings from the tokenizer, and goodput policies
-    seeded from the (cached) profiling sweep before the first request."""
+    seeded from the (cached) profiling sweep before the first request (config.startup_profile)."""
     from goodspec.scheduler.profiler import warm_up_goodput
 
     sched_cfg = replace(
@@ -116,13 +116,21 @@ def build_scheduler(
     scheduler = Scheduler(sched_cfg, target=target, target_kv=target_kv, draft=draft, draft_kv=draft_kv,
                           policy=config.policy_spec.build(), stop_checker=codec.find_stop,
                           lookup=config.proposer in ("auto", "ngram"))
-    if scheduler.policies.learning():
+    if _profiles_at_start(config, scheduler):
         import torch
 
         warm_up_goodput(scheduler, target_kv.tokens,
-                        [config.target_dir, config.draft_dir, config.proposer, config.threads,
+                        [config.target_dir, config.draft_dir, config.proposer, config.threads, config.draft_threads,
                          f"cpu_linear={config.cpu_linear}", torch.__version__, *device_key])
     return scheduler
+
+
+def _profiles_at_start(config: EngineConfig, scheduler: Scheduler) -> bool:
+    """Whether this engine runs (or loads) the start-up profiling sweep: see
+    EngineConfig.startup_profile (an engine that cannot speculate skips it in warm_up_goodput)."""
+    if config.startup_profile == "auto":
+        return bool(scheduler.policies.learning())
+    return config.startup_profile == "on"
 
 
 def _budget(runner) -> KVBudget:

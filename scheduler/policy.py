@@ -116,6 +116,12 @@ class PolicySpec:
     def name(self) -> str:
         return f"{self.kind}:{self.k}" if self.kind in ("fixed", "lookup") else self.kind
 
+    @property
+    def learns_step_times(self) -> bool:
+        """Whether the policy fits a step-time model (the goodput family): a profiling sweep at
+        start-up seeds it."""
+        return self.kind.startswith("goodput")
+
     def build(self) -> SpeculationPolicy:
         """A new policy object; its `name` is this spec's."""
         if self.kind == "off":

@@ -132,3 +132,26 @@ def test_sampling_with_lookup_and_draft_rows_matches_target_only_sampling(shared
     assert sum(r.lookup_tokens for r in records) > 0 and sum(r.draft_tokens for r in records) > 0
     for j in range(2):
         assert _homogeneous(mixed[j], plain[j]) > 1e-3
+
+
+@pytest.mark.parametrize("server_policy, startup_profile, seeded", [
+    ("fixed:3", "auto", False),  # nothing on this server learns step times: no sweep
+    ("fixed:3", "on", True),  # ... unless asked: its goodput requests start seeded
+    ("goodput", "off", False),  # goodput learns from live steps only
+])
+def test_startup_profile_seeds_per_request_goodput_only_when_asked(server_policy, startup_profile, seeded):
+    """A request that asks for goodput on a server of another policy gets the same seeded
+    step-time model a goodput server's own policy has, when startup_profile is on."""
+    from goodspec.scheduler.policy import PolicySpec
+
+    engine = LLMEngine(engine_config(server_policy, startup_profile=startup_profile))
+    policy = engine.scheduler.policies.resolve(PolicySpec.parse("goodput"))
+    assert bool(engine.scheduler.policies.profile_records) is seeded
+    assert bool(policy._profile) is seeded
+    if seeded:
+        assert {r.max_k for r in policy._profile} >= {0, 1, 3}  # a sweep over k, not a live step
+
+
+def test_startup_profile_refuses_unknown_values():
+    with pytest.raises(ValueError, match="startup_profile must be one of auto, on, off"):
+        engine_config("goodput", startup_profile="always")
