@@ -57,6 +57,9 @@ class WorkerActor:
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"goodspec-{kind}-compute")
         self.worker = self._compute.submit(
             lambda: DraftWorker(config) if kind == "draft" else TargetWorker(config, draft_dir)).result()
+        # The per-step calls are reachable over the channel only, never as Ray methods: their
+        # answers may hold tensors, and Ray would carry a device tensor to a scheduler that has
+        # no GPU.
         step = {"propose": self.worker.propose} if kind == "draft" else {"verify": self.worker.verify}
         methods = {name: self._on_compute_thread(fn) for name, fn in {"free": self.worker.free, **step}.items()}
         if host is None:

@@ -1,7 +1,7 @@
 """A worker process runs everything that touches its model on one thread: the one that loaded it.
 
 GNU OpenMP keeps a thread team per thread that opens a parallel region; with a second team the
-threads outnumber 2 cores and stop spinning between regions, and a 2-thread forward on the
+threads outnumber 2 cores and all but stop spinning between regions, and a 2-thread forward on the
 channel's thread ran at half the speed of the same forward on the loading thread (BENCHMARKS.md,
 fifteenth session). So loading, the channel's calls and Ray's calls all go to one compute thread.
 """
