@@ -113,14 +113,14 @@ class EngineGroup:
         # split: 3 batch-1 passes took 15 ms with one thread, 19 ms with two). Measured on 2 cores:
         # BENCHMARKS.md, fifteenth session. On a joined cluster the nodes' cores are unknown here.
         cores = (os.cpu_count() or 1) // max(1, cl.replicas) if cl.ray_address is None else 1
-        threads = cfg.threads or (1 if gpus else max(1, cores))
-        cfg = replace(cfg, threads=threads, draft_threads=cfg.draft_threads or 1)  # the profile key sees these
+        cfg = replace(cfg, threads=cfg.threads or (1 if gpus else max(1, cores)),
+                      draft_threads=cfg.draft_threads or 1)  # resolved here: the profile key sees them
         device = cfg.device if gpus or cfg.device != "auto" else "cpu"
         token = new_token()  # the workers' channels accept only this engine's scheduler
         channel_host = channel_host_for(cl.placement_strategy)
         worker_cls = ray.remote(WorkerActor)
         target = worker_cls.options(**opts(1, gpus, max_restarts=cl.max_restarts, max_task_retries=0)).remote(
-            "target", RunnerConfig(cfg.target_dir, device, cfg.dtype, cfg.target_kv_tokens, cfg.block_size, threads,
+            "target", RunnerConfig(cfg.target_dir, device, cfg.dtype, cfg.target_kv_tokens, cfg.block_size, cfg.threads,
                                    cfg.cpu_linear),
             token, channel_host, cfg.draft_dir)
         draft = None

@@ -7,7 +7,7 @@ import json
 import sys
 import time
 
-from goodspec.config import add_config_flags, build_config
+from goodspec.config import add_config_flags, build_config, startup_profile_for
 from goodspec.workers.cpu_linear import CPU_LINEAR_CHOICES
 
 
@@ -257,10 +257,8 @@ def cmd_bench(args) -> int:
     if address is None:
         from dataclasses import replace
 
-        if config.engine.startup_profile == "auto" and any(s.learns_step_times for s in specs):
-            # The embedded server's own policy is not goodput, but the bench's goodput requests
-            # should start from the step-time model a goodput server would have: seed it.
-            config = replace(config, engine=replace(config.engine, startup_profile="on"))
+        config = replace(config, engine=replace(
+            config.engine, startup_profile=startup_profile_for(specs, config.engine.startup_profile)))
         from goodspec.cluster.group import EngineGroup
         from goodspec.cluster.grpc_server import BackgroundServer
 

@@ -24,7 +24,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
-from goodspec.config import MODEL_PAIRS, EngineConfig
+from goodspec.config import MODEL_PAIRS, EngineConfig, startup_profile_for
 from goodspec.engine import LLMEngine
 from goodspec.scheduler.config import SchedulerConfig
 from goodspec.scheduler.policy import PolicySpec
@@ -140,11 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="write the runs as JSON here, each with its last replay's step records")
     args = ap.parse_args(argv)
 
-    learning = any(PolicySpec.parse(p).learns_step_times for p in args.policies.split(",") if p.strip())
     engine = LLMEngine(EngineConfig(
         model=args.model, policy="off", device=args.device, dtype=args.dtype, proposer=args.proposer,
         cpu_linear=args.cpu_linear, target_kv_tokens=65536, draft_kv_tokens=65536,
-        startup_profile="on" if learning else "auto",  # goodput's requests start seeded, as on a goodput server
+        startup_profile=startup_profile_for(PolicySpec.parse(p) for p in args.policies.split(",") if p.strip()),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_k=8,
                                   max_num_batched_tokens=args.max_num_batched_tokens)))
     if args.workload:

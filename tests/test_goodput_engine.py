@@ -155,3 +155,13 @@ def test_startup_profile_seeds_per_request_goodput_only_when_asked(server_policy
 def test_startup_profile_refuses_unknown_values():
     with pytest.raises(ValueError, match="startup_profile must be one of auto, on, off"):
         engine_config("goodput", startup_profile="always")
+
+
+def test_a_bench_server_seeds_goodput_requests_unless_told_otherwise():
+    from goodspec.config import startup_profile_for
+    from goodspec.scheduler.policy import PolicySpec
+
+    specs = [PolicySpec.parse(p) for p in ("off", "fixed:3", "goodput")]
+    assert startup_profile_for(specs) == "on"
+    assert startup_profile_for(specs[:2]) == "auto"  # nothing there learns step times
+    assert startup_profile_for(specs, "off") == "off"  # the user's choice is kept
