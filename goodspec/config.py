@@ -77,9 +77,9 @@ class EngineConfig:
     threads: int = _f(0, "torch CPU threads of the target worker (0 = on a local Ray, this machine's cores "
                             "shared among the replicas; on a joined Ray cluster or a GPU, 1; in process, torch's "
                             "default on a CPU and 1 on a GPU)")
-    draft_threads: int = _f(0, "torch CPU threads of the draft worker actor (0 = 1: its forwards are too small to "
-                               "split, and it runs while the target waits); in process the draft runs on the "
-                               "target's thread and threads applies")
+    draft_threads: int = _f(0, "torch CPU threads of the draft worker actor (0 = 1: with two, its batch-1 passes "
+                               "and the chat bench were slower here); in process the draft runs on the target's "
+                               "thread and threads applies")
     cpu_linear: str = _f("onednn", "float32 on a CPU: onednn (oneDNN linear layers; verification and prefill "
                                    "up to 2.4x faster here) | torch (torch's own)")
     startup_profile: str = _f("auto", "profiling sweep at start-up (cached on disk per model pair and device), which "
