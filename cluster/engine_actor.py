@@ -37,7 +37,8 @@ class EngineActor:
             config, self.codec, self.target, KVBudget(t_info.num_blocks, t_info.block_size),
             t_info.max_context, self.draft,
             KVBudget(d_info.num_blocks, d_info.block_size) if d_info else None,
-            d_info.max_context if d_info else None, device_key=[t_info.device, t_info.dtype, "ray"],
+            d_info.max_context if d_info else None,
+            device_key=[t_info.device, t_info.dtype, *([f"draft={d_info.dtype}"] if d_info else []), "ray"],
         )
         self.service = SchedulerService(scheduler, self.codec)
         self.service.start()

@@ -124,10 +124,11 @@ class EngineGroup:
                                    cfg.cpu_linear),
             token, channel_host, cfg.draft_dir)
         draft = None
+        draft_dtype, draft_bfloat16 = cfg.draft_runner_dtype()
         if cfg.draft_dir:
             draft = worker_cls.options(**opts(2, gpus, max_restarts=cl.max_restarts, max_task_retries=0)).remote(
-                "draft", RunnerConfig(cfg.draft_dir, device, cfg.dtype, cfg.draft_kv_tokens, cfg.block_size,
-                                      cfg.draft_threads, cfg.cpu_linear),
+                "draft", RunnerConfig(cfg.draft_dir, device, draft_dtype, cfg.draft_kv_tokens, cfg.block_size,
+                                      cfg.draft_threads, cfg.cpu_linear, draft_bfloat16),
                 token, channel_host)
         actor = ray.remote(EngineActor).options(**opts(0), max_concurrency=10_000).remote(
             cfg, target, draft, cl.call_timeout_s, cl.placement_timeout_s + 300, token, index)
@@ -150,6 +151,7 @@ class EngineGroup:
             "vocab_size": self.codec.vocab_size, "policy": cfg.policy_spec.name, "proposer": cfg.proposer,
             "replicas": len(self.engines),
             "threads": {kind: r[kind].threads for kind in ("target", "draft") if r.get(kind) is not None},
+            "dtypes": {kind: r[kind].dtype for kind in ("target", "draft") if r.get(kind) is not None},
         }
 
     async def complete_on(self, index: int, prompt: str, sampling: SamplingParams) -> None:

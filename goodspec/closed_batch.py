@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="tiny", choices=MODEL_PAIRS)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--draft-dtype", default="auto", help="the draft's dtype (EngineConfig.draft_dtype)")
     ap.add_argument("--cpu-linear", default="onednn", choices=CPU_LINEAR_CHOICES,
                     help="float32 on a CPU: oneDNN linear layers or torch's own")
     ap.add_argument("--policies", default="off,fixed:1,fixed:3,fixed:5,goodput,goodput-uniform",
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     engine = LLMEngine(EngineConfig(
-        model=args.model, policy="off", device=args.device, dtype=args.dtype, proposer=args.proposer,
+        model=args.model, policy="off", device=args.device, dtype=args.dtype, draft_dtype=args.draft_dtype,
+        proposer=args.proposer,
         cpu_linear=args.cpu_linear, target_kv_tokens=65536, draft_kv_tokens=65536,
         startup_profile=startup_profile_for(PolicySpec.parse(p) for p in args.policies.split(",") if p.strip()),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_k=8,

@@ -23,6 +23,7 @@ from typing import Any
 from goodspec.scheduler.config import SchedulerConfig
 from goodspec.scheduler.policy import PolicySpec
 from goodspec.workers.cpu_linear import check_cpu_linear
+from goodspec.workers.dtypes import check_dtype
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_TARGET = str(MODELS_DIR / "target")  # the tiny pair, trained here: fast tests
@@ -71,6 +72,10 @@ class EngineConfig:
                                 "auto (both: goodput policies choose per request and step; others use the draft)")
     device: str = _f("auto", "auto (cuda when present) | cpu | cuda | cuda:N")
     dtype: str = _f("auto", "auto (float32 on cpu, bfloat16 on cuda) | float32 | float16 | bfloat16")
+    draft_dtype: str = _f("auto", "the draft model's dtype: auto (dtype's, except bfloat16 where that is float32 "
+                                  "on a CPU with native bfloat16, AVX512-BF16 or AMX: its batch-1 passes took "
+                                  "3.0 ms against 4.2 here; the output stays the target's) | float32 | float16 | "
+                                  "bfloat16")
     target_kv_tokens: int = _f(32768, "target KV cache budget, in tokens")
     draft_kv_tokens: int = _f(32768, "draft KV cache budget, in tokens")
     block_size: int = _f(16, "tokens per KV cache block")
@@ -88,6 +93,10 @@ class EngineConfig:
                                       "server of another policy) | off (goodput learns from live steps only)")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
+    def draft_runner_dtype(self) -> tuple[str, bool]:
+        """(RunnerConfig.dtype, .bfloat16_on_native_cpu) of the draft: see draft_dtype."""
+        return (self.dtype, True) if self.draft_dtype == "auto" else (self.draft_dtype, False)
+
     @functools.cached_property
     def policy_spec(self) -> PolicySpec:
         return PolicySpec.parse(self.policy)
@@ -102,6 +111,8 @@ class EngineConfig:
             object.__setattr__(self, "draft_dir", None)
         spec = self.policy_spec  # parsed once, here; raises with the accepted forms
         check_cpu_linear(self.cpu_linear)
+        check_dtype(self.dtype)
+        check_dtype(self.draft_dtype, "draft_dtype")
         if not (0 <= self.threads <= MAX_THREADS and 0 <= self.draft_threads <= MAX_THREADS):
             raise ValueError(f"threads and draft_threads must be in [0, {MAX_THREADS}]; "
                              f"got {self.threads} and {self.draft_threads}")

@@ -29,13 +29,16 @@ class LLMEngine:
         self.target = TargetWorker(self._runner_config(config.target_dir, config.target_kv_tokens), config.draft_dir)
         self.draft = None  # proposer ngram: prompt lookup in the scheduler, no draft worker
         if config.draft_dir is not None:
-            self.draft = DraftWorker(self._runner_config(config.draft_dir, config.draft_kv_tokens))
+            dtype, bfloat16_on_native_cpu = config.draft_runner_dtype()
+            self.draft = DraftWorker(replace(self._runner_config(config.draft_dir, config.draft_kv_tokens),
+                                             dtype=dtype, bfloat16_on_native_cpu=bfloat16_on_native_cpu))
         draft_runner = getattr(self.draft, "runner", None)
         self.scheduler = build_scheduler(
             config, self.codec, self.target, _budget(self.target.runner), self.target.runner.max_context,
             self.draft, _budget(draft_runner) if draft_runner else None,
             draft_runner.max_context if draft_runner else None,
-            device_key=[str(self.target.runner.device), str(self.target.runner.dtype), "in-process"],
+            device_key=[str(self.target.runner.device), str(self.target.runner.dtype),
+                        *([f"draft={draft_runner.dtype}"] if draft_runner else []), "in-process"],
         )
         self._ids = itertools.count()
         self._prompts: dict[str, str] = {}

@@ -9,6 +9,7 @@ import torch
 
 from goodspec.workers.attention import ATTENTION_NAME, AttentionMetadata, attention_backends
 from goodspec.workers.cpu_linear import check_cpu_linear, to_onednn_linears, uses_onednn
+from goodspec.workers.dtypes import resolve_dtype
 from goodspec.workers.feature_draft import FeatureInput, block_outputs, normalised
 from goodspec.workers.kv_cache import KVCacheSpec, PagedKVCache
 
@@ -22,6 +23,11 @@ class RunnerConfig:
     block_size: int = 16
     threads: int = 0  # CPU threads for torch; 0 = torch's default on a CPU, 1 on a GPU
     cpu_linear: str = "onednn"  # float32 on a CPU: oneDNN linears (see cpu_linear.py) | torch
+    # Where float32 would run on a CPU with native bfloat16 (AVX512-BF16 or AMX), run bfloat16:
+    # the draft's dtype "auto" (EngineConfig.draft_dtype). Its weights are read whole for every
+    # batch-1 pass, so half the bytes is most of the gain: a batch-1 SmolLM2 draft pass took
+    # 3.0 ms in bfloat16 against 4.2 in float32 here (BENCHMARKS.md, sixteenth session).
+    bfloat16_on_native_cpu: bool = False
 
     def __post_init__(self) -> None:
         if self.kv_cache_tokens < self.block_size:
@@ -37,15 +43,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-    except KeyError:
-        raise ValueError(f"dtype must be auto, float32, float16 or bfloat16; got {dtype!r}") from None
 
 
 VOCAB_MAP_FILE = "vocab_map.json"
@@ -123,7 +120,7 @@ class ModelRunner:
         threads = config.threads or (1 if self.device.type == "cuda" else 0)
         if threads > 0:
             torch.set_num_threads(threads)
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype = resolve_dtype(config.dtype, self.device, config.bfloat16_on_native_cpu)
         path = model_path(config.model_dir)  # resolved once: a GGUF file is hashed to find its copy
         self.model = load_causal_lm(path, self.device, self.dtype)
         self.onednn_linears = (to_onednn_linears(self.model)

@@ -14,6 +14,7 @@ import pytest
 from goodspec.cluster.group import EngineGroup
 from goodspec.config import build_config
 from goodspec.scheduler.policy import PolicySpec
+from goodspec.workers.dtypes import cpu_has_native_bfloat16
 from goodspec.workers.sampling import SamplingParams
 
 
@@ -64,6 +65,14 @@ def test_the_target_takes_the_machines_cores_and_the_draft_one_thread(group):
     """Default threads on a local Ray: the two workers take turns within a step, so the target
     runs on every core of this machine (one replica) and the draft on one thread."""
     assert group.model_info()["threads"] == {"target": max(1, os.cpu_count() or 1), "draft": 1}
+
+
+def test_the_draft_runs_bfloat16_where_the_cpu_has_it_and_the_target_float32(group):
+    """Default dtypes on a CPU: the target float32, the draft bfloat16 where the CPU has native
+    bfloat16 (its weights, read whole every batch-1 pass, take half the bytes), else float32;
+    the output is still the float32 target's (the greedy tests of this module)."""
+    draft = "bfloat16" if cpu_has_native_bfloat16() else "float32"
+    assert group.model_info()["dtypes"] == {"target": "float32", "draft": draft}
 
 
 def test_32_concurrent_mixed_requests_match_target_only_greedy(group, sharegpt_prompts, greedy_reference):

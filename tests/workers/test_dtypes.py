@@ -1,0 +1,42 @@
+"""Model dtypes by name, and the draft's "auto": bfloat16 where float32 would run on a CPU with
+native bfloat16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from goodspec.config import EngineConfig
+from goodspec.workers import dtypes
+from goodspec.workers.dtypes import resolve_dtype
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_only_a_float32_cpu_model_asked_to_becomes_bfloat16_and_only_where_native(monkeypatch, native):
+    monkeypatch.setattr(dtypes, "cpu_has_native_bfloat16", lambda: native)  # the host's CPU is fixed
+    assert resolve_dtype("auto", CPU) == torch.float32
+    assert resolve_dtype("auto", CPU, bfloat16_on_native_cpu=True) == (torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype("float32", CPU, bfloat16_on_native_cpu=True) == (torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype("float16", CPU, bfloat16_on_native_cpu=True) == torch.float16
+    assert resolve_dtype("auto", CUDA, bfloat16_on_native_cpu=True) == torch.bfloat16
+    assert resolve_dtype("float32", CUDA, bfloat16_on_native_cpu=True) == torch.float32
+
+
+def test_the_probe_answers_on_this_host():
+    assert isinstance(dtypes.cpu_has_native_bfloat16(), bool)
+
+
+def test_the_draft_follows_the_targets_dtype_unless_set():
+    assert EngineConfig(model="tiny").draft_runner_dtype() == ("auto", True)
+    assert EngineConfig(model="tiny", dtype="float16").draft_runner_dtype() == ("float16", True)
+    assert EngineConfig(model="tiny", draft_dtype="float32").draft_runner_dtype() == ("float32", False)
+
+
+@pytest.mark.parametrize("field", ["dtype", "draft_dtype"])
+def test_an_unknown_dtype_is_refused_naming_its_field(field):
+    with pytest.raises(ValueError, match=f"^{field} must be auto, float32, float16 or bfloat16; got 'bf16'"):
+        EngineConfig(model="tiny", **{field: "bf16"})
+    with pytest.raises(ValueError, match="dtype must be"):
+        resolve_dtype("half", CPU)

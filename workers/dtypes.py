@@ -1,0 +1,28 @@
+"""Model dtypes by name, and what "auto" resolves to on a device (kept apart from the runner so
+that configs can check a name without importing transformers)."""
+
+from __future__ import annotations
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_dtype(dtype: str, name: str = "dtype") -> None:
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"{name} must be auto, float32, float16 or bfloat16; got {dtype!r}")
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """AVX512-BF16 or AMX on this host's CPU (torch's own probes; private, hence the guards)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(bool(p()) for p in probes if p is not None)
+
+
+def resolve_dtype(dtype: str, device: torch.device, bfloat16_on_native_cpu: bool = False) -> torch.dtype:
+    check_dtype(dtype)
+    resolved = DTYPES.get(dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if (bfloat16_on_native_cpu and resolved == torch.float32 and device.type == "cpu"
+            and cpu_has_native_bfloat16()):
+        return torch.bfloat16
+    return resolved
