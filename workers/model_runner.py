@@ -24,9 +24,9 @@ class RunnerConfig:
     threads: int = 0  # CPU threads for torch; 0 = torch's default on a CPU, 1 on a GPU
     cpu_linear: str = "onednn"  # float32 on a CPU: oneDNN linears (see cpu_linear.py) | torch
     # Where float32 would run on a CPU with native bfloat16 (AVX512-BF16 or AMX), run bfloat16:
-    # the draft's dtype "auto" (EngineConfig.draft_dtype). Its weights are read whole for every
-    # batch-1 pass, so half the bytes is most of the gain: a batch-1 SmolLM2 draft pass took
-    # 3.0 ms in bfloat16 against 4.2 in float32 here (BENCHMARKS.md, sixteenth session).
+    # the draft's dtype "auto" (EngineConfig.draft_dtype). Its weights, read whole by every
+    # batch-1 pass, take half the bytes: a batch-1 SmolLM2 draft pass took 3.0 ms in bfloat16
+    # against 4.2 in float32 here (BENCHMARKS.md, sixteenth session).
     bfloat16_on_native_cpu: bool = False
 
     def __post_init__(self) -> None:
