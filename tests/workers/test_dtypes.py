@@ -3,6 +3,8 @@ native bfloat16."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,8 +26,14 @@ def test_only_a_float32_cpu_model_asked_to_becomes_bfloat16_and_only_where_nativ
     assert resolve_dtype("float32", CUDA, bfloat16_on_native_cpu=True) == torch.float32
 
 
-def test_the_probe_answers_on_this_host():
-    assert isinstance(dtypes.cpu_has_native_bfloat16(), bool)
+def test_the_probe_agrees_with_the_kernels_cpu_flags():
+    """torch's probes are private API (guarded); on Linux the kernel lists the same features."""
+    native = dtypes.cpu_has_native_bfloat16()
+    assert isinstance(native, bool)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        flags = set(cpuinfo.read_text().split())
+        assert native == bool({"avx512_bf16", "amx_bf16", "amx_tile"} & flags)
 
 
 def test_the_draft_follows_the_targets_dtype_unless_set():
