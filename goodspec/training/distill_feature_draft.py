@@ -247,7 +247,7 @@ def step_costs(target, draft: FeatureDraft) -> dict:
         embeds = draft.feature_input.read(draft.llm.model.embed_tokens, ids, torch.randn(*ids.shape, width))
         return draft.llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True).past_key_values
 
-    t, q = decode_ms(target_step, 4000), decode_ms(draft_step, 4000)
+    t, q = decode_ms(target_step, 4000), decode_ms(draft_step, min(4000, draft.llm.config.vocab_size))
     return {"forward_ms_batch16_context200": {"target": t, "draft": q}, "draft_cost_ratio": q / t}
 
 
@@ -359,7 +359,13 @@ def main(argv: list[str] | None = None) -> None:
         "wall_seconds": round(time.time() - t0, 1), "config": asdict(cfg),
         "init_from": str(args.from_feature_draft or args.init_from or "the target's embedding rows and last layers"),
     })
-    out: Path = args.out
+    save(args.out, draft, target_dir, target_ids, target.config.vocab_size, report)
+
+
+def save(out: Path, draft: FeatureDraft, target_dir: Path, target_ids: list[int], target_vocab_size: int,
+         report: dict) -> None:
+    """The draft as goodspec loads it (float16 Llama directory, feature layer, tokenizer,
+    vocabulary map) with its report; prints the report."""
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("*.safetensors"):
         stale.unlink()
@@ -367,8 +373,8 @@ def main(argv: list[str] | None = None) -> None:
     draft.feature_input.save(out)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(target_dir / name, out / name)
-    if vocab_file.resolve() != (out / VOCAB_MAP_FILE).resolve():
-        shutil.copy(vocab_file, out / VOCAB_MAP_FILE)
+    (out / VOCAB_MAP_FILE).write_text(json.dumps({"target_vocab_size": target_vocab_size,
+                                                  "target_ids": target_ids}) + "\n")
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
 
