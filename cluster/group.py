@@ -29,7 +29,6 @@ from goodspec.scheduler.errors import EngineUnhealthy
 from goodspec.scheduler.policy import PolicySpec
 from goodspec.scheduler.stats import EngineStats
 from goodspec.scheduler.service import Completion, StreamChunk, Usage
-from goodspec.workers.model_runner import RunnerConfig
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.tokenizer import TextCodec
 
@@ -120,16 +119,11 @@ class EngineGroup:
         channel_host = channel_host_for(cl.placement_strategy)
         worker_cls = ray.remote(WorkerActor)
         target = worker_cls.options(**opts(1, gpus, max_restarts=cl.max_restarts, max_task_retries=0)).remote(
-            "target", RunnerConfig(cfg.target_dir, device, cfg.dtype, cfg.target_kv_tokens, cfg.block_size, cfg.threads,
-                                   cfg.cpu_linear),
-            token, channel_host, cfg.draft_dir)
+            "target", cfg.target_runner_config(device), token, channel_host, cfg.draft_dir)
         draft = None
         if cfg.draft_dir:
-            draft_dtype, draft_bfloat16 = cfg.draft_runner_dtype()
             draft = worker_cls.options(**opts(2, gpus, max_restarts=cl.max_restarts, max_task_retries=0)).remote(
-                "draft", RunnerConfig(cfg.draft_dir, device, draft_dtype, cfg.draft_kv_tokens, cfg.block_size,
-                                      cfg.draft_threads, cfg.cpu_linear, draft_bfloat16),
-                token, channel_host)
+                "draft", cfg.draft_runner_config(device), token, channel_host)
         actor = ray.remote(EngineActor).options(**opts(0), max_concurrency=10_000).remote(
             cfg, target, draft, cl.call_timeout_s, cl.placement_timeout_s + 300, token, index)
         return _Engine(index, actor, target, draft, pg)

@@ -24,6 +24,7 @@ from goodspec.scheduler.config import SchedulerConfig
 from goodspec.scheduler.policy import PolicySpec
 from goodspec.workers.cpu_linear import check_cpu_linear
 from goodspec.workers.dtypes import check_dtype
+from goodspec.workers.runner_config import RunnerConfig
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 DEFAULT_TARGET = str(MODELS_DIR / "target")  # the tiny pair, trained here: fast tests
@@ -93,9 +94,21 @@ class EngineConfig:
                                       "server of another policy) | off (goodput learns from live steps only)")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
-    def draft_runner_dtype(self) -> tuple[str, bool]:
-        """(RunnerConfig.dtype, .bfloat16_on_native_cpu) of the draft: see draft_dtype."""
-        return (self.dtype, True) if self.draft_dtype == "auto" else (self.draft_dtype, False)
+    def target_runner_config(self, device: str | None = None) -> RunnerConfig:
+        """The target worker's runner: `device` where the caller resolved it (a Ray worker)."""
+        return RunnerConfig(self.target_dir, device or self.device, self.dtype, self.target_kv_tokens,
+                            self.block_size, self.threads, self.cpu_linear)
+
+    def draft_runner_config(self, device: str | None = None, threads: int | None = None) -> RunnerConfig:
+        """The draft worker's runner, in draft_dtype ("auto": the target's dtype, bfloat16 in its
+        place where that is float32 on a CPU with native bfloat16); `threads` where it shares the
+        target's process (torch's thread count is per process), else draft_threads."""
+        if self.draft_dir is None:
+            raise ValueError("this engine has no draft (draft_dir is None)")
+        dtype, bfloat16_on_native_cpu = (self.dtype, True) if self.draft_dtype == "auto" else (self.draft_dtype, False)
+        return RunnerConfig(self.draft_dir, device or self.device, dtype, self.draft_kv_tokens, self.block_size,
+                            self.draft_threads if threads is None else threads, self.cpu_linear,
+                            bfloat16_on_native_cpu)
 
     @functools.cached_property
     def policy_spec(self) -> PolicySpec:

@@ -16,7 +16,6 @@ from goodspec.scheduler.policy import PolicySpec, SpeculationPolicy
 from goodspec.scheduler.scheduler import Scheduler
 from goodspec.scheduler.service import Completion, usage_of
 from goodspec.workers.draft_worker import DraftWorker
-from goodspec.workers.model_runner import RunnerConfig
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.target_worker import TargetWorker
 from goodspec.workers.tokenizer import TextCodec
@@ -26,12 +25,11 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.codec = TextCodec.load(config.target_dir, config.draft_dir)
-        self.target = TargetWorker(self._runner_config(config.target_dir, config.target_kv_tokens), config.draft_dir)
+        self.target = TargetWorker(config.target_runner_config(), config.draft_dir)
         self.draft = None  # proposer ngram: prompt lookup in the scheduler, no draft worker
         if config.draft_dir is not None:
-            dtype, bfloat16_on_native_cpu = config.draft_runner_dtype()
-            self.draft = DraftWorker(replace(self._runner_config(config.draft_dir, config.draft_kv_tokens),
-                                             dtype=dtype, bfloat16_on_native_cpu=bfloat16_on_native_cpu))
+            # one process: the draft runs on the target's torch threads (draft_threads is for Ray workers)
+            self.draft = DraftWorker(config.draft_runner_config(threads=config.threads))
         draft_runner = getattr(self.draft, "runner", None)
         self.scheduler = build_scheduler(
             config, self.codec, self.target, _budget(self.target.runner), self.target.runner.max_context,
@@ -42,10 +40,6 @@ class LLMEngine:
         )
         self._ids = itertools.count()
         self._prompts: dict[str, str] = {}
-
-    def _runner_config(self, model_dir: str, kv_tokens: int) -> RunnerConfig:
-        c = self.config
-        return RunnerConfig(model_dir, c.device, c.dtype, kv_tokens, c.block_size, c.threads, c.cpu_linear)
 
     def add_request(
         self, prompt: str, sampling: SamplingParams, req_id: str | None = None,

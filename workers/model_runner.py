@@ -8,35 +8,11 @@ from pathlib import Path
 import torch
 
 from goodspec.workers.attention import ATTENTION_NAME, AttentionMetadata, attention_backends
-from goodspec.workers.cpu_linear import check_cpu_linear, to_onednn_linears, uses_onednn
+from goodspec.workers.cpu_linear import to_onednn_linears, uses_onednn
 from goodspec.workers.dtypes import resolve_dtype
 from goodspec.workers.feature_draft import FeatureInput, block_outputs, normalised
 from goodspec.workers.kv_cache import KVCacheSpec, PagedKVCache
-
-
-@dataclass(frozen=True)
-class RunnerConfig:
-    model_dir: str
-    device: str = "auto"  # "auto" = cuda when present, else cpu
-    dtype: str = "auto"  # "auto" = float32 on cpu, bfloat16 on cuda
-    kv_cache_tokens: int = 65536  # the KV budget, in tokens across all sequences
-    block_size: int = 16
-    threads: int = 0  # CPU threads for torch; 0 = torch's default on a CPU, 1 on a GPU
-    cpu_linear: str = "onednn"  # float32 on a CPU: oneDNN linears (see cpu_linear.py) | torch
-    # Where float32 would run on a CPU with native bfloat16 (AVX512-BF16 or AMX), run bfloat16:
-    # the draft's dtype "auto" (EngineConfig.draft_dtype). Its weights, read whole by every
-    # batch-1 pass, take half the bytes: a batch-1 SmolLM2 draft pass took 3.0 ms in bfloat16
-    # against 4.2 in float32 here (BENCHMARKS.md, sixteenth session).
-    bfloat16_on_native_cpu: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kv_cache_tokens < self.block_size:
-            raise ValueError(
-                f"kv_cache_tokens must be >= block_size ({self.block_size}); got {self.kv_cache_tokens}"
-            )
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1; got {self.block_size}")
-        check_cpu_linear(self.cpu_linear)
+from goodspec.workers.runner_config import RunnerConfig
 
 
 def resolve_device(device: str) -> torch.device:

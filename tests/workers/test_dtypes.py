@@ -37,9 +37,26 @@ def test_the_probe_agrees_with_the_kernels_cpu_flags():
 
 
 def test_the_draft_follows_the_targets_dtype_unless_set():
-    assert EngineConfig(model="tiny").draft_runner_dtype() == ("auto", True)
-    assert EngineConfig(model="tiny", dtype="float16").draft_runner_dtype() == ("float16", True)
-    assert EngineConfig(model="tiny", draft_dtype="float32").draft_runner_dtype() == ("float32", False)
+    def dtype_of(**kw):
+        runner = EngineConfig(model="tiny", **kw).draft_runner_config()
+        return runner.dtype, runner.bfloat16_on_native_cpu
+
+    assert dtype_of() == ("auto", True)
+    assert dtype_of(dtype="float16") == ("float16", True)
+    assert dtype_of(draft_dtype="float32") == ("float32", False)
+
+
+def test_the_engine_config_builds_both_runners_configs():
+    cfg = EngineConfig(model="tiny", device="cpu", threads=2, draft_threads=1, target_kv_tokens=4096,
+                       draft_kv_tokens=1024, block_size=32, cpu_linear="torch")
+    target = cfg.target_runner_config()
+    assert (target.model_dir, target.device, target.kv_cache_tokens, target.block_size, target.threads,
+            target.cpu_linear, target.bfloat16_on_native_cpu) == (cfg.target_dir, "cpu", 4096, 32, 2, "torch", False)
+    draft = cfg.draft_runner_config("cuda")
+    assert (draft.model_dir, draft.device, draft.kv_cache_tokens, draft.threads) == (cfg.draft_dir, "cuda", 1024, 1)
+    assert cfg.draft_runner_config(threads=2).threads == 2  # in process: the target's threads
+    with pytest.raises(ValueError, match="no draft"):
+        EngineConfig(model="tiny", draft_dir="none", policy="off").draft_runner_config()
 
 
 @pytest.mark.parametrize("field", ["dtype", "draft_dtype"])
