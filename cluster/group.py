@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import uuid
 from dataclasses import dataclass, replace
 from typing import AsyncIterator
@@ -21,6 +20,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from goodspec.cluster.channel import new_token
+from goodspec.cluster.cores import usable_cores
 from goodspec.cluster.engine_actor import EngineActor
 from goodspec.cluster.ray_runtime import LOOPBACK_HOSTS, init_ray
 from goodspec.cluster.worker_actor import WorkerActor
@@ -111,7 +111,7 @@ class EngineGroup:
         # every core the engine has; the draft keeps one thread (its 3 batch-1 passes in float32
         # took 15.5 ms with one thread, 19.5 ms with two). Measured on 2 cores: BENCHMARKS.md,
         # fifteenth session. On a joined cluster the nodes' cores are unknown here.
-        cores = (os.cpu_count() or 1) // max(1, cl.replicas) if cl.ray_address is None else 1
+        cores = usable_cores() // max(1, cl.replicas) if cl.ray_address is None else 1
         cfg = replace(cfg, threads=cfg.threads or (1 if gpus else max(1, cores)),
                       draft_threads=cfg.draft_threads or 1)  # resolved here: the profile key sees them
         device = cfg.device if gpus or cfg.device != "auto" else "cpu"
