@@ -168,19 +168,25 @@ def cached_replies_and_states(target, tokenizer, prompts: list[list[int]], cfg: 
     """`cached_replies` that also keeps the target's hidden states of each part where
     goodspec.training.target_features.cached_features looks for them (so reading them back
     runs no target): one generation gives a feature draft's records and features."""
+    return _cached_with_states(prompts, parts_dir, "target replies and states (training)", lambda chunk, n: (
+        target_replies_and_states(target, tokenizer, chunk, cfg.new_tokens, cfg.gen_batch, cfg.top_logprobs,
+                                  f"part {n}")))
+
+
+def _cached_with_states(items: list, parts_dir: Path, desc: str, make) -> list[dict]:
+    """`make(chunk, n)` -> (records, states) for every `PART_PROMPTS` items, each part cached
+    under `parts_dir` and its states in target_features' directory beside it (resumable)."""
     from goodspec.training.target_features import features_dir
 
     states_dir = features_dir(parts_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
     states_dir.mkdir(parents=True, exist_ok=True)
     data: list[dict] = []
-    starts = range(0, len(prompts), PART_PROMPTS)
-    for n, start in enumerate(tqdm(starts, desc="target replies and states (training)", unit="part")):
-        chunk_prompts = prompts[start:start + PART_PROMPTS]
-        part = parts_dir / f"part-{n:04d}-{len(chunk_prompts)}.pt"
+    for n, start in enumerate(tqdm(range(0, len(items), PART_PROMPTS), desc=desc, unit="part")):
+        chunk = items[start:start + PART_PROMPTS]
+        part = parts_dir / f"part-{n:04d}-{len(chunk)}.pt"
         if not part.is_file():
-            records, states = target_replies_and_states(target, tokenizer, chunk_prompts, cfg.new_tokens,
-                                                        cfg.gen_batch, cfg.top_logprobs, f"part {n}")
+            records, states = make(chunk, n)
             for path, value in ((states_dir / part.name, states), (part, records)):  # records last:
                 torch.save(value, path.with_suffix(".tmp"))  # a part is done when its records are
                 path.with_suffix(".tmp").rename(path)
@@ -243,20 +249,5 @@ def cached_forced(target, pairs: list[tuple[list[int], list[int]]], cfg: Distill
     """`teacher_forced` for every pair, `PART_PROMPTS` pairs per cached file (resumable); the
     hidden states go where goodspec.training.target_features.cached_features looks for them, so
     the feature draft's training does not run the target over the same text a second time."""
-    from goodspec.training.target_features import features_dir
-
-    states_dir = features_dir(parts_dir)
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    states_dir.mkdir(parents=True, exist_ok=True)
-    data: list[dict] = []
-    starts = range(0, len(pairs), PART_PROMPTS)
-    for n, start in enumerate(tqdm(starts, desc="teacher-forced replies (training)", unit="part")):
-        chunk = pairs[start:start + PART_PROMPTS]
-        part = parts_dir / f"part-{n:04d}-{len(chunk)}.pt"
-        if not part.is_file():
-            records, states = teacher_forced(target, chunk, cfg, f"part {n}")
-            for path, value in ((states_dir / part.name, states), (part, records)):  # records last:
-                torch.save(value, path.with_suffix(".tmp"))  # a part is done when its records are
-                path.with_suffix(".tmp").rename(path)
-        data.extend(torch.load(part))
-    return data
+    return _cached_with_states(pairs, parts_dir, "teacher-forced replies (training)",
+                               lambda chunk, n: teacher_forced(target, chunk, cfg, f"part {n}"))

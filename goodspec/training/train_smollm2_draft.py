@@ -48,8 +48,6 @@ class RecipeConfig:
     prompts: int = 7168
     steps: int = 2200
     lr: float = 6e-4
-    draft_vocab: int = 8192
-    draft_layers: int = 2
     eval_prompts: int = 64
     eval_new_tokens: int = 64
     threads: int = 2
@@ -74,10 +72,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--prompts and --steps must be at least 1")
     cfg = RecipeConfig(seed=args.seed, prompts=args.prompts, steps=args.steps, lr=args.lr,
                        eval_prompts=args.eval_prompts, eval_new_tokens=args.eval_new_tokens)
-    data_cfg = DistillConfig(seed=cfg.seed, train_prompts=cfg.prompts, draft_vocab=cfg.draft_vocab,
-                             draft_layers=cfg.draft_layers)
+    data_cfg = DistillConfig(seed=cfg.seed, train_prompts=cfg.prompts)  # its draft_vocab and draft_layers too
     train_cfg = FeatureDistillConfig(seed=cfg.seed, replies=(f"{cfg.prompts} on-policy replies",), forced=(),
-                                     forced_share=0.0, layers=cfg.draft_layers, steps=cfg.steps, lr=cfg.lr,
+                                     forced_share=0.0, layers=data_cfg.draft_layers, steps=cfg.steps, lr=cfg.lr,
                                      eval_prompts=cfg.eval_prompts, eval_new_tokens=cfg.eval_new_tokens)
     torch.set_num_threads(cfg.threads)
     random.seed(cfg.seed)
@@ -96,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     t_data = time.time() - t0
 
     specials = [tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens]
-    target_ids = choose_vocab(records, cfg.draft_vocab, specials)
+    target_ids = choose_vocab(records, data_cfg.draft_vocab, specials)
     table = to_draft_ids(target_ids, target.config.vocab_size)
     llm = build_draft(target, data_cfg, target_ids)
     draft = FeatureDraft(llm, FeatureInput.identity(llm.config.hidden_size, feature_scale=0.0))

@@ -47,3 +47,18 @@ def test_the_states_are_cached_beside_the_records_and_read_back_without_a_target
     records, feats = cached_features(None, tmp_path / "replies")  # no target: every part is cached
     assert [r["reply"] for r in records] == [r["reply"] for r in data]
     assert [len(f) for f in feats] == [len(r["prompt"]) + len(r["reply"]) - 1 for r in records]
+
+
+def test_teacher_forced_parts_cache_their_states_the_same_way(bf16_target, tmp_path):
+    from goodspec.training.distill_smollm2 import DistillConfig
+    from goodspec.training.target_features import cached_features
+    from goodspec.training.teacher_data import cached_forced, render
+
+    target, tokenizer = bf16_target
+    pairs = [(render(tokenizer, "Hello!", 64), tokenizer("Hi there! How can I help?")["input_ids"])]
+    data = cached_forced(target, pairs, DistillConfig(top_logprobs=3), tmp_path / "forced")
+    again = cached_forced(None, pairs, DistillConfig(), tmp_path / "forced")  # cached: no target runs
+    assert torch.equal(again[0]["top_ids"], data[0]["top_ids"])
+    records, feats = cached_features(None, tmp_path / "forced")
+    assert records[0]["reply"] == data[0]["reply"] == pairs[0][1]
+    assert feats[0].shape[0] == len(pairs[0][0]) + len(pairs[0][1]) - 1
