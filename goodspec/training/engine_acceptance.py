@@ -50,6 +50,8 @@ def run(engine: LLMEngine, prompts: list[str], policy: str, new_tokens: int) -> 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--draft", default="", metavar="DIR",
+                    help="a draft directory to score against --model's target (default: the pair's own draft)")
     ap.add_argument("--prompts", type=int, default=319, help="held-out first turns (the split has 319)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--user-tokens", type=int, default=192)
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     engine = LLMEngine(EngineConfig(
-        model=args.model, policy="off", device="cpu", dtype="float32", target_kv_tokens=65536,
+        model=args.model, draft_dir=args.draft, policy="off", device="cpu", dtype="float32", target_kv_tokens=65536,
         draft_kv_tokens=65536, scheduler=SchedulerConfig(max_num_seqs=32, max_k=8, max_num_batched_tokens=1024)))
     prompts = held_out_chat(engine, args.prompts, args.user_tokens)
     outputs, report = {}, {}

@@ -46,6 +46,7 @@ class RecipeConfig:
     # Sized to fit 2 hours here: 7168 replies take about 34 minutes to generate (bfloat16, 2
     # threads) and a training step about 1.2-1.5 s.
     prompts: int = 7168
+    reply_tokens: int = 128
     steps: int = 2200
     lr: float = 6e-4
     eval_prompts: int = 64
@@ -62,17 +63,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True, help="directory to write the draft to")
     ap.add_argument("--work", type=Path, default=DISTILL, help="where the target's replies are cached")
     ap.add_argument("--prompts", type=int, default=RecipeConfig.prompts, help="training first turns to reply to")
+    ap.add_argument("--reply-tokens", type=int, default=RecipeConfig.reply_tokens,
+                    help="the target's reply length per prompt (its records, and what the draft learns)")
     ap.add_argument("--steps", type=int, default=RecipeConfig.steps)
     ap.add_argument("--lr", type=float, default=RecipeConfig.lr)
     ap.add_argument("--seed", type=int, default=RecipeConfig.seed)
     ap.add_argument("--eval-prompts", type=int, default=RecipeConfig.eval_prompts)
     ap.add_argument("--eval-new-tokens", type=int, default=RecipeConfig.eval_new_tokens)
     args = ap.parse_args(argv)
-    if args.prompts < 1 or args.steps < 1:
-        ap.error("--prompts and --steps must be at least 1")
-    cfg = RecipeConfig(seed=args.seed, prompts=args.prompts, steps=args.steps, lr=args.lr,
+    if min(args.prompts, args.steps, args.reply_tokens) < 1:
+        ap.error("--prompts, --reply-tokens and --steps must be at least 1")
+    cfg = RecipeConfig(seed=args.seed, prompts=args.prompts, reply_tokens=args.reply_tokens, steps=args.steps, lr=args.lr,
                        eval_prompts=args.eval_prompts, eval_new_tokens=args.eval_new_tokens)
-    data_cfg = DistillConfig(seed=cfg.seed, train_prompts=cfg.prompts)  # its draft_vocab and draft_layers too
+    data_cfg = DistillConfig(seed=cfg.seed, train_prompts=cfg.prompts, new_tokens=cfg.reply_tokens)  # its draft_vocab and draft_layers too
     train_cfg = FeatureDistillConfig(seed=cfg.seed, replies=(f"{cfg.prompts} on-policy replies",), forced=(),
                                      forced_share=0.0, layers=data_cfg.draft_layers, steps=cfg.steps, lr=cfg.lr,
                                      eval_prompts=cfg.eval_prompts, eval_new_tokens=cfg.eval_new_tokens)
