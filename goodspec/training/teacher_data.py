@@ -5,6 +5,7 @@ in resumable parts (hours of CPU). Used by goodspec.training.distill_smollm2."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -82,11 +83,15 @@ class _NormOutputs:
     def close(self) -> None:
         self._handle.remove()
 
+    @functools.cached_property
+    def decoded(self) -> torch.Tensor:
+        """[b, decode steps, d]: the states at the generated tokens fed back, in order."""
+        return torch.cat(self.steps[1:], 1) if len(self.steps) > 1 else self.steps[0][:, :0]
+
     def row(self, r: int, prompt_len: int, width: int, reply_len: int) -> torch.Tensor:
         """Row r's states at the positions its record's sequence reads (prompt + reply[:-1])."""
         prefill = self.steps[0][r, width - prompt_len:]
-        decoded = [step[r, 0] for step in self.steps[1:reply_len]]
-        return torch.cat([prefill, *[d[None] for d in decoded]]).to(torch.bfloat16).clone()
+        return torch.cat([prefill, self.decoded[r, :reply_len - 1]]).to(torch.bfloat16).clone()
 
 
 @torch.no_grad()
