@@ -81,7 +81,8 @@ class EngineConfig:
     draft_kv_tokens: int = _f(32768, "draft KV cache budget, in tokens")
     block_size: int = _f(16, "tokens per KV cache block")
     threads: int = _f(0, "torch CPU threads of the target worker (0 = on a local Ray, the cores this process may "
-                            "use (affinity, a container's CPU quota) shared among the replicas; on a joined Ray cluster or a GPU, 1; in process, torch's "
+                            "use (affinity, a container's CPU quota) shared among the replicas; on a joined Ray "
+                            "cluster or a GPU, 1; in process, torch's "
                             "default on a CPU and 1 on a GPU)")
     draft_threads: int = _f(0, "torch CPU threads of the draft worker actor (0 = 1: with two, its batch-1 passes "
                                "and the chat bench were slower here); in process the draft runs on the target's "
