@@ -169,24 +169,27 @@ def cached_replies(target, tokenizer, prompts: list[list[int]], cfg: DistillConf
 
 
 def cached_replies_and_states(target, tokenizer, prompts: list[list[int]], cfg: DistillConfig,
-                              parts_dir: Path) -> list[dict]:
-    """`cached_replies` that also keeps the target's hidden states of each part where
-    goodspec.training.target_features.cached_features looks for them (so reading them back
-    runs no target): one generation gives a feature draft's records and features."""
+                              parts_dir: Path) -> tuple[list[dict], list[torch.Tensor]]:
+    """`cached_replies` and the target's hidden states for each record, kept from the same
+    generation and cached where goodspec.training.target_features.cached_features looks for them
+    (so reading them back there runs no target): a feature draft's records and features."""
     return _cached_with_states(prompts, parts_dir, "target replies and states (training)", lambda chunk, n: (
         target_replies_and_states(target, tokenizer, chunk, cfg.new_tokens, cfg.gen_batch, cfg.top_logprobs,
-                                  f"part {n}")))
+                                  f"part {n}")), load_states=True)
 
 
-def _cached_with_states(items: list, parts_dir: Path, desc: str, make) -> list[dict]:
+def _cached_with_states(items: list, parts_dir: Path, desc: str, make,
+                        load_states: bool = False) -> tuple[list[dict], list[torch.Tensor]]:
     """`make(chunk, n)` -> (records, states) for every `PART_PROMPTS` items, each part cached
-    under `parts_dir` and its states in target_features' directory beside it (resumable)."""
+    under `parts_dir` and its states in target_features' directory beside it (resumable); the
+    records, and the states where `load_states` (else [])."""
     from goodspec.training.target_features import features_dir
 
     states_dir = features_dir(parts_dir)
     parts_dir.mkdir(parents=True, exist_ok=True)
     states_dir.mkdir(parents=True, exist_ok=True)
     data: list[dict] = []
+    all_states: list[torch.Tensor] = []
     for n, start in enumerate(tqdm(range(0, len(items), PART_PROMPTS), desc=desc, unit="part")):
         chunk = items[start:start + PART_PROMPTS]
         part = parts_dir / f"part-{n:04d}-{len(chunk)}.pt"
@@ -196,7 +199,9 @@ def _cached_with_states(items: list, parts_dir: Path, desc: str, make) -> list[d
                 torch.save(value, path.with_suffix(".tmp"))  # a part is done when its records are
                 path.with_suffix(".tmp").rename(path)
         data.extend(torch.load(part))
-    return data
+        if load_states:
+            all_states.extend(torch.load(states_dir / part.name))
+    return data, all_states
 
 
 def record_sequence(record: dict) -> list[int]:
@@ -255,4 +260,4 @@ def cached_forced(target, pairs: list[tuple[list[int], list[int]]], cfg: Distill
     hidden states go where goodspec.training.target_features.cached_features looks for them, so
     the feature draft's training does not run the target over the same text a second time."""
     return _cached_with_states(pairs, parts_dir, "teacher-forced replies (training)",
-                               lambda chunk, n: teacher_forced(target, chunk, cfg, f"part {n}"))
+                               lambda chunk, n: teacher_forced(target, chunk, cfg, f"part {n}"))[0]

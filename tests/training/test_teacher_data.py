@@ -43,10 +43,11 @@ def test_the_states_are_cached_beside_the_records_and_read_back_without_a_target
     target, tokenizer = bf16_target
     prompts = [render(tokenizer, "Tell me a fact about owls.", 64), render(tokenizer, "Hello!", 64)]
     cfg = DistillConfig(new_tokens=8, gen_batch=2, top_logprobs=3)
-    data = cached_replies_and_states(target, tokenizer, prompts, cfg, tmp_path / "replies")
+    data, states = cached_replies_and_states(target, tokenizer, prompts, cfg, tmp_path / "replies")
     records, feats = cached_features(None, tmp_path / "replies")  # no target: every part is cached
     assert [r["reply"] for r in records] == [r["reply"] for r in data]
     assert [len(f) for f in feats] == [len(r["prompt"]) + len(r["reply"]) - 1 for r in records]
+    assert all(torch.equal(a, b) for a, b in zip(states, feats, strict=True))
 
 
 def test_teacher_forced_parts_cache_their_states_the_same_way(bf16_target, tmp_path):
