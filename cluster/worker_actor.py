@@ -69,7 +69,7 @@ class WorkerActor:
         self.channel = ChannelServer(methods, channel_token, host)
         runner = self.worker.runner
         spec = runner.cache.spec
-        self._info = WorkerInfo(kind, os.getpid(), str(runner.device), str(runner.dtype).replace("torch.", ""),
+        self._info = WorkerInfo(kind, os.getpid(), str(runner.device), runner.weights,
                                 spec.num_blocks, spec.block_size, runner.max_context,
                                 runner.vocab_size, config.model_dir, self.channel.address,
                                 runner.feature_input is not None,

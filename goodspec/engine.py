@@ -36,7 +36,7 @@ class LLMEngine:
             self.draft, _budget(draft_runner) if draft_runner else None,
             draft_runner.max_context if draft_runner else None,
             device_key=[str(self.target.runner.device), str(self.target.runner.dtype),
-                        *([f"draft={draft_runner.dtype}"] if draft_runner else []), "in-process"],
+                        *([f"draft={draft_runner.weights}"] if draft_runner else []), "in-process"],
         )
         self._ids = itertools.count()
         self._prompts: dict[str, str] = {}

@@ -8,9 +8,10 @@ import torch
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def check_dtype(dtype: str, name: str = "dtype") -> None:
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"{name} must be auto, float32, float16 or bfloat16; got {dtype!r}")
+def check_dtype(dtype: str, name: str = "dtype", also: tuple[str, ...] = ()) -> None:
+    """`dtype` is auto, one of DTYPES or one of `also` (the draft's int8), else ValueError."""
+    if dtype != "auto" and dtype not in DTYPES and dtype not in also:
+        raise ValueError(f"{name} must be {', '.join(('auto', *DTYPES, *also))}; got {dtype!r}")
 
 
 def cpu_has_native_bfloat16() -> bool:

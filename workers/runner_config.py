@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from goodspec.workers.cpu_linear import check_cpu_linear
+from goodspec.workers.int8_linear import INT8_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,10 @@ class RunnerConfig:
     # batch-1 pass, take half the bytes: a batch-1 SmolLM2 draft pass took 3.0 ms in bfloat16
     # against 4.2 in float32 here (BENCHMARKS.md, sixteenth session).
     bfloat16_on_native_cpu: bool = False
+    # A draft's linear layers with int8 weights for few-row inputs (int8_linear.py): on (the
+    # draft dtype "int8"; a CPU and dtype bfloat16 only) | auto (where the runner runs bfloat16
+    # on a CPU with native bfloat16: the draft's dtype "auto") | off.
+    int8_weights: str = "off"
 
     def __post_init__(self) -> None:
         if self.kv_cache_tokens < self.block_size:
@@ -31,3 +36,7 @@ class RunnerConfig:
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1; got {self.block_size}")
         check_cpu_linear(self.cpu_linear)
+        if self.int8_weights not in INT8_WEIGHTS:
+            raise ValueError(f"int8_weights must be {', '.join(INT8_WEIGHTS)}; got {self.int8_weights!r}")
+        if self.int8_weights == "on" and self.dtype != "bfloat16":
+            raise ValueError(f"int8 weights run with bfloat16 activations; got dtype {self.dtype!r}")

@@ -57,10 +57,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--user-tokens", type=int, default=192)
     ap.add_argument("--policies", default="off,fixed:1,fixed:3", help="comma-separated; `off` first to compare outputs")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--draft-dtype", default="auto", help="the draft's dtype (EngineConfig.draft_dtype), e.g. int8")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     engine = LLMEngine(EngineConfig(
-        model=args.model, draft_dir=args.draft, policy="off", device="cpu", dtype="float32", target_kv_tokens=65536,
+        model=args.model, draft_dir=args.draft, policy="off", device="cpu", dtype="float32",
+        draft_dtype=args.draft_dtype, target_kv_tokens=65536,
         draft_kv_tokens=65536, scheduler=SchedulerConfig(max_num_seqs=32, max_k=8, max_num_batched_tokens=1024)))
     prompts = held_out_chat(engine, args.prompts, args.user_tokens)
     outputs, report = {}, {}
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         outputs[policy], report[policy] = run(engine, prompts, policy, args.new_tokens)
         if "off" in outputs and policy != "off":
             report[policy]["outputs_equal_off"] = sum(a == b for a, b in zip(outputs[policy], outputs["off"]))
-    print(json.dumps({"prompts": len(prompts), "new_tokens": args.new_tokens, **report}, indent=2))
+    print(json.dumps({"prompts": len(prompts), "new_tokens": args.new_tokens,
+                      "draft_weights": engine.draft.runner.weights, **report}, indent=2))
 
 
 if __name__ == "__main__":

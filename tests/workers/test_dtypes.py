@@ -39,11 +39,11 @@ def test_the_probe_agrees_with_the_kernels_cpu_flags():
 def test_the_draft_follows_the_targets_dtype_unless_set():
     def dtype_of(**kw):
         runner = EngineConfig(model="tiny", **kw).draft_runner_config()
-        return runner.dtype, runner.bfloat16_on_native_cpu
+        return runner.dtype, runner.bfloat16_on_native_cpu, runner.int8_weights
 
-    assert dtype_of() == ("auto", True)
-    assert dtype_of(dtype="float16") == ("float16", True)
-    assert dtype_of(draft_dtype="float32") == ("float32", False)
+    assert dtype_of() == ("auto", True, "auto")
+    assert dtype_of(dtype="float16") == ("float16", True, "auto")
+    assert dtype_of(draft_dtype="float32") == ("float32", False, "off")
 
 
 def test_the_engine_config_builds_both_runners_configs():
@@ -61,7 +61,7 @@ def test_the_engine_config_builds_both_runners_configs():
 
 @pytest.mark.parametrize("field", ["dtype", "draft_dtype"])
 def test_an_unknown_dtype_is_refused_naming_its_field(field):
-    with pytest.raises(ValueError, match=f"^{field} must be auto, float32, float16 or bfloat16; got 'bf16'"):
+    with pytest.raises(ValueError, match=f"^{field} must be auto, float32, float16, bfloat16(, int8)?; got 'bf16'"):
         EngineConfig(model="tiny", **{field: "bf16"})
     with pytest.raises(ValueError, match="dtype must be"):
         resolve_dtype("half", CPU)

@@ -1,0 +1,129 @@
+"""int8 draft weights on a CPU: few-row inputs within the int8 rounding bound and larger ones
+exactly bfloat16's, every linear of a draft's decoder and output layer swapped (not its feature
+layer), the engine's output still the target's, the draft's "auto" choosing them only where it
+should, and refused where they do not apply."""
+
+import pytest
+import torch
+from torch import nn
+
+from goodspec.config import DEFAULT_DRAFT, DEFAULT_TARGET, SMOLLM2_DRAFT, EngineConfig
+from goodspec.workers import dtypes
+from goodspec.workers.int8_linear import INT8_MAX_ROWS, Int8WeightLinear, uses_int8
+from goodspec.workers.model_runner import ModelRunner, RunnerConfig
+from goodspec.workers.sampling import SamplingParams
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_rows_are_within_the_int8_rounding_bound_and_more_rows_are_bfloat16s(bias):
+    g = torch.Generator().manual_seed(0)
+    linear = nn.Linear(576, 1536, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(1536, 576, generator=g) * 0.05)
+    linear.requires_grad_(False)
+    q = Int8WeightLinear(linear)
+    assert q.weight_int8.dtype == torch.int8 and q.weight_int8.shape == (1536, 576)
+    few = torch.randn(2, 2, 576, generator=g).to(torch.bfloat16)  # 4 rows: the int8 kernel
+    assert few.shape[0] * few.shape[1] == INT8_MAX_ROWS
+    got = q(few).float()
+    want = torch.nn.functional.linear(few.float(), linear.weight, linear.bias)
+    assert got.shape == (2, 2, 1536)
+    # |W - s W_int8| <= s / 2 per element, so |error| <= sum|x| s / 2, plus bfloat16's rounding
+    # of the scales and the output (2^-8 relative each).
+    scales = linear.weight.abs().amax(1)
+    bound = few.float().abs().sum(-1, keepdim=True) * scales / 127 / 2 + want.abs() * 2 ** -7 + 1e-3
+    assert bool(((got - want).abs() <= bound).all())
+    assert float((got - want).norm() / want.norm()) < 0.01
+    assert not torch.equal(got, torch.nn.functional.linear(few, linear.weight.bfloat16(), bias=None if not bias
+                                                           else linear.bias.bfloat16()).float())
+    many = torch.randn(INT8_MAX_ROWS + 1, 576, generator=g).to(torch.bfloat16)  # the bfloat16 weight
+    plain = linear.to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(q(many), plain(many))
+
+
+def _draft(model_dir: str, int8: str) -> ModelRunner:
+    return ModelRunner(RunnerConfig(model_dir, device="cpu", dtype="bfloat16", kv_cache_tokens=512,
+                                    int8_weights=int8))
+
+
+@pytest.mark.parametrize("model_dir", [DEFAULT_DRAFT, SMOLLM2_DRAFT], ids=["tiny", "smollm2"])
+def test_every_linear_of_a_drafts_decoder_is_swapped_and_its_logits_stay_close(model_dir):
+    plain, q = _draft(model_dir, "off"), _draft(model_dir, "on")
+    linears = sum(type(m) is nn.Linear for m in plain.model.modules())
+    assert (plain.int8_linears, plain.weights) == (0, "bfloat16")
+    assert (q.int8_linears, q.weights) == (linears, "int8") and linears > 0
+    assert not any(type(m) is nn.Linear for m in q.model.modules())
+    if q.feature_input is not None:  # it reads the target's states, outliers and all: kept bfloat16
+        assert all(type(m) is not Int8WeightLinear for m in q.feature_input.modules())
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 2000, (24,), generator=g).tolist()
+    plain.forward(["a"], [0], [ids[:20]], [1])
+    q.forward(["a"], [0], [ids[:20]], [1])
+    want = torch.cat([plain.forward(["a"], [20 + i], [[t]], [1]) for i, t in enumerate(ids[20:])])
+    got = torch.cat([q.forward(["a"], [20 + i], [[t]], [1]) for i, t in enumerate(ids[20:])])  # 1-row passes
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got))  # a reduced vocabulary stays -inf outside it
+    assert not torch.equal(got, want)  # the int8 kernel ran
+    assert float((got[finite] - want[finite]).abs().mean() / want[finite].abs().mean()) < 0.05
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_int8_draft_weights_leave_greedy_output_the_targets():
+    from goodspec.engine import LLMEngine
+
+    prompts = ["The quick brown fox", "Once upon a time", "In a distant land there lived"]
+    out = {}
+    for dd in ("float32", "int8"):
+        for policy in ("off", "fixed:3"):
+            engine = LLMEngine(EngineConfig(model="tiny", policy=policy, device="cpu", dtype="float32",
+                                            draft_dtype=dd, target_kv_tokens=2048, draft_kv_tokens=2048))
+            got = engine.generate(prompts, SamplingParams(max_new_tokens=24))
+            out[dd, policy] = [c.token_ids for c in got]
+            if policy != "off":
+                assert sum(c.usage.draft_tokens_accepted for c in got) > 0
+        assert engine.draft.runner.weights == dd
+    assert out["int8", "fixed:3"] == out["float32", "fixed:3"] == out["float32", "off"] == out["int8", "off"]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_drafts_auto_takes_int8_weights_only_in_bfloat16_on_a_native_cpu(monkeypatch, native):
+    monkeypatch.setattr(dtypes, "cpu_has_native_bfloat16", lambda: native)  # the host's CPU is fixed
+    assert uses_int8("auto", CPU, torch.bfloat16) == native
+    assert not uses_int8("auto", CPU, torch.float32)
+    assert not uses_int8("auto", CUDA, torch.bfloat16)
+    assert uses_int8("on", CPU, torch.bfloat16) and not uses_int8("off", CPU, torch.bfloat16)
+    runner = lambda **kw: EngineConfig(model="tiny", **kw).draft_runner_config()  # noqa: E731
+    assert (runner().dtype, runner().int8_weights) == ("auto", "auto")
+    assert (runner(draft_dtype="int8").dtype, runner(draft_dtype="int8").int8_weights) == ("bfloat16", "on")
+    assert runner(draft_dtype="bfloat16").int8_weights == "off"
+    draft = ModelRunner(EngineConfig(model="tiny", device="cpu", draft_kv_tokens=256).draft_runner_config())
+    assert draft.weights == ("int8" if native else "float32")
+
+
+def test_int8_is_a_draft_dtype_on_a_cpu_only():
+    with pytest.raises(ValueError, match="^dtype must be auto, float32, float16, bfloat16; got 'int8'"):
+        EngineConfig(model="tiny", dtype="int8")  # the target's weights are never quantised
+    with pytest.raises(ValueError, match="int8 weights run with bfloat16 activations"):
+        RunnerConfig(DEFAULT_DRAFT, dtype="float32", int8_weights="on")
+    with pytest.raises(ValueError, match="int8_weights must be off, on, auto"):
+        RunnerConfig(DEFAULT_DRAFT, dtype="bfloat16", int8_weights="yes")
+    with pytest.raises(ValueError, match="on a CPU only"):  # refused before any loading
+        ModelRunner(RunnerConfig(DEFAULT_DRAFT, device="cuda", dtype="bfloat16", int8_weights="on"))
+
+
+def test_step_time_profiles_are_cached_per_draft_weights(monkeypatch):
+    """An int8 draft's batch-1 passes cost about half a bfloat16 one's: a profile measured with
+    one must not seed an engine running the other."""
+    import goodspec.scheduler.profiler as profiler
+    from goodspec.engine import LLMEngine
+
+    keys = []
+    monkeypatch.setattr(profiler, "warm_up_goodput", lambda _sched, _tokens, key: keys.append(key))
+    for dd in ("bfloat16", "int8"):
+        LLMEngine(EngineConfig(target_dir=DEFAULT_TARGET, draft_dir=DEFAULT_DRAFT, policy="goodput",
+                               device="cpu", dtype="float32", draft_dtype=dd,
+                               target_kv_tokens=1024, draft_kv_tokens=1024))
+    assert profiler.profile_key(*keys[0]) != profiler.profile_key(*keys[1])

@@ -1,0 +1,97 @@
+"""int8 weights for a draft's linear layers on a CPU (bfloat16 activations).
+
+A batch-1 draft pass is mostly its linear layers reading their weights: of a 2.4 ms bfloat16 pass
+of the shipped SmolLM2 draft (one thread, context 200), 1.65 ms was `aten::mm` (torch.profiler,
+BENCHMARKS.md, eighteenth session). Stored as int8 with one bfloat16 scale per output row, the
+weights take half the bytes again, and torch's `_weight_int8pack_mm` CPU kernel multiplies them
+without materialising a bfloat16 copy: 28 us against 65 us for a 576 -> 1536 layer at one row.
+That kernel's time grows with every row, so inputs of more than INT8_MAX_ROWS rows (batched
+decodes, a prompt) keep to the bfloat16 weight: never slower than bfloat16, faster at batch <= 4.
+
+Only for the draft: the draft only proposes, and rejection sampling takes its q as given, so
+output stays the target's; the target's own weights are never quantised. Only the draft's decoder
+and output layer: a feature draft's input layer reads the target's hidden states, whose outlier
+dimensions multiply its rounding error; int8 there cost acceptance on the chat bench's prompts
+(fixed:1 0.547 against 0.599 in bfloat16), and kept in bfloat16 it is 0.603 (ModelRunner).
+
+Why not a library: torchao 0.18's `Int8WeightOnlyConfig` ran that layer in 164 us here (its
+tensor subclass dispatches per call; its fast path needs torch.compile), and
+`torch.ao.quantization.quantize_dynamic` (fbgemm, about as fast) is deprecated, with removal
+announced in its own warnings, and quantises the activations too. `_weight_int8pack_mm` is the
+kernel both gpt-fast and torchao's compiled path call on a CPU; the swap below keeps
+transformers' decoder and changes only the class of its `nn.Linear` children, as cpu_linear does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INT8 = "int8"  # the draft dtype name (EngineConfig.draft_dtype) that selects these layers
+# Inputs of at most this many rows take the int8 kernel, larger ones the bfloat16 weight: the
+# int8 kernel's time grows with every row, oneDNN's bfloat16 one barely does until 8. One thread,
+# us per call, bfloat16 / int8 (BENCHMARKS.md, eighteenth session):
+#   576 -> 1536:  1 row 65 / 28, 4 rows 67 / 60, 6 rows 79 / 87, 16 rows 107 / 194
+#   576 -> 8192:  1 row 266 / 122, 4 rows 275 / 245, 6 rows 307 / 400, 16 rows 493 / 965
+INT8_MAX_ROWS = 4
+
+
+class Int8WeightLinear(nn.Module):
+    """y = x W^T (+ b) in bfloat16. Inputs of at most INT8_MAX_ROWS rows multiply W stored as
+    int8 rows with a bfloat16 scale per row (symmetric, round to nearest: |W - scale * W_int8| <=
+    scale / 2 elementwise); larger ones the bfloat16 W itself, kept beside it (a draft's
+    weights are small: 12.5 M parameters take 25 MB in bfloat16 and 12.5 MB more in int8).
+    Inference only."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        w = linear.weight.detach().float()
+        scales = w.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16))
+        self.register_buffer("weight_int8", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        if rows.shape[0] > INT8_MAX_ROWS:
+            return F.linear(x.to(torch.bfloat16), self.weight, self.bias)
+        y = torch._weight_int8pack_mm(rows, self.weight_int8, self.scales)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+INT8_WEIGHTS = ("off", "on", "auto")  # RunnerConfig.int8_weights
+
+
+def uses_int8(choice: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a runner on `device` in `dtype` swaps its linears: "on" (ValueError off a CPU),
+    "auto" where it runs bfloat16 on a CPU with native bfloat16 (the draft's dtype "auto": the
+    only kind of CPU this was measured on), "off" never."""
+    from goodspec.workers.dtypes import cpu_has_native_bfloat16
+
+    if choice not in INT8_WEIGHTS:
+        raise ValueError(f"int8_weights must be {', '.join(INT8_WEIGHTS)}; got {choice!r}")
+    if choice == "on" and device.type != "cpu":
+        raise ValueError(f"int8 draft weights run on a CPU only; this runner is on {device}")
+    if choice == "auto":
+        return device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_native_bfloat16()
+    return choice == "on"
+
+
+def to_int8_linears(model: nn.Module) -> int:
+    """Replace every `nn.Linear` under `model` (a bfloat16 model on a CPU) with an
+    Int8WeightLinear built from its weight; a tied output layer gets its own int8 copy and the
+    embedding keeps the original. Returns how many were replaced."""
+    if not hasattr(torch, "_weight_int8pack_mm"):
+        raise RuntimeError(f"torch {torch.__version__} has no _weight_int8pack_mm: use another draft dtype")
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, Int8WeightLinear(child))
+                swapped += 1
+    return swapped
