@@ -38,7 +38,8 @@ class EngineActor:
             t_info.max_context, self.draft,
             KVBudget(d_info.num_blocks, d_info.block_size) if d_info else None,
             d_info.max_context if d_info else None,
-            device_key=[t_info.device, t_info.dtype, *([f"draft={d_info.dtype}"] if d_info else []), "ray"],
+            device_key=[t_info.device, t_info.dtype, f"onednn_linears={t_info.onednn_linears}",
+                        *([f"draft={d_info.dtype},onednn_linears={d_info.onednn_linears}"] if d_info else []), "ray"],
         )
         self.service = SchedulerService(scheduler, self.codec)
         self.service.start()

@@ -32,6 +32,9 @@ class WorkerInfo:
     reads_features: bool = False  # a feature draft: propose needs the target's hidden states
     feature_layers: tuple[int, ...] = ()  # ... and these blocks' outputs (a fused one)
     threads: int = 0  # torch's CPU threads on the compute thread, as the worker runs
+    # linears swapped for oneDNN's (cpu_linear where it applies: float32 on a CPU); keys the
+    # cached step-time profile, where cpu_linear itself changes nothing elsewhere
+    onednn_linears: int = 0
 
 
 class WorkerActor:
@@ -74,7 +77,7 @@ class WorkerActor:
                                 runner.vocab_size, config.model_dir, self.channel.address,
                                 runner.feature_input is not None,
                                 runner.feature_input.target_layers if runner.feature_input is not None else (),
-                                self._compute.submit(torch.get_num_threads).result())
+                                self._compute.submit(torch.get_num_threads).result(), runner.onednn_linears)
 
     def info(self) -> WorkerInfo:
         return self._info

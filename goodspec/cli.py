@@ -8,7 +8,7 @@ import sys
 import time
 
 from goodspec.config import add_config_flags, build_config, startup_profile_for
-from goodspec.workers.cpu_linear import CPU_LINEAR_CHOICES
+from goodspec.workers.cpu_linear import add_cpu_linear_flag
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -102,8 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--target", default=None, help="model directory or GGUF file (overrides --model)")
     prof.add_argument("--device", default="auto")
     prof.add_argument("--dtype", default="auto")
-    prof.add_argument("--cpu-linear", default="onednn", choices=CPU_LINEAR_CHOICES,
-                      help="float32 on a CPU: oneDNN linear layers or torch's own")
+    add_cpu_linear_flag(prof)
     prof.add_argument("--batch-size", type=int, default=16)
     prof.add_argument("--k", type=int, default=4, help="draft tokens verified per sequence")
     prof.add_argument("--context", type=int, default=200)
@@ -239,10 +238,12 @@ def cmd_health(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    import os
     import platform
     from pathlib import Path
 
     from goodspec import bench, bench_peers
+    from goodspec.cluster.cores import usable_cores
     from goodspec.gguf_import import source_name
     from goodspec.workers.tokenizer import TextCodec
 
@@ -289,7 +290,7 @@ def cmd_bench(args) -> int:
                 config.engine.target_dir, prompts, n, codec)
         meta = {"command": "goodspec " + " ".join(sys.argv[1:]), "rates": rates, "policies": policies,
                 "num_requests": args.num_requests, "repeats": args.repeats, "seed": args.seed, "machine": platform.platform(),
-                "cpus": __import__("os").cpu_count(), "device": config.engine.device,
+                "cpus": usable_cores(), "host_cpus": os.cpu_count(), "device": config.engine.device,
                 "model": source_name(config.engine.target_dir), "chat": chat, "workload": args.workload}
         bench.write_results(Path(args.out), records, summaries, meta, peers)
     finally:

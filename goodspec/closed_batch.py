@@ -29,7 +29,7 @@ from goodspec.engine import LLMEngine
 from goodspec.scheduler.config import SchedulerConfig
 from goodspec.scheduler.policy import PolicySpec
 from goodspec.sharegpt import first_turn_prompts
-from goodspec.workers.cpu_linear import CPU_LINEAR_CHOICES
+from goodspec.workers.cpu_linear import add_cpu_linear_flag
 from goodspec.workers.sampling import SamplingParams
 
 
@@ -122,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--draft-dtype", default="auto", help="the draft's dtype (EngineConfig.draft_dtype)")
-    ap.add_argument("--cpu-linear", default="onednn", choices=CPU_LINEAR_CHOICES,
-                    help="float32 on a CPU: oneDNN linear layers or torch's own")
+    add_cpu_linear_flag(ap)
     ap.add_argument("--policies", default="off,fixed:1,fixed:3,fixed:5,goodput,goodput-uniform",
                     help="comma-separated; the first is the baseline (off)")
     ap.add_argument("--prompts", type=int, default=64, help="held-out ShareGPT prompts of 10-600 characters")

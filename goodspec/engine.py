@@ -36,7 +36,9 @@ class LLMEngine:
             self.draft, _budget(draft_runner) if draft_runner else None,
             draft_runner.max_context if draft_runner else None,
             device_key=[str(self.target.runner.device), str(self.target.runner.dtype),
-                        *([f"draft={draft_runner.weights}"] if draft_runner else []), "in-process"],
+                        f"onednn_linears={self.target.runner.onednn_linears}",
+                        *([f"draft={draft_runner.weights},onednn_linears={draft_runner.onednn_linears}"]
+                          if draft_runner else []), "in-process"],
         )
         self._ids = itertools.count()
         self._prompts: dict[str, str] = {}
@@ -118,7 +120,7 @@ def build_scheduler(
 
         warm_up_goodput(scheduler, target_kv.tokens,
                         [config.target_dir, config.draft_dir, config.proposer, config.threads, config.draft_threads,
-                         f"cpu_linear={config.cpu_linear}", torch.__version__, *device_key])
+                         torch.__version__, *device_key])
     return scheduler
 
 

@@ -18,6 +18,12 @@ class SpeculationPolicy(ABC):
     the request's caps (max_k, remaining tokens, context) before and after asking."""
 
     name: str
+    # Whether it fits a step-time model (the goodput family): a profiling sweep at start-up
+    # seeds it through `seed`. The one definition: PolicySpec and PolicyBook ask the policy.
+    learns_step_times: bool = False
+
+    def seed(self, records) -> None:
+        """Start from profiled step records (a policy that learns step times uses them)."""
 
     @abstractmethod
     def choose(self, requests: Sequence[Request], caps: Sequence[int],
@@ -118,9 +124,8 @@ class PolicySpec:
 
     @property
     def learns_step_times(self) -> bool:
-        """Whether the policy fits a step-time model (the goodput family): a profiling sweep at
-        start-up seeds it."""
-        return self.kind.startswith("goodput")
+        """Whether the policy it builds learns step times (SpeculationPolicy.learns_step_times)."""
+        return self.build().learns_step_times
 
     def build(self) -> SpeculationPolicy:
         """A new policy object; its `name` is this spec's."""
@@ -159,6 +164,7 @@ class GoodputPolicy(SpeculationPolicy):
     `warmup_k` so the model sees speculative steps to learn from."""
 
     name = "goodput"
+    learns_step_times = True
 
     def __init__(self, refit_every: int = 16, warmup_k: int = 2, uniform: bool = False,
                  confidence: bool = False) -> None:

@@ -44,7 +44,7 @@ class PolicyBook:
             policy = spec.build()
             if self.lookup:
                 policy.offer_lookup(only=self.lookup_only)
-            if hasattr(policy, "seed") and self.profile_records:
+            if policy.learns_step_times and self.profile_records:
                 policy.seed(self.profile_records)
             self._by_name[spec.name] = policy
         return self._by_name[spec.name]
@@ -54,7 +54,7 @@ class PolicyBook:
 
     def learning(self) -> list[SpeculationPolicy]:
         """The policies that learn from profiled steps (goodput)."""
-        return [p for p in self.all() if hasattr(p, "seed")]
+        return [p for p in self.all() if p.learns_step_times]
 
     def seed(self, records: list[StepRecord]) -> None:
         self.profile_records = list(records)

@@ -165,3 +165,30 @@ def test_a_bench_server_seeds_goodput_requests_unless_told_otherwise():
     assert startup_profile_for(specs) == "on"
     assert startup_profile_for(specs[:2]) == "auto"  # nothing there learns step times
     assert startup_profile_for(specs, "off") == "off"  # the user's choice is kept
+
+
+def test_one_definition_of_a_policy_that_learns_step_times():
+    """PolicySpec (before a policy exists) and PolicyBook (which policies a sweep seeds) both ask
+    the policy class; a custom policy that says it learns is seeded like goodput."""
+    from goodspec.scheduler.policy import OffPolicy, PolicySpec
+    from goodspec.scheduler.policy_book import PolicyBook
+
+    names = ("off", "fixed:3", "lookup:2", "goodput", "goodput-uniform", "goodput-conf")
+    for name in names:
+        spec = PolicySpec.parse(name)
+        assert spec.learns_step_times == spec.build().learns_step_times == name.startswith("goodput"), name
+
+    class Learner(OffPolicy):
+        learns_step_times = True
+        seeded = None
+
+        def seed(self, records) -> None:
+            self.seeded = list(records)
+
+    book = PolicyBook(Learner())
+    book.resolve(PolicySpec.parse("fixed:3"))
+    goodput = book.resolve(PolicySpec.parse("goodput"))
+    assert book.learning() == [book.server, goodput]
+    goodput.seed = lambda records: setattr(goodput, "seeded", list(records))  # no real records here
+    book.seed(["a step"])
+    assert book.server.seeded == goodput.seeded == ["a step"]

@@ -30,6 +30,13 @@ def check_cpu_linear(choice: str) -> str:
     return choice
 
 
+def add_cpu_linear_flag(parser) -> None:
+    """`--cpu-linear`, for the tools that take it outside EngineConfig's own flags (`goodspec
+    profile`, goodspec.closed_batch): one declaration, one help text."""
+    parser.add_argument("--cpu-linear", default="onednn", choices=CPU_LINEAR_CHOICES,
+                        help="float32 on a CPU: oneDNN linear layers or torch's own")
+
+
 def uses_onednn(choice: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether `choice` ("onednn" | "torch") swaps the linears of a model on `device` in `dtype`."""
     return (check_cpu_linear(choice) == "onednn" and device.type == "cpu" and dtype == torch.float32

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import statistics
 import time
@@ -247,7 +246,6 @@ def main(argv: list[str] | None = None) -> None:
                         prompt_offset=args.prompt_offset, later_turns=args.later_turns, forced_exchanges=args.forced_exchanges,
                         forced_share=args.forced_share, lr=args.lr)
     torch.set_num_threads(cfg.threads)
-    random.seed(cfg.seed)
     t0 = time.time()
     target_dir = converted_dir(smollm2_gguf_path())
     tokenizer = AutoTokenizer.from_pretrained(target_dir)

@@ -37,3 +37,31 @@ def test_a_garbled_file_reads_as_no_quota(tmp_path):
 
 def test_this_machine(tmp_path):
     assert 1 <= usable_cores() <= (os.cpu_count() or 1)
+
+
+def test_a_nested_cgroup_without_its_own_namespace_reads_its_path_and_parents(tmp_path):
+    """A process in /kubepods/pod1/box (no cgroup namespace: it sees the host's hierarchy): the
+    tightest quota on the way up binds; an unlimited own cgroup does not hide a parent's."""
+    (tmp_path / "cgroup.controllers").write_text("cpu memory\n")
+    own = tmp_path / "kubepods" / "pod1" / "box"
+    own.mkdir(parents=True)
+    self_cgroup = tmp_path / "self-cgroup"
+    self_cgroup.write_text("0::/kubepods/pod1/box\n")
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    (own / "cpu.max").write_text("max 100000\n")
+    (own.parent / "cpu.max").write_text("300000 100000\n")  # the pod's limits.cpu: 3
+    assert cgroup_cpu_limit(tmp_path, self_cgroup) == 3.0
+    (own / "cpu.max").write_text("150000 100000\n")
+    assert cgroup_cpu_limit(tmp_path, self_cgroup) == 1.5
+    self_cgroup.write_text("0::/\n")  # its own namespace: the mount's root is its cgroup
+    assert cgroup_cpu_limit(tmp_path, self_cgroup) is None
+
+
+def test_a_cgroup_v1_cpu_controller_path_is_followed(tmp_path):
+    own = tmp_path / "cpu" / "docker" / "abc"
+    own.mkdir(parents=True)
+    (own / "cpu.cfs_period_us").write_text("100000\n")
+    (own / "cpu.cfs_quota_us").write_text("200000\n")
+    self_cgroup = tmp_path / "self-cgroup"
+    self_cgroup.write_text("12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n")
+    assert cgroup_cpu_limit(tmp_path, self_cgroup) == 2.0

@@ -56,17 +56,20 @@ def test_unknown_cpu_linear_is_refused_at_the_edge():
         EngineConfig(target_dir=DEFAULT_TARGET, draft_dir=DEFAULT_DRAFT, cpu_linear="mkl")
 
 
-def test_step_time_profiles_are_cached_per_cpu_linear(monkeypatch):
+def test_step_time_profiles_are_cached_per_cpu_linear_where_it_applies(monkeypatch):
     """The goodput model is seeded from a cached profiling sweep: one measured with torch's
-    linears must not seed an engine running oneDNN's (they differ by up to 2x)."""
+    linears must not seed an engine running oneDNN's (they differ by up to 2x); in bfloat16,
+    where cpu_linear changes nothing, both share one profile."""
     import goodspec.scheduler.profiler as profiler
     from goodspec.engine import LLMEngine
 
     keys = []
     monkeypatch.setattr(profiler, "warm_up_goodput", lambda _sched, _tokens, key: keys.append(key))
-    for choice in ("onednn", "torch"):
-        LLMEngine(EngineConfig(target_dir=DEFAULT_TARGET, draft_dir=DEFAULT_DRAFT, policy="goodput",
-                               device="cpu", dtype="float32", cpu_linear=choice,
-                               target_kv_tokens=1024, draft_kv_tokens=1024))
-    assert len(keys) == 2 and keys[0] != keys[1]
-    assert profiler.profile_key(*keys[0]) != profiler.profile_key(*keys[1])
+    for dtype in ("float32", "bfloat16"):
+        for choice in ("onednn", "torch"):
+            LLMEngine(EngineConfig(target_dir=DEFAULT_TARGET, draft_dir=DEFAULT_DRAFT, policy="goodput",
+                                   device="cpu", dtype=dtype, draft_dtype=dtype, cpu_linear=choice,
+                                   target_kv_tokens=1024, draft_kv_tokens=1024))
+    f32_onednn, f32_torch, bf16_onednn, bf16_torch = (profiler.profile_key(*k) for k in keys)
+    assert f32_onednn != f32_torch
+    assert bf16_onednn == bf16_torch != f32_torch
