@@ -1,6 +1,6 @@
 """int8 weights for a draft's linear layers on a CPU (bfloat16 activations).
 
-A batch-1 draft pass is mostly its linear layers reading their weights: of a 2.4 ms bfloat16 pass
+A batch-1 draft pass is mostly its linear layers reading their weights: of a 2.47 ms bfloat16 pass
 of the shipped SmolLM2 draft (one thread, context 200), 1.65 ms was `aten::mm` (torch.profiler,
 BENCHMARKS.md, eighteenth session). Stored as int8 with one bfloat16 scale per output row, the
 weights take half the bytes again, and torch's `_weight_int8pack_mm` CPU kernel multiplies them
