@@ -55,10 +55,10 @@ class Int8WeightLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if rows.shape[0] > INT8_MAX_ROWS:
-            return F.linear(x.to(torch.bfloat16), self.weight, self.bias)
-        y = torch._weight_int8pack_mm(rows, self.weight_int8, self.scales)
+        x = x.to(torch.bfloat16)  # (a no-op in the bfloat16 draft)
+        if x.numel() > INT8_MAX_ROWS * self.in_features:
+            return F.linear(x, self.weight, self.bias)
+        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int8, self.scales)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
