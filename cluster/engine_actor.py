@@ -11,6 +11,7 @@ from goodspec.config import EngineConfig
 from goodspec.engine import build_scheduler
 from goodspec.scheduler.config import KVBudget
 from goodspec.scheduler.policy import PolicySpec
+from goodspec.scheduler.profiler import device_key
 from goodspec.scheduler.service import SchedulerService, StreamChunk
 from goodspec.scheduler.stats import EngineStats
 from goodspec.workers.sampling import SamplingParams
@@ -38,8 +39,8 @@ class EngineActor:
             t_info.max_context, self.draft,
             KVBudget(d_info.num_blocks, d_info.block_size) if d_info else None,
             d_info.max_context if d_info else None,
-            device_key=[t_info.device, t_info.dtype, f"onednn_linears={t_info.onednn_linears}",
-                        *([f"draft={d_info.dtype},onednn_linears={d_info.onednn_linears}"] if d_info else []), "ray"],
+            device_key=device_key((t_info.device, t_info.dtype, t_info.onednn_linears),
+                                  (d_info.device, d_info.dtype, d_info.onednn_linears) if d_info else None, "ray"),
         )
         self.service = SchedulerService(scheduler, self.codec)
         self.service.start()

@@ -13,6 +13,7 @@ from goodspec.config import EngineConfig
 from goodspec.scheduler.config import KVBudget
 from goodspec.scheduler.plan import RequestOutput
 from goodspec.scheduler.policy import PolicySpec, SpeculationPolicy
+from goodspec.scheduler.profiler import device_key
 from goodspec.scheduler.scheduler import Scheduler
 from goodspec.scheduler.service import Completion, usage_of
 from goodspec.workers.draft_worker import DraftWorker
@@ -35,10 +36,8 @@ class LLMEngine:
             config, self.codec, self.target, _budget(self.target.runner), self.target.runner.max_context,
             self.draft, _budget(draft_runner) if draft_runner else None,
             draft_runner.max_context if draft_runner else None,
-            device_key=[str(self.target.runner.device), str(self.target.runner.dtype),
-                        f"onednn_linears={self.target.runner.onednn_linears}",
-                        *([f"draft={draft_runner.weights},onednn_linears={draft_runner.onednn_linears}"]
-                          if draft_runner else []), "in-process"],
+            device_key=device_key(_runner_key(self.target.runner),
+                                  _runner_key(draft_runner) if draft_runner else None, "in-process"),
         )
         self._ids = itertools.count()
         self._prompts: dict[str, str] = {}
@@ -130,6 +129,11 @@ def _profiles_at_start(config: EngineConfig, scheduler: Scheduler) -> bool:
     if config.startup_profile == "auto":
         return bool(scheduler.policies.learning())
     return config.startup_profile == "on"
+
+
+def _runner_key(runner) -> tuple[str, str, int]:
+    """A runner's part of the step-time profile's device key (profiler.device_key)."""
+    return str(runner.device), runner.weights, runner.onednn_linears
 
 
 def _budget(runner) -> KVBudget:

@@ -17,8 +17,17 @@ from goodspec.workers.sampling import SamplingParams
 
 CACHE_DIR = Path(os.environ.get("GOODSPEC_CACHE", Path.home() / ".cache" / "goodspec")) / "profiles"
 # Part of every key: raised when what a sweep records changes (2: with proposer ngram the
-# verified tokens are lookup's, not a draft worker's), so an older cache is not read as new.
-SWEEP_VERSION = 2
+# verified tokens are lookup's, not a draft worker's; 3: packed oneDNN linears, which changed
+# every CPU step time), so an older cache is not read as new.
+SWEEP_VERSION = 3
+
+
+def device_key(target: tuple[str, str, int], draft: tuple[str, str, int] | None, runtime: str) -> list[str]:
+    """What a step-time profile depends on beside the model directories: each worker's
+    (device, weights: its dtype or int8, how many oneDNN linears it packed) and the runtime
+    ("in-process" or "ray")."""
+    workers = [("target", target)] + ([("draft", draft)] if draft is not None else [])
+    return [f"{role}={device},{weights},onednn_linears={onednn}" for role, (device, weights, onednn) in workers] + [runtime]
 
 
 def profile_key(*parts: object) -> str:

@@ -6,7 +6,8 @@ BENCHMARKS.md, eighteenth session). Stored as int8 with one bfloat16 scale per o
 weights take half the bytes again, and torch's `_weight_int8pack_mm` CPU kernel multiplies them
 without materialising a bfloat16 copy: 28 us against 65 us for a 576 -> 1536 layer at one row.
 That kernel's time grows with every row, so inputs of more than INT8_MAX_ROWS rows (batched
-decodes, a prompt) keep to the bfloat16 weight: never slower than bfloat16, faster at batch <= 4.
+decodes, a prompt) keep to the bfloat16 weight, packed by oneDNN where the runner packs its
+linears (cpu_linear.py): never slower than bfloat16, faster at batch <= 4.
 
 Only for the draft: the draft only proposes, and rejection sampling takes its q as given, so
 output stays the target's; the target's own weights are never quantised. Only the draft's decoder
@@ -28,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from goodspec.workers.cpu_linear import pack_weight, packed_linear
+
 INT8 = "int8"  # the draft dtype name (EngineConfig.draft_dtype) that selects these layers
 # Inputs of at most this many rows take the int8 kernel, larger ones the bfloat16 weight: the
 # int8 kernel's time grows with every row, oneDNN's bfloat16 one barely does until 8. One thread,
@@ -42,14 +45,17 @@ class Int8WeightLinear(nn.Module):
     int8 rows with a bfloat16 scale per row (symmetric, round to nearest: |W - scale * W_int8| <=
     scale / 2 elementwise); larger ones the bfloat16 W itself, kept beside it (a draft's
     weights are small: 12.5 M parameters take 25 MB in bfloat16 and 12.5 MB more in int8).
-    Inference only."""
+    Inference only. With `packed`, the bfloat16 W is kept in oneDNN's blocked layout
+    (cpu_linear.PackedOneDNNLinear: the same products, faster)."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, packed: bool = False) -> None:
         super().__init__()
         w = linear.weight.detach().float()
         scales = w.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16))
+        weight = linear.weight.detach().to(torch.bfloat16)
+        self.packed = packed
+        self.register_buffer("weight", pack_weight(weight) if packed else weight)
         self.register_buffer("weight_int8", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(torch.bfloat16))
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
@@ -57,7 +63,7 @@ class Int8WeightLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.bfloat16)  # (a no-op in the bfloat16 draft)
         if x.numel() > INT8_MAX_ROWS * self.in_features:
-            return F.linear(x, self.weight, self.bias)
+            return packed_linear(x, self.weight, self.bias) if self.packed else F.linear(x, self.weight, self.bias)
         y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int8, self.scales)
         if self.bias is not None:
             y = y + self.bias
@@ -82,16 +88,17 @@ def uses_int8(choice: str, device: torch.device, dtype: torch.dtype) -> bool:
     return choice == "on"
 
 
-def to_int8_linears(model: nn.Module) -> int:
+def to_int8_linears(model: nn.Module, packed: bool = False) -> int:
     """Replace every `nn.Linear` under `model` (a bfloat16 model on a CPU) with an
-    Int8WeightLinear built from its weight; a tied output layer gets its own int8 copy and the
-    embedding keeps the original. Returns how many were replaced."""
+    Int8WeightLinear built from its weight (`packed`: its bfloat16 copy packed by oneDNN); a
+    tied output layer gets its own int8 copy and the embedding keeps the original. Returns how
+    many were replaced."""
     if not hasattr(torch, "_weight_int8pack_mm"):
         raise RuntimeError(f"torch {torch.__version__} has no _weight_int8pack_mm: use another draft dtype")
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, Int8WeightLinear(child))
+                setattr(parent, name, Int8WeightLinear(child, packed))
                 swapped += 1
     return swapped

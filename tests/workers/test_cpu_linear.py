@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from goodspec.config import DEFAULT_DRAFT, DEFAULT_TARGET, EngineConfig
+from goodspec.config import DEFAULT_DRAFT, DEFAULT_TARGET, SMOLLM2_DRAFT, EngineConfig
+from goodspec.workers import dtypes
 from goodspec.workers.cpu_linear import uses_onednn
 from goodspec.workers.model_runner import ModelRunner, RunnerConfig
 
@@ -37,14 +38,29 @@ def test_onednn_linears_give_torchs_logits(model_dir):
         assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-def test_onednn_only_for_float32_on_a_cpu():
+@pytest.mark.parametrize("model_dir", [DEFAULT_DRAFT, SMOLLM2_DRAFT], ids=["tiny", "smollm2"])
+def test_packed_bfloat16_linears_give_torchs_logits_bit_for_bit(model_dir):
+    if not uses_onednn("onednn", torch.device("cpu"), torch.bfloat16):
+        pytest.skip("this CPU has no native bfloat16: its linears are not packed")
+    plain, packed = (ModelRunner(RunnerConfig(model_dir, device="cpu", dtype="bfloat16", kv_cache_tokens=512,
+                                              cpu_linear=c)) for c in ("torch", "onednn"))
+    assert packed.onednn_linears == sum(type(m) is nn.Linear for m in plain.model.modules()) > 0
+    for want, got in zip(_prefill_then_verify(plain), _prefill_then_verify(packed)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_onednn_only_on_a_cpu_in_float32_or_native_bfloat16(monkeypatch, native):
+    monkeypatch.setattr(dtypes, "cpu_has_native_bfloat16", lambda: native)  # the host's CPU is fixed
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert uses_onednn("onednn", cpu, torch.float32) == torch.backends.mkldnn.is_available()
-    assert not uses_onednn("onednn", cpu, torch.bfloat16)  # torch's bfloat16 linear is oneDNN already
+    onednn = torch.backends.mkldnn.is_available()
+    assert uses_onednn("onednn", cpu, torch.float32) == onednn
+    assert uses_onednn("onednn", cpu, torch.bfloat16) == (onednn and native)  # emulated elsewhere
+    assert not uses_onednn("onednn", cpu, torch.float16)
     assert not uses_onednn("onednn", cuda, torch.float32)
     assert not uses_onednn("torch", cpu, torch.float32)
     bf16 = ModelRunner(RunnerConfig(DEFAULT_DRAFT, device="cpu", dtype="bfloat16", kv_cache_tokens=64))
-    assert bf16.onednn_linears == 0
+    assert (bf16.onednn_linears > 0) == (onednn and native)
 
 
 def test_unknown_cpu_linear_is_refused_at_the_edge():
@@ -58,18 +74,18 @@ def test_unknown_cpu_linear_is_refused_at_the_edge():
 
 def test_step_time_profiles_are_cached_per_cpu_linear_where_it_applies(monkeypatch):
     """The goodput model is seeded from a cached profiling sweep: one measured with torch's
-    linears must not seed an engine running oneDNN's (they differ by up to 2x); in bfloat16,
-    where cpu_linear changes nothing, both share one profile."""
+    linears must not seed an engine running oneDNN's (they differ by up to 2x); where
+    cpu_linear changes nothing (float16 here), both share one profile."""
     import goodspec.scheduler.profiler as profiler
     from goodspec.engine import LLMEngine
 
     keys = []
     monkeypatch.setattr(profiler, "warm_up_goodput", lambda _sched, _tokens, key: keys.append(key))
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "float16"):
         for choice in ("onednn", "torch"):
             LLMEngine(EngineConfig(target_dir=DEFAULT_TARGET, draft_dir=DEFAULT_DRAFT, policy="goodput",
                                    device="cpu", dtype=dtype, draft_dtype=dtype, cpu_linear=choice,
                                    target_kv_tokens=1024, draft_kv_tokens=1024))
-    f32_onednn, f32_torch, bf16_onednn, bf16_torch = (profiler.profile_key(*k) for k in keys)
+    f32_onednn, f32_torch, f16_onednn, f16_torch = (profiler.profile_key(*k) for k in keys)
     assert f32_onednn != f32_torch
-    assert bf16_onednn == bf16_torch != f32_torch
+    assert f16_onednn == f16_torch != f32_torch

@@ -39,22 +39,26 @@ def test_few_rows_are_within_the_int8_rounding_bound_and_more_rows_are_bfloat16s
     assert not torch.equal(got, torch.nn.functional.linear(few, linear.weight.bfloat16(), bias=None if not bias
                                                            else linear.bias.bfloat16()).float())
     many = torch.randn(INT8_MAX_ROWS + 1, 576, generator=g).to(torch.bfloat16)  # the bfloat16 weight
+    packed = Int8WeightLinear(linear, packed=True)  # that weight in oneDNN's layout: the same products
     plain = linear.to(torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(q(many), plain(many))
+        assert torch.equal(packed(many), plain(many))
+        assert torch.equal(packed(few), q(few))  # few rows take the int8 kernel either way
 
 
-def _draft(model_dir: str, int8: str) -> ModelRunner:
+def _draft(model_dir: str, int8: str, cpu_linear: str = "onednn") -> ModelRunner:
     return ModelRunner(RunnerConfig(model_dir, device="cpu", dtype="bfloat16", kv_cache_tokens=512,
-                                    int8_weights=int8))
+                                    int8_weights=int8, cpu_linear=cpu_linear))
 
 
 @pytest.mark.parametrize("model_dir", [DEFAULT_DRAFT, SMOLLM2_DRAFT], ids=["tiny", "smollm2"])
 def test_every_linear_of_a_drafts_decoder_is_swapped_and_its_logits_stay_close(model_dir):
-    plain, q = _draft(model_dir, "off"), _draft(model_dir, "on")
+    plain, q = _draft(model_dir, "off", cpu_linear="torch"), _draft(model_dir, "on")
     linears = sum(type(m) is nn.Linear for m in plain.model.modules())
     assert (plain.int8_linears, plain.weights) == (0, "bfloat16")
     assert (q.int8_linears, q.weights) == (linears, "int8") and linears > 0
+    assert q.onednn_linears == 0  # the int8 layers pack their own bfloat16 weight
     assert not any(type(m) is nn.Linear for m in q.model.modules())
     if q.feature_input is not None:  # it reads the target's states, outliers and all: kept bfloat16
         assert all(type(m) is not Int8WeightLinear for m in q.feature_input.modules())
