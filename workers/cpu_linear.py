@@ -59,17 +59,17 @@ class PackedOneDNNLinear(nn.Module):
 
     Why not `torch.utils.mkldnn.MkldnnLinear`, torch's public wrapper: it keeps the weight in
     oneDNN's plain layout and converts every input to a oneDNN tensor and back, so a 576 -> 1536
-    layer took about twice as long for 2 rows as the packed one (thirty such layers in turn: 4.5-4.8
-    against 1.7-2.3 ms) and 1.5x as long for 1 row (3.2 against 1.6-2.3). These are the two ops torch's own compiler (inductor's
-    weight-prepacking pass) emits for the same purpose, called here without compiling the
-    model, whose shapes (rows, context) change every step."""
+    layer took about twice as long for 2 rows as the packed one (thirty such layers in turn:
+    4.5-4.8 against 1.7-2.3 ms) and 1.5x as long for 1 row (3.2 against 1.6-2.3). These are the
+    two ops torch's own compiler (inductor's weight-prepacking pass) emits for the same purpose,
+    called here without compiling the model, whose shapes (rows, context) change every step."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         weight = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("packed_weight", pack_weight(weight))
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.packed_weight, self.bias)

@@ -102,8 +102,6 @@ class ModelRunner:
         path = model_path(config.model_dir)  # resolved once: a GGUF file is hashed to find its copy
         self.model = load_causal_lm(path, self.device, self.dtype)
         onednn = uses_onednn(config.cpu_linear, self.device, self.dtype)
-        # int8 layers pack their own bfloat16 weight for the larger inputs (int8_linear.py)
-        self.onednn_linears = to_onednn_linears(self.model) if onednn and not int8 else 0
         mc = self.model.config
         head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
         self.vocab_map = VocabMap.load(path, self.device)
@@ -112,6 +110,8 @@ class ModelRunner:
         # target's hidden states, whose outlier dimensions turn its int8 rounding into lost
         # acceptance (0.547 against 0.599 at fixed:1 with it int8, 0.603 without; int8_linear.py).
         self.int8_linears = to_int8_linears(self.model, packed=onednn) if int8 else 0
+        # int8 layers pack their own bfloat16 weight for their larger inputs (int8_linear.py)
+        self.onednn_linears = (self.int8_linears if int8 else to_onednn_linears(self.model)) if onednn else 0
         # The weights: the dtype's name, or int8 (bfloat16 with int8 copies for few-row inputs).
         self.weights: str = INT8 if self.int8_linears else str(self.dtype).removeprefix("torch.")
         self.hidden_size: int = mc.hidden_size
