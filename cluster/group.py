@@ -145,7 +145,7 @@ class EngineGroup:
             "vocab_size": self.codec.vocab_size, "policy": cfg.policy_spec.name, "proposer": cfg.proposer,
             "replicas": len(self.engines),
             "threads": {kind: r[kind].threads for kind in ("target", "draft") if r.get(kind) is not None},
-            "dtypes": {kind: r[kind].dtype for kind in ("target", "draft") if r.get(kind) is not None},
+            "dtypes": {kind: r[kind].weights for kind in ("target", "draft") if r.get(kind) is not None},
         }
 
     async def complete_on(self, index: int, prompt: str, sampling: SamplingParams) -> None:

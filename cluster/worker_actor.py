@@ -22,7 +22,7 @@ class WorkerInfo:
     kind: str
     pid: int
     device: str
-    dtype: str
+    weights: str  # the runner's weights: its dtype's name, or int8 (ModelRunner.weights)
     num_blocks: int
     block_size: int
     max_context: int
@@ -32,8 +32,8 @@ class WorkerInfo:
     reads_features: bool = False  # a feature draft: propose needs the target's hidden states
     feature_layers: tuple[int, ...] = ()  # ... and these blocks' outputs (a fused one)
     threads: int = 0  # torch's CPU threads on the compute thread, as the worker runs
-    # linears swapped for oneDNN's (cpu_linear where it applies: float32 on a CPU); keys the
-    # cached step-time profile, where cpu_linear itself changes nothing elsewhere
+    # linears with weights packed for oneDNN (cpu_linear where it applies: float32, or native
+    # bfloat16, on a CPU); keys the cached step-time profile with device and weights
     onednn_linears: int = 0
 
 
