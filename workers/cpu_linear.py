@@ -85,14 +85,19 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
-def to_onednn_linears(model: nn.Module) -> int:
-    """Replace every `nn.Linear` under `model` with a packed oneDNN one holding a copy of its
-    weight (a tied output layer gets its own copy; the embedding it shares keeps the original).
-    Inference only: the new layers have no gradients. Returns how many were replaced."""
+def swap_linears(model: nn.Module, make) -> int:
+    """Replace every `nn.Linear` under `model` with `make(linear)`; returns how many were replaced."""
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
-                setattr(parent, name, PackedOneDNNLinear(child))
+                setattr(parent, name, make(child))
                 swapped += 1
     return swapped
+
+
+def to_onednn_linears(model: nn.Module) -> int:
+    """Replace every `nn.Linear` under `model` with a packed oneDNN one holding a copy of its
+    weight (a tied output layer gets its own copy; the embedding it shares keeps the original).
+    Inference only: the new layers have no gradients. Returns how many were replaced."""
+    return swap_linears(model, PackedOneDNNLinear)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from goodspec.workers.cpu_linear import pack_weight, packed_linear
+from goodspec.workers.cpu_linear import pack_weight, packed_linear, swap_linears
 
 INT8 = "int8"  # the draft dtype name (EngineConfig.draft_dtype) that selects these layers
 # Inputs of at most this many rows take the int8 kernel, larger ones the bfloat16 weight: the
@@ -95,10 +95,4 @@ def to_int8_linears(model: nn.Module, packed: bool = False) -> int:
     many were replaced."""
     if not hasattr(torch, "_weight_int8pack_mm"):
         raise RuntimeError(f"torch {torch.__version__} has no _weight_int8pack_mm: use another draft dtype")
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear:
-                setattr(parent, name, Int8WeightLinear(child, packed))
-                swapped += 1
-    return swapped
+    return swap_linears(model, lambda linear: Int8WeightLinear(linear, packed))
