@@ -92,8 +92,60 @@ def init_ray(cluster: ClusterConfig, loopback: bool = False) -> bool:
     # "local": a new Ray of our own even when `ray start` left a cluster on this machine (a
     # bare init would join that one and refuse num_cpus).
     with _ray_in_its_own_session(), _ray_on_loopback() if loopback else contextlib.nullcontext():
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        start_local_ray(num_cpus)
     return True
+
+
+RAY_START_ATTEMPTS = 2
+RAY_LOG_LINES = 8  # of the failed start's raylet log, in the warning
+
+
+def start_local_ray(num_cpus: int) -> None:
+    """`ray.init(address="local")`, tried RAY_START_ATTEMPTS times. Ray waits a fixed 30 s (no
+    setting) for a new raylet to register with its GCS, then raises a bare Exception and leaves
+    the processes it started running; on a loaded 2-core machine that once failed a whole CI
+    run. A failed start's processes are ended and its raylet log quoted before the next try."""
+    for attempt in range(1, RAY_START_ATTEMPTS + 1):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this one
+            if "timed out during startup" not in str(e) or attempt == RAY_START_ATTEMPTS:
+                raise
+            log.warning("Ray did not start (attempt %d of %d): %s\n%s", attempt, RAY_START_ATTEMPTS,
+                        e, _raylet_log_tail())
+            ray.shutdown()
+            _end_ray_children()
+
+
+def _raylet_log_tail() -> str:
+    try:
+        from ray._common.utils import get_default_ray_temp_dir  # Ray's rule: RAY_TMPDIR or /tmp/ray
+        temp = get_default_ray_temp_dir()
+    except ImportError:  # older Ray
+        temp = "/tmp/ray"
+    path = os.path.join(temp, "session_latest", "logs", "raylet.out")
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.readlines()[-RAY_LOG_LINES:]
+    except OSError as e:
+        return f"(no raylet log: {e})"
+    return f"last lines of {path}:\n" + "".join(lines)
+
+
+def _end_ray_children() -> None:
+    """Kill the processes a failed ray.init left (GCS, raylet, agents): this process's
+    children that run Ray's own programs."""
+    import psutil
+
+    ray_dir = os.path.dirname(ray.__file__)
+    doomed = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if any(ray_dir in part for part in child.cmdline()):
+                child.kill()
+                doomed.append(child)
+    psutil.wait_procs(doomed, timeout=10)
 
 
 def _probe(address: str, timeout_s: float) -> None:

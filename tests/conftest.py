@@ -80,7 +80,9 @@ def ray_session():
     """One local Ray for the whole test session, always shut down."""
     import ray
 
-    ray.init(address="local", num_cpus=12, include_dashboard=False, log_to_driver=False)
+    from goodspec.cluster.ray_runtime import start_local_ray
+
+    start_local_ray(num_cpus=12)
     yield
     ray.shutdown()
 
