@@ -124,22 +124,18 @@ class PolicySpec:
 
     @property
     def learns_step_times(self) -> bool:
-        """Whether the policy it builds learns step times (SpeculationPolicy.learns_step_times)."""
-        return self.build().learns_step_times
+        """Whether the policy it builds learns step times (read from its class: nothing is built)."""
+        return self._policy_class().learns_step_times
+
+    def _policy_class(self) -> type[SpeculationPolicy]:
+        return {"off": OffPolicy, "lookup": LookupPolicy, "fixed": FixedPolicy}.get(self.kind, GoodputPolicy)
 
     def build(self) -> SpeculationPolicy:
         """A new policy object; its `name` is this spec's."""
-        if self.kind == "off":
-            return OffPolicy()
-        if self.kind == "goodput":
-            return GoodputPolicy()
-        if self.kind == "goodput-uniform":
-            return GoodputPolicy(uniform=True)
-        if self.kind == "goodput-conf":
-            return GoodputPolicy(confidence=True)
-        if self.kind == "lookup":
-            return LookupPolicy(self.k)
-        return FixedPolicy(self.k)
+        cls = self._policy_class()
+        if cls is GoodputPolicy:
+            return GoodputPolicy(uniform=self.kind == "goodput-uniform", confidence=self.kind == "goodput-conf")
+        return cls() if cls is OffPolicy else cls(self.k)
 
 
 class LookupPolicy(FixedPolicy):

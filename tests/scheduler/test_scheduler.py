@@ -342,3 +342,15 @@ def test_per_request_policy_spellings_share_one_cached_policy_and_the_cache_is_b
     for bad in ("fixed:" + "0" * 10 + "1", f"fixed:{MAX_FIXED_K + 1}", "fixed:-1", "sometimes", "x" * 33):
         with pytest.raises(ValueError):
             PolicySpec.parse(bad)
+
+
+@pytest.mark.parametrize("text", ["off", "fixed:3", "lookup:5", "goodput", "goodput-uniform", "goodput-conf"])
+def test_a_spec_builds_the_policy_it_names_and_knows_whether_it_learns_without_building(text):
+    from goodspec.scheduler.policy import PolicySpec
+
+    spec = PolicySpec.parse(text)
+    policy = spec.build()
+    assert policy.name == spec.name == text
+    assert spec.learns_step_times == policy.learns_step_times == text.startswith("goodput")
+    assert getattr(policy, "uniform", False) == (text == "goodput-uniform")
+    assert (getattr(policy, "calibrator", None) is not None) == (text == "goodput-conf")
