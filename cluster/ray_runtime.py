@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 
 import ray
 
@@ -101,21 +102,39 @@ RAY_LOG_LINES = 8  # of the failed start's raylet log, in the warning
 
 
 def start_local_ray(num_cpus: int) -> None:
-    """`ray.init(address="local")`, tried RAY_START_ATTEMPTS times. Ray waits a fixed 30 s (no
-    setting) for a new raylet to register with its GCS, then raises a bare Exception and leaves
-    the processes it started running; on a loaded 2-core machine that once failed a whole CI
-    run. A failed start's processes are ended and its raylet log quoted before the next try."""
+    """`ray.init(address="local")`, tried RAY_START_ATTEMPTS times. Ray gives its new GCS and
+    raylet fixed waits (no setting: 30 s for the raylet to register, a port file for the GCS)
+    and then raises (a bare Exception or a RuntimeError), leaving what it started running; on
+    this 2-core machine each has once failed a whole test session. A failed start's processes
+    are ended, its raylet log and the machine's load quoted, and Ray started again."""
     for attempt in range(1, RAY_START_ATTEMPTS + 1):
         try:
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
             return
-        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this one
-            if "timed out during startup" not in str(e) or attempt == RAY_START_ATTEMPTS:
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for one of them
+            if "timed out" not in str(e).lower() or attempt == RAY_START_ATTEMPTS:
                 raise
-            log.warning("Ray did not start (attempt %d of %d): %s\n%s", attempt, RAY_START_ATTEMPTS,
-                        e, _raylet_log_tail())
+            log.warning("Ray did not start (attempt %d of %d): %s\n%s\n%s", attempt, RAY_START_ATTEMPTS,
+                        e, _raylet_log_tail(), _machine_load())
             ray.shutdown()
             _end_ray_children()
+
+
+def _machine_load() -> str:
+    """The load average and the busiest processes: what to look at when Ray starts too slowly."""
+    import psutil
+
+    procs = list(psutil.process_iter())
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.cpu_percent(None)  # starts the sample
+    time.sleep(0.5)
+    rows = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            rows.append((p.cpu_percent(None), p.pid, p.name(), p.memory_info().rss >> 20))
+    busiest = ", ".join(f"{name}[{pid}] {cpu:.0f}% cpu {rss} MiB" for cpu, pid, name, rss in sorted(rows, reverse=True)[:5])
+    return f"load average {os.getloadavg()}; busiest over 0.5 s: {busiest}"
 
 
 def _raylet_log_tail() -> str:

@@ -1,5 +1,6 @@
 """Starting the local Ray: Ray gives a new raylet a fixed 30 s to register and then raises,
-leaving what it started running. One such start failed a whole CI run; goodspec tries again
+leaving what it started running (its GCS, given a fixed time to write its port file, the
+same). Each has failed a whole test session here; goodspec tries again
 after ending the failed start's processes. Ray's failure is faked (it cannot be provoked on
 demand); the processes ended are real ones."""
 
@@ -15,15 +16,18 @@ import ray
 from goodspec.cluster import ray_runtime
 
 TIMEOUT = Exception("The current node timed out during startup. This could happen because ...")
+# Ray's other wait: the GCS writes its port to a file, read within a fixed time
+GCS_TIMEOUT = RuntimeError("Timed out waiting for file /tmp/ray/session_x/gcs_server_port_abc")
 
 
-def test_a_start_that_times_out_is_tried_again(monkeypatch):
+@pytest.mark.parametrize("error", [TIMEOUT, GCS_TIMEOUT], ids=["raylet", "gcs"])
+def test_a_start_that_times_out_is_tried_again(monkeypatch, error):
     calls = []
 
     def init(**kwargs):
         calls.append(kwargs)
         if len(calls) == 1:
-            raise TIMEOUT
+            raise error
 
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray_runtime, "_end_ray_children", lambda: calls.append("ended"))
