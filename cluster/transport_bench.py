@@ -23,6 +23,7 @@ import time
 import ray
 import torch
 
+from goodspec.cluster.ray_runtime import start_local_ray
 from goodspec.workers.messages import (
     ProposeBatch, ProposeItem, Proposal, VerifyBatch, VerifyItem, VerifyResult,
 )
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=300, help="steps per method and round")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=4)
     try:
         token = new_token()
         Actor = ray.remote(num_cpus=1)(_Worker)

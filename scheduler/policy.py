@@ -128,7 +128,8 @@ class PolicySpec:
         return self._policy_class().learns_step_times
 
     def _policy_class(self) -> type[SpeculationPolicy]:
-        return {"off": OffPolicy, "lookup": LookupPolicy, "fixed": FixedPolicy}.get(self.kind, GoodputPolicy)
+        return {"off": OffPolicy, "fixed": FixedPolicy, "lookup": LookupPolicy, "goodput": GoodputPolicy,
+                "goodput-uniform": GoodputPolicy, "goodput-conf": GoodputPolicy}[self.kind]
 
     def build(self) -> SpeculationPolicy:
         """A new policy object; its `name` is this spec's."""
