@@ -9,6 +9,7 @@ import torch
 
 from goodspec.workers.attention import ATTENTION_NAME, AttentionMetadata, attention_backends
 from goodspec.workers.cpu_linear import to_onednn_linears, uses_onednn
+from goodspec.workers.decoder_forward import LeanDecoder
 from goodspec.workers.dtypes import resolve_dtype
 from goodspec.workers.feature_draft import FeatureInput, block_outputs, normalised
 from goodspec.workers.int8_linear import INT8, to_int8_linears, uses_int8
@@ -114,6 +115,9 @@ class ModelRunner:
         self.onednn_linears = (self.int8_linears if int8 else to_onednn_linears(self.model)) if onednn else 0
         # The weights: the dtype's name, or int8 (bfloat16 with int8 copies for few-row inputs).
         self.weights: str = INT8 if self.int8_linears else str(self.dtype).removeprefix("torch.")
+        # The decoder's forward without transformers' per-layer machinery, where the model's
+        # layout is one it was checked on (decoder_forward.py); else None: transformers' forward.
+        self.lean_decoder: LeanDecoder | None = LeanDecoder.for_model(self.model)
         self.hidden_size: int = mc.hidden_size
         self.vocab_size: int = self.vocab_map.target_vocab_size if self.vocab_map else mc.vocab_size
         self.model_vocab_size: int = mc.vocab_size  # the width of the model's own logits
@@ -181,16 +185,22 @@ class ModelRunner:
         offset_in_kept = torch.arange(int(keep.sum())) - (torch.cumsum(keep, 0) - keep)[seq_of_kept]
         kept_index = ((ends - keep)[seq_of_kept] + offset_in_kept).to(self.device)
         base = self.model.model  # the decoder; the output layer runs on the kept rows only
+        embeds = None  # a feature draft's inputs; any other model embeds its token ids itself
         if self.feature_input is not None:
             if features is None:
                 features = torch.zeros(total, self.hidden_size)
             embeds = self.feature_input.read(base.embed_tokens, input_ids, features.to(self.device).unsqueeze(0))
-            args = {"inputs_embeds": embeds}
-        else:
-            args = {"input_ids": input_ids}
-        with attention_backends(self.device), block_outputs(blocks, layers if all_hidden else ()) as captured:
-            hidden = base(**args, position_ids=positions.unsqueeze(0), use_cache=False,
-                          goodspec_meta=meta).last_hidden_state[0]  # [total, d]
+        capture = layers if all_hidden else ()
+        with attention_backends(self.device):
+            if self.lean_decoder is not None:
+                hidden, captured = self.lean_decoder(base.embed_tokens(input_ids) if embeds is None else embeds,
+                                                     positions, meta, capture)
+            else:
+                inputs = {"input_ids": input_ids} if embeds is None else {"inputs_embeds": embeds}
+                with block_outputs(blocks, capture) as captured:
+                    hidden = base(**inputs, position_ids=positions.unsqueeze(0), use_cache=False,
+                                  goodspec_meta=meta).last_hidden_state
+        hidden = hidden[0]  # [total, d]
         kept = hidden[kept_index]
         logits = self.model.lm_head(kept).float()
         if self.vocab_map is not None and target_vocab:
