@@ -4,8 +4,8 @@ Why not transformers' `LlamaModel.forward`: this is the same arithmetic, the sam
 in the same order (outputs equal bit for bit: tests/workers/test_decoder_forward.py), without the
 per-forward and per-layer machinery around it (output capturing, deprecated-keyword wrappers,
 the attention-interface lookup and keyword plumbing of every layer), which goodspec's packed
-forward with its own paged attention does not use. That machinery cost about 0.03 ms a layer
-and 0.1 ms a forward here: a batch-1 SmolLM2-135M decode (30 layers, float32) took 17.7-18.0 ms
+forward with its own paged attention does not use. By the two measurements below it costs about
+0.03 ms a layer and 0.1 ms a forward here: a batch-1 SmolLM2-135M decode (30 layers, float32) took 17.7-18.0 ms
 against 18.5-19.1 through transformers, and a batch-1 pass of its 2-layer draft 0.76-0.81 ms
 against 0.97-1.02 (one process, alternating, twenty-first session, BENCHMARKS.md). Calling the
 decoder layers themselves (skipping only the model's wrapper) saved nothing: the cost is inside
