@@ -1,6 +1,7 @@
 """The runner's lean decoder forward gives transformers' forward's outputs bit for bit (logits,
-hidden states, captured blocks) for the real and tiny pairs in their serving dtypes, on a batch
-that mixes prompts, a decode and a verification; other model types keep transformers' forward."""
+hidden states, captured blocks) for the SmolLM2 pair in its serving dtypes (float32 target,
+bfloat16 draft with int8 weights) and the tiny pair in float32, on a batch that mixes prompts, a
+decode and a verification; other model types keep transformers' forward."""
 
 import pytest
 import torch
