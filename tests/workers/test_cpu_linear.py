@@ -44,7 +44,8 @@ def test_packed_bfloat16_linears_give_torchs_logits_bit_for_bit(model_dir):
         pytest.skip("this CPU has no native bfloat16: its linears are not packed")
     plain, packed = (ModelRunner(RunnerConfig(model_dir, device="cpu", dtype="bfloat16", kv_cache_tokens=512,
                                               cpu_linear=c)) for c in ("torch", "onednn"))
-    assert packed.onednn_linears == sum(type(m) is nn.Linear for m in plain.model.modules()) > 0
+    modules = [*plain.model.modules(), *(plain.feature_input.modules() if plain.feature_input is not None else ())]
+    assert packed.onednn_linears == sum(type(m) is nn.Linear for m in modules) > 0  # a feature layer's too
     for want, got in zip(_prefill_then_verify(plain), _prefill_then_verify(packed)):
         assert torch.equal(got, want)
 

@@ -59,7 +59,9 @@ def test_every_linear_of_a_drafts_decoder_is_swapped_and_its_logits_stay_close(m
     linears = sum(type(m) is nn.Linear for m in plain.model.modules())
     assert (plain.int8_linears, plain.weights) == (0, "bfloat16")
     assert (q.int8_linears, q.weights) == (linears, "int8") and linears > 0
-    assert q.onednn_linears == (linears if uses_onednn("onednn", CPU, torch.bfloat16) else 0)  # their own packing
+    feature = 0 if plain.feature_input is None else sum(type(m) is nn.Linear for m in plain.feature_input.modules())
+    # their own packing, and the feature layer's packed bfloat16 linear
+    assert q.onednn_linears == (linears + feature if uses_onednn("onednn", CPU, torch.bfloat16) else 0)
     assert not any(type(m) is nn.Linear for m in q.model.modules())
     if q.feature_input is not None:  # it reads the target's states, outliers and all: kept bfloat16
         assert all(type(m) is not Int8WeightLinear for m in q.feature_input.modules())
