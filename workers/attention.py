@@ -43,9 +43,9 @@ class AttentionGroup:
     unpad_index: torch.Tensor  # [group tokens] index into the flattened [num_seqs * max_new]
     token_index: torch.Tensor | None  # [group tokens] their packed indices; None: every token, in order
     mask: torch.Tensor  # [num_seqs, 1, max_new, max_context] True where attention is allowed
-    # Every sequence of the batch with one new token, in packed order: the padded queries are the
-    # packed ones themselves (pad_index = arange, unpad_index = arange), so attention skips both.
-    decodes_only: bool = False
+    # Every sequence of the batch, each with the same number of new tokens: the padded queries are
+    # the packed ones in order (pad_index and unpad_index count up), so attention skips both gathers.
+    unpadded: bool = False
 
 
 @dataclass
@@ -61,7 +61,7 @@ class AttentionMetadata:
     ) -> tuple["AttentionMetadata", torch.Tensor]:
         """Metadata for one packed forward, and the packed position ids `[num_tokens]`.
         The sequences must already be sized in the cache (`PagedKVCache.prepare`)."""
-        build = cls.decodes if max(num_new) == 1 else cls.packed
+        build = cls.uniform if min(num_new) == max(num_new) else cls.packed
         return build(cache, [cache.block_table(s) for s in seq_ids], starts, num_new, device)
 
     @classmethod
@@ -87,25 +87,24 @@ class AttentionMetadata:
         return meta, positions.to(device)
 
     @classmethod
-    def decodes(cls, cache: PagedKVCache, tables: list[list[int]], starts: list[int], num_new: list[int],
+    def uniform(cls, cache: PagedKVCache, tables: list[list[int]], starts: list[int], num_new: list[int],
                 device: torch.device) -> tuple["AttentionMetadata", torch.Tensor]:
-        """`build` where every sequence appends one token (a draft's passes, plain decodes): what
-        `packed` gives, from lists of num_seqs ints, and marked so attention skips its padding
-        gathers. `packed`'s two dozen small tensor ops took ~90 us a forward here, a tenth of a
-        batch-1 draft pass."""
-        if any(n != 1 for n in num_new):
-            raise ValueError(f"decodes takes one new token a sequence; got {num_new}")
+        """`build` where every sequence appends the same number of tokens (a draft's passes, plain
+        decodes, one request's verification or prompt, fixed:k verifications): what `packed`
+        gives, in a third of its small tensor ops, marked so attention skips its padding gathers.
+        `packed` took ~90 us a forward here, a tenth of a batch-1 draft pass."""
+        n = num_new[0]
+        if any(m != n for m in num_new):
+            raise ValueError(f"uniform takes the same number of new tokens a sequence; got {num_new}")
         bs = cache.spec.block_size
-        num_seqs = len(starts)
         block_tables = _padded(tables)
-        positions = torch.tensor(starts, dtype=torch.long)
-        slot_mapping = torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, starts)], dtype=torch.long)
-        index = torch.arange(num_seqs, device=device)
-        key_pos = torch.arange(block_tables.shape[1] * bs)
-        mask = (key_pos[None, :] <= positions[:, None]).view(num_seqs, 1, 1, -1)
-        group = AttentionGroup(block_tables=block_tables.to(device), pad_index=index.unsqueeze(1), unpad_index=index,
-                               token_index=None, mask=mask.to(device), decodes_only=True)
-        return cls(cache=cache, slot_mapping=slot_mapping.to(device), groups=[group]), positions.to(device)
+        pos = torch.tensor(starts, dtype=torch.long)[:, None] + torch.arange(n)  # [num_seqs, n]
+        slot_mapping = (block_tables.gather(1, pos // bs) * bs + pos % bs).view(-1)
+        index = torch.arange(pos.numel(), device=device)
+        mask = (torch.arange(block_tables.shape[1] * bs) <= pos[:, :, None]).unsqueeze(1)
+        group = AttentionGroup(block_tables=block_tables.to(device), pad_index=index.view(pos.shape),
+                               unpad_index=index, token_index=None, mask=mask.to(device), unpadded=True)
+        return cls(cache=cache, slot_mapping=slot_mapping.to(device), groups=[group]), pos.view(-1).to(device)
 
 
 def _padded(tables: list[list[int]]) -> torch.Tensor:
@@ -184,7 +183,7 @@ def paged_attention(
     k_layer.view(-1, num_kv_heads, key.shape[3])[meta.slot_mapping] = key[0].transpose(0, 1)
     v_layer.view(-1, num_kv_heads, key.shape[3])[meta.slot_mapping] = value[0].transpose(0, 1)
     q = query[0].transpose(0, 1)  # [num_tokens, heads, head_dim]
-    if meta.groups[0].decodes_only:  # the packed queries are the padded ones: no zero row, no gathers
+    if meta.groups[0].unpadded:  # the packed queries are the padded ones: no zero row, no gathers
         return _group_attention(q, k_layer, v_layer, meta.groups[0], scaling).unsqueeze(0), None
     q = torch.cat([q, q.new_zeros(1, *q.shape[1:])])  # a zero row for padded queries
     if len(meta.groups) == 1:  # every sequence, in packed order
@@ -206,7 +205,7 @@ def _group_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tens
     k_ctx = k_layer[g.block_tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     v_ctx = v_layer[g.block_tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     # [num_seqs, max_new, heads, hd]
-    qg = q.unsqueeze(1).contiguous() if g.decodes_only else q[g.pad_index]
+    qg = q.reshape(*g.pad_index.shape, *q.shape[1:]).contiguous() if g.unpadded else q[g.pad_index]
     gqa = qg.shape[2] != num_kv_heads
     if gqa and qg.is_cuda:  # the memory-efficient kernel takes no enable_gqa: give it every head
         k_ctx = k_ctx.repeat_interleave(qg.shape[2] // num_kv_heads, dim=1)
@@ -219,7 +218,7 @@ def _group_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tens
             qg.transpose(1, 2), k_ctx, v_ctx, attn_mask=g.mask, scale=scaling, enable_gqa=gqa,
         )  # [num_seqs, heads, max_new, head_dim]
     out = out.transpose(1, 2).reshape(-1, out.shape[1], head_dim)
-    return out if g.decodes_only else out[g.unpad_index]
+    return out if g.unpadded else out[g.unpad_index]
 
 
 def _grouped_matmul_attention(

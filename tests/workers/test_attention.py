@@ -33,33 +33,33 @@ class _Layer(torch.nn.Module):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decodes_metadata_is_the_general_one_and_attends_the_same_bit_for_bit(dtype):
-    """One new token a sequence (contexts of different block counts, one at a block's edge):
-    `decodes` gives `packed`'s slots, positions, tables and mask, and paged attention over either
-    writes the same cache and returns the same rows."""
+@pytest.mark.parametrize("new", [1, 3])
+def test_uniform_metadata_is_the_general_one_and_attends_the_same_bit_for_bit(dtype, new):
+    """The same number of new tokens a sequence (contexts of different block counts, one crossing
+    a block's edge): `uniform` gives `packed`'s slots, positions, tables and mask, and paged
+    attention over either writes the same cache and returns the same rows."""
     g = torch.Generator().manual_seed(3)
     spec = KVCacheSpec(num_layers=2, num_kv_heads=3, head_dim=64, num_blocks=64, block_size=16)
     caches = [PagedKVCache(spec, dtype=dtype, device="cpu") for _ in range(2)]
     names, starts = ["a", "b", "c", "d"], [5, 31, 16, 70]
     for cache in caches:
         cache.prepare(list(zip(names, [0] * 4, starts)))
-        cache.prepare(list(zip(names, starts, [1] * 4)))
+        cache.prepare(list(zip(names, starts, [new] * 4)))
     for key in ("k", "v"):  # the same context in both
         kv = torch.randn(getattr(caches[0], key).shape, generator=g).to(dtype)
         getattr(caches[0], key).copy_(kv), getattr(caches[1], key).copy_(kv)
     tables = [caches[0].block_table(n) for n in names]
-    fast, fast_pos = AttentionMetadata.build(caches[0], names, starts, [1] * 4, torch.device("cpu"))
-    slow, slow_pos = AttentionMetadata.packed(caches[1], tables, starts, [1] * 4, torch.device("cpu"))
-    assert fast.groups[0].decodes_only and not slow.groups[0].decodes_only
+    fast, fast_pos = AttentionMetadata.build(caches[0], names, starts, [new] * 4, torch.device("cpu"))
+    slow, slow_pos = AttentionMetadata.packed(caches[1], tables, starts, [new] * 4, torch.device("cpu"))
+    assert fast.groups[0].unpadded and not slow.groups[0].unpadded and len(slow.groups) == 1
     assert torch.equal(fast_pos, slow_pos) and torch.equal(fast.slot_mapping, slow.slot_mapping)
-    assert len(slow.groups) == 1
-    for field in ("block_tables", "mask"):
-        assert torch.equal(getattr(fast.groups[0], field), getattr(slow.groups[0], field))
-    q = torch.randn(1, 9, 4, 64, generator=g).to(dtype)
-    k, v = (torch.randn(1, 3, 4, 64, generator=g).to(dtype) for _ in range(2))
+    for field in ("block_tables", "pad_index", "unpad_index", "mask"):
+        assert torch.equal(getattr(fast.groups[0], field), getattr(slow.groups[0], field)), field
+    q = torch.randn(1, 9, 4 * new, 64, generator=g).to(dtype)
+    k, v = (torch.randn(1, 3, 4 * new, 64, generator=g).to(dtype) for _ in range(2))
     got, _ = paged_attention(_Layer(), q, k, v, None, goodspec_meta=fast)
     want, _ = paged_attention(_Layer(), q, k, v, None, goodspec_meta=slow)
     assert torch.equal(got, want)
     assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
-    with pytest.raises(ValueError, match="one new token"):
-        AttentionMetadata.decodes(caches[0], tables, starts, [1, 2, 1, 1], torch.device("cpu"))
+    with pytest.raises(ValueError, match="same number of new tokens"):
+        AttentionMetadata.uniform(caches[0], tables, starts, [1, 2, 1, 1], torch.device("cpu"))
