@@ -91,8 +91,8 @@ class AttentionMetadata:
                 device: torch.device) -> tuple["AttentionMetadata", torch.Tensor]:
         """`build` where every sequence appends the same number of tokens (a draft's passes, plain
         decodes, one request's verification or prompt, fixed:k verifications): what `packed`
-        gives, in a third of its small tensor ops, marked so attention skips its padding gathers.
-        `packed` took ~90 us a forward here, a tenth of a batch-1 draft pass."""
+        gives, from fewer small tensor ops (27 us against 90 at batch 1 here, where 90 was a
+        tenth of a draft pass), marked so attention skips its padding gathers."""
         n = num_new[0]
         if any(m != n for m in num_new):
             raise ValueError(f"uniform takes the same number of new tokens a sequence; got {num_new}")
