@@ -1,6 +1,6 @@
 """The CPU bfloat16 attention path (two grouped matmuls) against PyTorch's SDPA; the same path
-inside a whole forward is checked in test_model_runner. The decodes-only metadata against the
-general one."""
+inside a whole forward is checked in test_model_runner. The uniform metadata (every sequence
+appending the same number of tokens) against the general one."""
 
 import pytest
 import torch
