@@ -23,7 +23,7 @@ import torch
 
 from goodspec.workers.kv_cache import KVCacheFullError, UnknownSequenceError
 from goodspec.workers.messages import (
-    ProposeBatch, ProposeItem, Proposal, VerifyBatch, VerifyItem, VerifyResult,
+    CONFIDENCE_BINS, DraftStop, ProposeBatch, ProposeItem, Proposal, VerifyBatch, VerifyItem, VerifyResult,
 )
 from goodspec.workers.sampling import SamplingParams
 
@@ -125,16 +125,38 @@ def _tensor(meta: Any, blob: memoryview) -> torch.Tensor | None:
 
 # -- the calls ---------------------------------------------------------------------------------
 def _propose_out(b: ProposeBatch) -> tuple[Any, torch.Tensor | None]:
-    return [[i.req_id, i.start_pos, i.token_ids, i.num_draft, _sampling_out(i.sampling)] for i in b.items], b.features
+    items = [[i.req_id, i.start_pos, i.token_ids, i.num_draft, _sampling_out(i.sampling), i.may_stop] for i in b.items]
+    stop = None if b.stop is None else [[list(r) for r in b.stop.rates], list(b.stop.next_rate),
+                                        b.stop.row_cost, b.stop.pass_cost]
+    return {"items": items, "stop": stop}, b.features
+
+
+MAX_STOP_COST = 1e6  # DraftStop's costs, in tokens (a step's goodput level times seconds)
+
+
+def _draft_stop(x: Any) -> DraftStop | None:
+    if x is None:
+        return None
+    rates, next_rate, row_cost, pass_cost = _list(x)
+    rates = _list(rates)
+    if len(rates) != 2 or any(len(_list(r)) != CONFIDENCE_BINS for r in rates) or len(_list(next_rate)) != 2:
+        raise WireError(f"a draft stop has two rows of {CONFIDENCE_BINS} rates and two next rates")
+    costs = (_float(row_cost), _float(pass_cost))
+    if not all(0.0 <= c <= MAX_STOP_COST for c in costs):
+        raise WireError(f"draft stop costs must be in [0, {MAX_STOP_COST:g}]")
+    return DraftStop(tuple(tuple(_unit(v) for v in r) for r in rates), tuple(_unit(v) for v in next_rate), *costs)
 
 
 def _propose_in(h: Any, t: torch.Tensor | None) -> ProposeBatch:
+    if type(h) is not dict or set(h) != {"items", "stop"}:
+        raise WireError("bad propose batch")
     items = []
-    for row in _list(h):
-        req_id, start, ids, k, s = _list(row)
-        items.append(ProposeItem(_str(req_id), _int(start), _ids(ids), _int(k, 1, 1 << 16), _sampling(s)))
+    for row in _list(h["items"]):
+        req_id, start, ids, k, s, may_stop = _list(row)
+        items.append(ProposeItem(_str(req_id), _int(start), _ids(ids), _int(k, 1, 1 << 16), _sampling(s),
+                                 _bool(may_stop)))
     _feature_rows(t, sum(len(i.token_ids) for i in items))
-    return ProposeBatch(items, t)
+    return ProposeBatch(items, t, _draft_stop(h["stop"]))
 
 
 def _feature_rows(t: torch.Tensor | None, rows: int) -> None:

@@ -29,8 +29,7 @@ from typing import Sequence
 import numpy as np
 
 from goodspec.scheduler.step_time import StepTimeModel, verify_features
-
-BINS = 20
+from goodspec.workers.messages import CONFIDENCE_BINS as BINS
 
 
 def _bins(conf: Sequence[float]) -> np.ndarray:
@@ -63,6 +62,11 @@ class ConfidenceCalibrator:
         accepted, trials = self._counts[0 if greedy else 1]
         middle = (np.arange(BINS) + 0.5) / BINS
         return (accepted + self.prior * middle) / (trials + self.prior)
+
+    def mean_rate(self, greedy: bool) -> float:
+        """P(accept) of a reached position, over all confidences (the prior: a coin flip)."""
+        accepted, trials = self._counts[0 if greedy else 1].sum(-1)
+        return float((accepted + self.prior * 0.5) / (trials + self.prior))
 
     def survival(self, conf: Sequence[float], greedy: bool) -> np.ndarray:
         """P(positions 1..j of this proposal all accepted), j = 1..len(conf)."""

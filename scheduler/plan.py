@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from goodspec.scheduler.request import FinishReason, Request
 from goodspec.scheduler.step_record import StepRecord
-from goodspec.workers.messages import Proposal, VerifyItem, VerifyResult
+from goodspec.workers.messages import DraftStop, Proposal, VerifyItem, VerifyResult
 
 
 @dataclass
@@ -30,6 +30,8 @@ class StepPlan:
     draft_catchup: int = 0  # committed tokens the draft catches up on beyond the pending ones
     choose_time: float = 0.0  # seconds the policies took to choose the ks and what to verify
     lookup: set[str] = field(default_factory=set)  # requests whose k tokens come from prompt lookup
+    draft_stop: DraftStop | None = None  # when the draft may end these requests' drafting early
+    may_stop: set[str] = field(default_factory=set)
     finished: list[Request] = field(default_factory=list)  # requests the step finished
 
     def decode_outcomes(self, result: VerifyResult) -> list[tuple[Request, int, int]]:

@@ -10,7 +10,7 @@ from goodspec.scheduler.plan import StepPlan
 from goodspec.scheduler.policy import PolicySpec, SpeculationPolicy
 from goodspec.scheduler.request import Request
 from goodspec.scheduler.step_record import StepRecord
-from goodspec.workers.messages import Proposal
+from goodspec.workers.messages import DraftStop, Proposal
 
 
 class PolicyBook:
@@ -62,10 +62,12 @@ class PolicyBook:
             policy.seed(self.profile_records)
 
     def choose(self, decode: Sequence[Request], caps: Sequence[int],
-               prefill: tuple[int, int]) -> list[int]:
+               prefill: tuple[int, int]) -> tuple[list[int], DraftStop | None, set[str]]:
         """k per decoding request, each policy asked once for all of its requests, clipped to
-        the caps."""
+        the caps; and when the draft may stop some of them early (one policy's DraftStop, and
+        the requests it covers: the draft takes one per proposal)."""
         ks = [0] * len(decode)
+        stop, stoppable = None, set()
         groups: dict[int, tuple[SpeculationPolicy, list[int]]] = {}
         for i, r in enumerate(decode):
             groups.setdefault(id(r.policy), (r.policy, []))[1].append(i)
@@ -73,7 +75,10 @@ class PolicyBook:
             chosen = policy.choose([decode[i] for i in idx], [caps[i] for i in idx], prefill)
             for i, k in zip(idx, chosen):
                 ks[i] = max(0, min(int(k), caps[i]))
-        return ks
+            own = policy.draft_stop()
+            if own is not None and stop is None:
+                stop, stoppable = own, {decode[i].req_id for i in idx}
+        return ks, stop, stoppable
 
     def uses_lookup(self, r: Request) -> bool:
         """Whether the request's k tokens this step come from prompt lookup (its policy's choice

@@ -85,7 +85,8 @@ class Proposers:
                 continue
             row_item.proposal_row = len(items)
             start = r.draft_len
-            items.append(ProposeItem(r.req_id, start, r.token_ids[start:], k, r.sampling))
+            items.append(ProposeItem(r.req_id, start, r.token_ids[start:], k, r.sampling,
+                                     r.req_id in plan.may_stop))
             plan.draft_catchup += len(r.token_ids) - start - 1
             if self.reads_features and self._feature_width:
                 features.append(r.features.take(start, len(r.token_ids) - start, self._feature_width))
@@ -93,7 +94,8 @@ class Proposers:
             return None, 0.0
         t0 = time.perf_counter()
         if items:
-            proposal = self.draft.propose(ProposeBatch(items, torch.cat(features) if features else None))
+            stop = plan.draft_stop if any(it.may_stop for it in items) else None
+            proposal = self.draft.propose(ProposeBatch(items, torch.cat(features) if features else None, stop))
         else:
             proposal = Proposal(draft_ids=[], draft_probs=None, elapsed_s=0.0, draft_conf=[])
         elapsed = time.perf_counter() - t0 if items else 0.0

@@ -187,7 +187,8 @@ class Scheduler:
         prefill_tokens = min(room, sum(r.num_pending for r in prefill))
         t0 = time.perf_counter()
         self.proposers.score_ahead([(r, c) for r, c in zip(decode, caps) if r.policy.scores_lookup])
-        ks = self.policies.choose(decode, caps, (len(prefill) if prefill_tokens else 0, prefill_tokens))
+        ks, draft_stop, may_stop = self.policies.choose(decode, caps,
+                                                        (len(prefill) if prefill_tokens else 0, prefill_tokens))
         lookup = {r.req_id for r, k in zip(decode, ks) if k > 0 and self.policies.uses_lookup(r)}
         choose_time = time.perf_counter() - t0
         budget = cfg.max_num_batched_tokens - sum(1 + k for k in ks)
@@ -201,7 +202,8 @@ class Scheduler:
         ks_by_id = {r.req_id: k for r, k in zip(decode, ks)}
         ks_by_id = self._fit_kv(ks_by_id, chunks, lookup)
 
-        plan = StepPlan(ks=ks_by_id, choose_time=choose_time, lookup=lookup)
+        plan = StepPlan(ks=ks_by_id, choose_time=choose_time, lookup=lookup, draft_stop=draft_stop,
+                        may_stop=may_stop - lookup)
         for r in self.running:
             if r.req_id in ks_by_id:
                 tokens = r.token_ids[r.target_len:]

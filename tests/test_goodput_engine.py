@@ -26,13 +26,21 @@ def test_greedy_output_under_goodput_equals_target_only(proposer, goodput_engine
               "draft, goodput-conf": lambda: LLMEngine(engine_config("goodput-conf")),
               "auto": lambda: LLMEngine(engine_config("goodput", proposer="auto"))}[proposer]()
     prompts = sharegpt_prompts[:20]
+    proposals = []
+    if engine.draft is not None:
+        propose = engine.draft.propose
+        engine.draft.propose = lambda batch: proposals.append((batch, propose(batch))) or proposals[-1][1]
     got = _run_staggered(engine, prompts, greedy_reference, None)
     for p in prompts:
         assert got[p] == greedy_reference[p][1]
     records = engine.scheduler.step_records
     assert any(r.draft_tokens or r.lookup_tokens for r in records), "goodput never speculated"
-    if proposer.endswith("goodput-conf"):  # adaptive verification cut some proposals
+    stopped = [len(ids) < it.num_draft for b, prop in proposals for it, ids in zip(b.items, prop.draft_ids)]
+    if proposer.endswith("goodput-conf"):  # adaptive verification cut some proposals ...
         assert any(r.draft_tokens > sum(r.ks) for r in records)
+        assert any(stopped) and not all(stopped)  # ... and the draft stopped some early, not all
+    else:
+        assert not any(stopped) and all(b.stop is None for b, _ in proposals)
     policy = engine.scheduler.policy  # nothing per request is left once all finished
     assert not engine.has_unfinished()
     lookup = policy.lookup_acceptance
@@ -132,6 +140,41 @@ def test_sampling_with_lookup_and_draft_rows_matches_target_only_sampling(shared
     assert sum(r.lookup_tokens for r in records) > 0 and sum(r.draft_tokens for r in records) > 0
     for j in range(2):
         assert _homogeneous(mixed[j], plain[j]) > 1e-3
+
+
+class StopsWhenUnsure(SpeculationPolicy):
+    """k = 6 for everyone (capped by the tokens left), and the draft stops a request once the product of its confidences
+    (each confidence taken as its chance of acceptance) falls below 0.1."""
+
+    name = "stops-when-unsure"
+
+    def choose(self, requests, caps, prefill=(0, 0)):
+        return [min(6, c) for c in caps]
+
+    def draft_stop(self):
+        from goodspec.workers.messages import CONFIDENCE_BINS, DraftStop
+
+        rates = tuple((b + 0.5) / CONFIDENCE_BINS for b in range(CONFIDENCE_BINS))
+        return DraftStop((rates, rates), (1.0, 1.0), 0.1, 0.0)
+
+
+def test_sampling_with_drafts_stopped_on_low_confidence_matches_target_only_sampling(shared_engine):
+    """Whether the draft goes on past position j depends on its confidences up to j, each fixed
+    by the tokens before it: a stopping rule, so tokens 2 to 4 of sampled completions are
+    distributed as target-only sampling's."""
+    prompt = "I like cats. I like dogs. I like birds. I like"
+    n = 600
+    engine = LLMEngine(engine_config("off"))
+    proposals = []
+    propose = engine.draft.propose
+    engine.draft.propose = lambda batch: proposals.append((batch, propose(batch))) or proposals[-1][1]
+    stopped = _sample_tokens(engine, prompt, StopsWhenUnsure(), range(n), positions=(1, 2, 3))
+    plain = _sample_tokens(shared_engine, prompt, "off", range(20_000, 20_000 + n), positions=(1, 2, 3))
+    # (4 new tokens a request: the first decode's k is capped at 2) stopped after one position, and not
+    drafted = [(len(ids), it.num_draft) for b, prop in proposals for it, ids in zip(b.items, prop.draft_ids)]
+    assert any(n < k for n, k in drafted) and any(n == k > 1 for n, k in drafted)
+    for j in range(3):
+        assert _homogeneous(stopped[j], plain[j]) > 1e-3
 
 
 @pytest.mark.parametrize("server_policy, startup_profile, seeded", [

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from goodspec.workers.messages import ProposeBatch, Proposal
+from goodspec.workers.messages import CONFIDENCE_BINS, DraftStop, ProposeBatch, Proposal
 from goodspec.workers.model_runner import ModelRunner, RunnerConfig
 from goodspec.workers.sampling import STREAM_DRAFT, hash_uniform, logits_to_probs, sample_from_probs
 from goodspec.workers.sampling_tensors import SamplingTensors
@@ -56,6 +56,7 @@ class DraftWorker:
         inputs = [it.token_ids for it in items]
         reads_features = self.reads_features
         features = batch.features if reads_features else None  # pass 0: the target's
+        stopping = _Stopping(batch.stop, items, params.temperature <= 0) if batch.stop is not None else None
         for j in range(max_k):
             # In the draft's own vocabulary (a reduced one is mapped to the target's only where
             # needed: scattering every row to 49152 ids cost 14% of a batch-16 draft step).
@@ -82,6 +83,8 @@ class DraftWorker:
                 conf[active, j] = top
             draft[active, j] = tokens
             still = num_draft[active] > j + 1
+            if stopping is not None:
+                still = stopping.drafting_on(active, j, conf[active, j], still)
             if not bool(still.any()):
                 break
             active = active[still]
@@ -93,7 +96,7 @@ class DraftWorker:
             starts = [pos_list[i] for i in idx]  # the draft token j sits at position pos
             inputs = [[token_list[i]] for i in idx]
         self.runner.synchronize()
-        ks = num_draft.tolist()
+        ks = (num_draft if stopping is None else stopping.drafted(num_draft)).tolist()
         ids = [row[:k] for row, k in zip(draft.tolist(), ks)]
         confs = [row[:k] for row, k in zip(conf.tolist(), ks)]
         return Proposal(draft_ids=ids, draft_probs=probs_out, elapsed_s=time.perf_counter() - t0,
@@ -101,3 +104,39 @@ class DraftWorker:
 
     def free(self, req_ids: list[str]) -> None:
         self.runner.free(req_ids)
+
+
+class _Stopping:
+    """DraftStop applied to one proposal: each row's reach so far, and which rows draft on."""
+
+    def __init__(self, stop: DraftStop, items, greedy: torch.Tensor) -> None:
+        dev = greedy.device
+        sampled = (~greedy).long()
+        self.rates = torch.tensor(stop.rates, dtype=torch.float32, device=dev)[sampled]  # [n, bins]
+        self.next_rate = torch.tensor(stop.next_rate, dtype=torch.float32, device=dev)[sampled]
+        self.may_stop = torch.tensor([it.may_stop for it in items], device=dev)
+        self.reach = torch.ones(len(items), device=dev)
+        self.stopped_at = torch.full((len(items),), -1, dtype=torch.long, device=dev)  # last position drafted
+        self.row_cost, self.pass_cost = stop.row_cost, stop.pass_cost
+
+    def drafting_on(self, active: torch.Tensor, j: int, conf: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+        """Of the `active` rows, which draft position j + 1 (0-based); `conf` their confidences
+        at position j, just drafted, `wanted` whether their k asks for another."""
+        bins = (conf.float() * CONFIDENCE_BINS).long().clamp(0, CONFIDENCE_BINS - 1)
+        self.reach[active] *= self.rates[active, bins]
+        value = self.reach[active] * self.next_rate[active]  # tokens the next position is expected to add
+        may = self.may_stop[active]
+        keep = wanted & (~may | (value >= self.row_cost))
+        if not bool((wanted & ~may).any()):  # no row pays for the pass regardless: its rows share it
+            # Each round can only drop rows (the share per row grows): at most one per row.
+            while bool(keep.any()):
+                narrower = keep & (value >= self.row_cost + self.pass_cost / int(keep.sum()))
+                if bool((narrower == keep).all()):
+                    break
+                keep = narrower
+        self.stopped_at[active[wanted & ~keep]] = j
+        return keep
+
+    def drafted(self, num_draft: torch.Tensor) -> torch.Tensor:
+        """Tokens each row drafted: its k, or fewer where it stopped."""
+        return torch.where(self.stopped_at >= 0, self.stopped_at + 1, num_draft)

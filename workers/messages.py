@@ -16,13 +16,37 @@ import torch
 from goodspec.workers.sampling import SamplingParams
 
 
+CONFIDENCE_BINS = 20  # a draft confidence (top probability of q, in [0, 1]) is read in this many equal bins
+
+
 @dataclass
 class ProposeItem:
     req_id: str
     start_pos: int  # tokens of this request the draft's cache keeps
     token_ids: list[int]  # committed tokens the draft has not seen yet (>= 1)
-    num_draft: int  # k for this request this step (>= 1)
+    num_draft: int  # k for this request this step (>= 1): the most it drafts
     sampling: SamplingParams  # seed always set
+    may_stop: bool = False  # ProposeBatch.stop may end its drafting before num_draft
+
+
+@dataclass(frozen=True)
+class DraftStop:
+    """When the draft stops drafting a request before its k, on low confidence (SpecDec++ and
+    DISCO stop drafting so; vLLM's adaptive verification drafts to the end and cuts afterwards,
+    which on a CPU pays for passes nobody verifies).
+
+    reach_j = prod_{i <= j} rates[mode][bin(conf_i)]: the calibrated chance that verification
+    accepts positions 1..j. A row that may stop drafts position j + 1 iff
+    reach_j * next_rate[mode] >= row_cost + pass_cost / (rows drafting it), costs in tokens
+    (the step's goodput level times seconds); where a row that may not stop drafts on, the pass
+    is paid and only row_cost counts. conf_i is fixed by the draft tokens before position i, so
+    this is a stopping rule: sampled output keeps the target's distribution (see
+    goodspec.scheduler.confidence)."""
+
+    rates: tuple[tuple[float, ...], tuple[float, ...]]  # P(accept | confidence bin): greedy rows, sampled rows
+    next_rate: tuple[float, float]  # mean P(accept) of a reached position: greedy, sampled
+    row_cost: float  # one more position of one request: its verify and draft token
+    pass_cost: float  # one more draft pass, shared by the rows that draft in it
 
 
 @dataclass
@@ -32,11 +56,12 @@ class ProposeBatch:
     # position before each of the items' tokens, rows in item order. None: zeros (a profiling
     # run; drafts are worse, never wrong).
     features: torch.Tensor | None = None
+    stop: DraftStop | None = None  # for the items with may_stop
 
 
 @dataclass
 class Proposal:
-    draft_ids: list[list[int]]  # per item, num_draft tokens
+    draft_ids: list[list[int]]  # per item, num_draft tokens (fewer where ProposeBatch.stop ended it)
     # [rows, max_k, vocab] draft distributions q over the draft model's own vocabulary (the
     # target maps a reduced one back: TargetWorker's draft_vocab), or None when every item is
     # greedy. Items past `rows` (prompt lookup's, appended by the scheduler) and greedy items

@@ -101,6 +101,30 @@ def test_a_feature_draft_s_hidden_states_cross_both_ways_and_bad_row_counts_are_
     assert back.num_accepted == [1] and torch.equal(back.features, feats[:2])
 
 
+def test_a_draft_stop_crosses_typed_and_out_of_range_ones_are_refused():
+    from goodspec.cluster import wire
+    from goodspec.workers.messages import CONFIDENCE_BINS, DraftStop
+
+    rates = tuple(b / CONFIDENCE_BINS for b in range(CONFIDENCE_BINS))
+    stop = DraftStop((rates, rates[::-1]), (0.6, 0.4), 0.25, 0.75)
+    batch = ProposeBatch([ProposeItem("r1", 3, [5, 6], 4, GREEDY, True), ProposeItem("r2", 0, [7], 2, GREEDY)],
+                         None, stop)
+    codec = wire.CALLS["propose"]
+
+    def round_trip(b):
+        return codec.decode_arg(*wire.unpack(bytearray(wire.pack(*codec.encode_arg(b)))))
+
+    got = round_trip(batch)
+    assert got == batch and [it.may_stop for it in got.items] == [True, False]
+    for bad in (DraftStop((rates, rates[:-1]), (0.6, 0.4), 0.25, 0.75),  # a bin short
+                DraftStop((rates, (1.5,) * CONFIDENCE_BINS), (0.6, 0.4), 0.25, 0.75),  # not a probability
+                DraftStop((rates, rates), (0.6,), 0.25, 0.75),  # one next rate
+                DraftStop((rates, rates), (0.6, 0.4), -1.0, 0.75),  # a negative cost
+                DraftStop((rates, rates), (0.6, 0.4), 0.25, 1e9)):  # past the bound
+        with pytest.raises(wire.WireError):
+            round_trip(ProposeBatch(batch.items, None, bad))
+
+
 def test_worker_errors_arrive_typed_and_free_is_ordered_before_the_next_call(worker_and_server):
     w, server = worker_and_server
     c = ChannelClient(server.address, TOKEN, timeout_s=5)

@@ -72,3 +72,42 @@ def test_a_sampled_proposal_is_cut_by_a_rule_fixed_before_its_tokens_are_seen():
     c, _ = verify_lengths([np.array([0.9, 0.5, 0.25, 0.24])], [False], SHAPE, model, level)
     assert c == [4]
     assert verify_lengths([np.array([0.9, 0.05])], [False], SHAPE, model, None)[0] == [2]  # no level yet
+
+
+def test_goodput_conf_lets_the_draft_go_past_k_and_prices_a_position_in_tokens():
+    """The same choices as goodput, each drafted request allowed DRAFT_AHEAD more positions, and
+    a DraftStop built from the calibrator and the step-time model; plain goodput, and
+    goodput-conf told not to stop drafting, send none."""
+    from goodspec.scheduler.policy import GoodputPolicy
+    from goodspec.scheduler.request import Request
+    from goodspec.workers.sampling import SamplingParams
+    from tests.scheduler.test_step_time import synthetic_records
+
+    plain, conf = GoodputPolicy(), GoodputPolicy(confidence=True)
+    cut_only = GoodputPolicy(confidence=True, stop_drafting=False)
+    sampling = SamplingParams(max_new_tokens=1000, seed=1)
+    reqs = [Request(f"r{i}", [5] * (100 + 50 * i), sampling) for i in range(4)]
+    for r in reqs:
+        r.target_len = r.draft_len = len(r.token_ids) - 1
+    for p in (plain, conf, cut_only):
+        p.seed(synthetic_records(seed=1))
+        for record in synthetic_records(n=20, seed=2):  # past the warm-up: acceptance 2 of 3
+            p.choose(reqs, [3] * 4)
+            p.observe([(r.req_id, 3, 2) for r in reqs], record)
+    conf.calibrator.observe([0.9, 0.8, 0.3], 2, True)
+    caps = [8, 8, 8, 4]
+    ks = plain.choose(reqs, caps)
+    assert plain.draft_stop() is None and any(ks)
+    assert cut_only.choose(reqs, caps) == ks and cut_only.draft_stop() is None  # verification cut alone
+    assert conf.choose(reqs, caps) == [min(c, k + GoodputPolicy.DRAFT_AHEAD) if k else 0 for k, c in zip(ks, caps)]
+    stop = conf.draft_stop()
+    cal = conf.calibrator
+    assert stop.rates == (tuple(cal.rates(True).tolist()), tuple(cal.rates(False).tolist()))
+    assert stop.next_rate == (cal.mean_rate(True), cal.mean_rate(False))
+    cd, cv = conf.time_model.draft.coef, conf.time_model.verify.coef
+    row_s = cv[2] + cd[2] + cd[3] * 250 / 1000.0  # the longest context is 250
+    assert stop.row_cost > 0 and stop.pass_cost > 0
+    assert np.isclose(stop.pass_cost / stop.row_cost, cd[1] / row_s)
+    # In tokens: the step's goodput level (tokens per second) times seconds, a few per cent of
+    # a token for a row's position on this synthetic machine.
+    assert 0.0 < stop.row_cost < 1.0
