@@ -128,7 +128,7 @@ class _Stopping:
         may = self.may_stop[active]
         keep = wanted & (~may | (value >= self.row_cost))
         if not bool((wanted & ~may).any()):  # no row pays for the pass regardless: its rows share it
-            # Each round can only drop rows (the share per row grows): at most one per row.
+            # Each round only drops rows (the share of those left grows): at most one round per row.
             while bool(keep.any()):
                 narrower = keep & (value >= self.row_cost + self.pass_cost / int(keep.sum()))
                 if bool((narrower == keep).all()):
