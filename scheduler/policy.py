@@ -294,7 +294,7 @@ class GoodputPolicy(SpeculationPolicy):
         is accepted no longer pays for that position at this step's goodput `level` (tokens per
         second): DraftStop. The chosen k prices the average request; the confidences tell this
         one's. Measured (BENCHMARKS.md, twenty-third session): without it goodput-conf drafted
-        4.5 tokens a batch-1 step to verify 2.9; with it 2.4 to verify 2.3, 2-5% faster in
+        4.5 tokens a batch-1 step to verify 2.9; with it 2.4 to verify 2.3, 2-8% faster in
         process, level over Ray, and no faster than plain goodput either way."""
         from goodspec.workers.messages import DraftStop
 
