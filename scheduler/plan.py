@@ -31,7 +31,7 @@ class StepPlan:
     choose_time: float = 0.0  # seconds the policies took to choose the ks and what to verify
     lookup: set[str] = field(default_factory=set)  # requests whose k tokens come from prompt lookup
     draft_stop: DraftStop | None = None  # when the draft may end these requests' drafting early
-    may_stop: set[str] = field(default_factory=set)
+    may_stop: set[str] = field(default_factory=set)  # (read only for the draft model's rows)
     finished: list[Request] = field(default_factory=list)  # requests the step finished
 
     def decode_outcomes(self, result: VerifyResult) -> list[tuple[Request, int, int]]:

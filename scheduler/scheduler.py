@@ -203,7 +203,7 @@ class Scheduler:
         ks_by_id = self._fit_kv(ks_by_id, chunks, lookup)
 
         plan = StepPlan(ks=ks_by_id, choose_time=choose_time, lookup=lookup, draft_stop=draft_stop,
-                        may_stop=may_stop - lookup)
+                        may_stop=may_stop)
         for r in self.running:
             if r.req_id in ks_by_id:
                 tokens = r.token_ids[r.target_len:]

@@ -18,6 +18,18 @@ def goodput_engine():
     return LLMEngine(engine_config("goodput"))
 
 
+def _recorded_proposals(engine) -> list:
+    """(ProposeBatch, Proposal) of every draft call the engine makes from now on."""
+    calls, propose = [], engine.draft.propose
+
+    def recording(batch):
+        calls.append((batch, propose(batch)))
+        return calls[-1][1]
+
+    engine.draft.propose = recording
+    return calls
+
+
 @pytest.mark.parametrize("proposer", ["draft", "ngram", "draft, goodput-conf", "auto"])
 def test_greedy_output_under_goodput_equals_target_only(proposer, goodput_engine, sharegpt_prompts,
                                                         greedy_reference):
@@ -26,10 +38,7 @@ def test_greedy_output_under_goodput_equals_target_only(proposer, goodput_engine
               "draft, goodput-conf": lambda: LLMEngine(engine_config("goodput-conf")),
               "auto": lambda: LLMEngine(engine_config("goodput", proposer="auto"))}[proposer]()
     prompts = sharegpt_prompts[:20]
-    proposals = []
-    if engine.draft is not None:
-        propose = engine.draft.propose
-        engine.draft.propose = lambda batch: proposals.append((batch, propose(batch))) or proposals[-1][1]
+    proposals = _recorded_proposals(engine) if engine.draft is not None else []
     got = _run_staggered(engine, prompts, greedy_reference, None)
     for p in prompts:
         assert got[p] == greedy_reference[p][1]
@@ -165,9 +174,7 @@ def test_sampling_with_drafts_stopped_on_low_confidence_matches_target_only_samp
     prompt = "I like cats. I like dogs. I like birds. I like"
     n = 600
     engine = LLMEngine(engine_config("off"))
-    proposals = []
-    propose = engine.draft.propose
-    engine.draft.propose = lambda batch: proposals.append((batch, propose(batch))) or proposals[-1][1]
+    proposals = _recorded_proposals(engine)
     stopped = _sample_tokens(engine, prompt, StopsWhenUnsure(), range(n), positions=(1, 2, 3))
     plain = _sample_tokens(shared_engine, prompt, "off", range(20_000, 20_000 + n), positions=(1, 2, 3))
     # (4 new tokens a request: the first decode's k is capped at 2) stopped after one position, and not
