@@ -58,3 +58,20 @@ def test_recent_steps_weigh_more_so_the_model_follows_a_slower_machine():
     slow = synthetic_records(n=300, seed=4, verify=TRUE_VERIFY * 2, draft=TRUE_DRAFT * 2)
     m.fit(old + slow)
     assert mape(m, synthetic_records(n=100, seed=5, verify=TRUE_VERIFY * 2, draft=TRUE_DRAFT * 2)) < 0.1
+
+
+def test_a_refit_over_a_moving_window_equals_a_fresh_fit():
+    """Refits reuse each record's features (made once per record): over a window that moved on
+    (records dropped, new ones added, new objects with the same values in the sweep) a refit
+    must give what a fresh model fitted on the same records gives."""
+    first = synthetic_records(n=300, seed=6, noise=0.05)
+    later = synthetic_records(n=300, seed=7, noise=0.05, verify=TRUE_VERIFY * 1.5, draft=TRUE_DRAFT * 1.5)
+    sweep = synthetic_records(n=60, seed=8)
+    reused = StepTimeModel(half_life=50)
+    reused.fit(first, prior=sweep)
+    reused.fit(first[200:] + later, prior=synthetic_records(n=60, seed=8))
+    fresh = StepTimeModel(half_life=50)
+    fresh.fit(first[200:] + later, prior=sweep)
+    np.testing.assert_array_equal(reused.draft.coef, fresh.draft.coef)
+    np.testing.assert_array_equal(reused.verify.coef, fresh.verify.coef)
+    assert not np.allclose(reused.verify.coef, fitted().verify.coef, rtol=0.05)  # the window did move
