@@ -84,7 +84,7 @@ class StepTimeModel:
         ])
         records = prior + records
         n = len(records)
-        table = np.array([row[1] for row in self._cached_rows(records)])  # [n, 5 + 4 + 2]
+        table = np.array(self._cached_rows(records))  # [n, 5 + 4 + 2]
         xd, xv, yd, yv = table[:, :5], table[:, 5:9], table[:, 9], table[:, 10]
         has_draft = yd > 0
         if has_draft.sum() >= 4:
@@ -92,10 +92,10 @@ class StepTimeModel:
         self.verify.fit(xv, yv, w)
         self.num_fitted = n
 
-    def _cached_rows(self, records: list[StepRecord]) -> list[tuple[StepRecord, list[float]]]:
-        """(record, its draft features + verify features + draft and verify seconds), made once
-        per record. Keyed by id and holding the record, so an id is not reused while cached; only
-        the records of this fit are kept."""
+    def _cached_rows(self, records: list[StepRecord]) -> list[list[float]]:
+        """Each record's draft features + verify features + draft and verify seconds, made once
+        per record. Cached by id beside the record itself, so an id is not reused while cached;
+        only the records of this fit are kept."""
         old, rows = self._rows, {}
         for r in records:
             row = old.get(id(r))
@@ -104,7 +104,7 @@ class StepTimeModel:
                 row = (r, d + v + [r.draft_time, r.verify_time])
             rows[id(r)] = row
         self._rows = rows
-        return [rows[id(r)] for r in records]
+        return [rows[id(r)][1] for r in records]
 
     @property
     def ready(self) -> bool:
