@@ -94,12 +94,13 @@ class StepTimeModel:
 
     def _cached_rows(self, records: list[StepRecord]) -> list[list[float]]:
         """Each record's draft features + verify features + draft and verify seconds, made once
-        per record. Cached by id beside the record itself, so an id is not reused while cached;
-        only the records of this fit are kept."""
+        per record (a StepRecord is not changed once the scheduler has made it). Cached by id
+        beside the record itself: a cached record stays alive, so no other record can have its
+        id; only the records of this fit are kept."""
         old, rows = self._rows, {}
         for r in records:
             row = old.get(id(r))
-            if row is None or row[0] is not r:
+            if row is None:
                 d, v = record_features(r)
                 row = (r, d + v + [r.draft_time, r.verify_time])
             rows[id(r)] = row
