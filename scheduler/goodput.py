@@ -13,6 +13,8 @@ goodput(k_1..k_n) = sum_i E_i(k_i) / (T_draft(k) + T_verify(k))
 
 from __future__ import annotations
 
+import itertools
+import operator
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -30,11 +32,10 @@ def expected_tokens(alpha: float, k: int) -> float:
     return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
-def tokens_from_reach(reach: np.ndarray) -> np.ndarray:
-    """[requests, kmax] P(draft positions 1..j all accepted) -> [requests, kmax + 1] E(k), the
-    tokens a verification of k draft tokens emits (the bonus included); each reach <= 0.99."""
-    reach = np.minimum(reach, 0.99)
-    return np.concatenate([np.ones((reach.shape[0], 1)), 1.0 + np.cumsum(reach, axis=1)], axis=1)
+def tokens_row(reach: Sequence[float], scale: float) -> list[float]:
+    """E(k) for k = 0..len(reach), the tokens a verification of k draft tokens emits (the bonus
+    included), from P(draft positions 1..j all accepted) times `scale`, each at most 0.99."""
+    return list(itertools.accumulate((min(r * scale, 0.99) for r in reach), initial=1.0))
 
 
 @dataclass
@@ -57,8 +58,9 @@ class AcceptanceEstimator:
     depth_prior: float = 4.0  # pseudo-trials pulling a rarely reached depth to the pooled rate
     _per_request: dict[str, list[float]] = field(default_factory=dict)
     _totals: dict[str, list[float]] = field(default_factory=dict)  # undecayed, for the prior
-    # Decayed successes / failures at each draft position, given all before it were accepted.
-    _depth: np.ndarray = field(default_factory=lambda: np.zeros((2, 0)))
+    # Decayed successes / failures at each draft position, given all before it were accepted
+    # (two lists, one entry per position seen so far).
+    _depth: tuple[list[float], list[float]] = field(default_factory=lambda: ([], []))
     # Per request, decayed: accepted draft tokens, and what the global per-position rates
     # predicted for the same verifications (same k), so the two compare like with like.
     _vs_global: dict[str, list[float]] = field(default_factory=dict)
@@ -72,7 +74,11 @@ class AcceptanceEstimator:
         as they stood before the step, and the global counts take the step's evidence at once
         (one update per step, not per request: the policy's whole observe fell from 1.4 to 0.4 ms
         a batch-32 step under cProfile here, and on an H100 host the time after each goodput step
-        from about 0.7 to 0.6 ms: BENCHMARKS.md, GPU section)."""
+        from about 0.7 to 0.6 ms: BENCHMARKS.md, GPU section).
+        Plain Python over a batch of requests and max_k positions, not numpy: this runs after
+        every step, between model forwards that evict numpy's code and data from the caches,
+        where each numpy function called costs ~10-15 us. Measured with a 2048 x 2048 matmul
+        before each call: 0.13 ms with numpy, 0.04 with this (back to back 15 us and 3 us)."""
         evidence = []
         for req_id, num_draft, num_accepted in outcomes:
             if num_draft > 0:
@@ -87,16 +93,17 @@ class AcceptanceEstimator:
                     s[1] *= self.decay
         if not evidence:
             return
-        ks = np.array([k for _, k, _ in evidence])
-        acc = np.array([a for _, _, a in evidence])
-        kmax = int(ks.max())
+        kmax = max(k for _, k, _ in evidence)
         # What the global rates predicted for each verification: sum of reach over its k positions.
-        predicted = np.concatenate([[0.0], np.cumsum(self.global_reach(kmax))])[ks]
-        fails = (acc < ks).astype(float)
-        for (req_id, _, a), pred, fail in zip(evidence, predicted.tolist(), fails.tolist()):
+        predicted = list(itertools.accumulate(self._reach(kmax), initial=0.0))
+        successes = failures = 0
+        for req_id, k, a in evidence:
+            fail = 1.0 if a < k else 0.0
+            successes += a
+            failures += fail
             v = self._vs_global.setdefault(req_id, [0.0, 0.0])
             v[0] = v[0] * self.decay + a
-            v[1] = v[1] * self.decay + pred
+            v[1] = v[1] * self.decay + predicted[k]
             s = self._per_request.setdefault(req_id, [0.0, 0.0])
             s[0] = s[0] * self.decay + a
             s[1] = s[1] * self.decay + fail
@@ -104,17 +111,26 @@ class AcceptanceEstimator:
             t[0] += a
             t[1] += fail
         fade = 0.999 ** len(evidence)  # the global counts fade by 0.999 per verification
-        self.global_success = self.global_success * fade + float(acc.sum())
-        self.global_failure = self.global_failure * fade + float(fails.sum())
-        if self._depth.shape[1] < kmax:
-            self._depth = np.pad(self._depth, ((0, 0), (0, kmax - self._depth.shape[1])))
-        self._depth *= fade
+        self.global_success = self.global_success * fade + successes
+        self.global_failure = self.global_failure * fade + failures
+        accepted_at, rejected_at = self._depth
+        if len(accepted_at) < kmax:
+            accepted_at.extend([0.0] * (kmax - len(accepted_at)))
+            rejected_at.extend([0.0] * (kmax - len(rejected_at)))
         # Position j (0-based) was reached and accepted by every verification with accepted > j,
         # and was the first rejection of each with accepted == j < k.
-        width = self._depth.shape[1]
-        self._depth[0] += np.cumsum(np.bincount(acc, minlength=width + 1)[::-1])[::-1][1:width + 1]
-        rejected = acc[acc < ks]
-        self._depth[1] += np.bincount(rejected, minlength=width)[:width]
+        width = len(accepted_at)
+        ended = [0] * (width + 1)  # verifications by accepted count
+        first_rejected = [0] * width  # ... and by the position of their first rejection
+        for _, k, a in evidence:
+            ended[a] += 1
+            if a < k:
+                first_rejected[a] += 1
+        beyond = 0
+        for j in range(width - 1, -1, -1):
+            beyond += ended[j + 1]
+            accepted_at[j] = accepted_at[j] * fade + beyond
+            rejected_at[j] = rejected_at[j] * fade + first_rejected[j]
 
     @property
     def global_alpha(self) -> float:
@@ -134,15 +150,22 @@ class AcceptanceEstimator:
         Not one constant: a prompt-lookup proposer's first token is a coin flip but once it
         matches it runs on (0.48 at position 1, 0.6-0.9 after, on the shipped target), so a
         single rate made its deep tokens look worth half what they are."""
-        g = self.global_alpha
-        d = np.zeros((2, kmax))
-        m = min(kmax, self._depth.shape[1])
-        d[:, :m] = self._depth[:, :m]
-        return (d[0] + self.depth_prior * g) / (d[0] + d[1] + self.depth_prior)
+        return np.array(self._rates(kmax))
 
     def global_reach(self, kmax: int) -> np.ndarray:
         """P(draft positions 1..j all accepted), j = 1..kmax, at the global rates."""
-        return np.cumprod(self.depth_rates(kmax))
+        return np.array(self._reach(kmax))
+
+    def _rates(self, kmax: int) -> list[float]:
+        g = self.global_alpha
+        accepted_at, rejected_at = self._depth
+        seen = min(kmax, len(accepted_at))
+        prior = self.depth_prior
+        return [(a + prior * g) / (a + f + prior) for a, f in zip(accepted_at[:seen], rejected_at[:seen])] \
+            + [g] * (kmax - seen)  # a position never reached: the pooled rate
+
+    def _reach(self, kmax: int) -> list[float]:
+        return list(itertools.accumulate(self._rates(kmax), operator.mul))
 
     def scale(self, req_id: str) -> float:
         """The request's accepted tokens over what the global rates predicted for the same
@@ -150,19 +173,27 @@ class AcceptanceEstimator:
         biased: a request tried only shallow is measured at the hard first positions, looked
         worse than the global mix, was kept shallow — prompt lookup's accepted tokens came out
         30-40% above prediction at every k.)"""
-        return float(self.scales([req_id])[0])
+        return self.scales([req_id])[0]
 
-    def scales(self, req_ids: Sequence[str]) -> np.ndarray:
-        """`scale` of each request, as one array (the choice is made every step, for the batch)."""
+    def scales(self, req_ids: Sequence[str]) -> list[float]:
+        """`scale` of each request (the choice is made every step, for the batch)."""
         w = self.prior_weight * self.global_alpha  # prior pseudo-trials, in accepted tokens
         none = (0.0, 0.0)
-        counts = np.array([self._vs_global.get(r, none) for r in req_ids], dtype=float).reshape(-1, 2)
-        return (counts[:, 0] + w) / (counts[:, 1] + w)
+        return [(a + w) / (p + w) for a, p in (self._vs_global.get(r, none) for r in req_ids)]
+
+    def expected_rows(self, req_ids: Sequence[str], kmax: int) -> list[list[float]]:
+        """E_i(k) for k = 0..kmax, the tokens a verification of k draft tokens emits (bonus
+        included): 1 + scale_i * (global reach of positions 1..k), each reach <= 0.99. Plain
+        Python, as observe_many and for the same reason: measured as there, expected_tokens
+        took 0.11 / 0.12 / 0.14 ms with numpy at 1 / 4 / 32 requests, 0.05 / 0.07 / 0.13 with
+        this; past ~40 requests (max_num_seqs is 32 by default) numpy's is the cheaper (128:
+        0.20 against 0.33 ms)."""
+        reach = self._reach(kmax)
+        return [tokens_row(reach, s) for s in self.scales(req_ids)]
 
     def expected_tokens(self, req_ids: Sequence[str], kmax: int) -> np.ndarray:
-        """[requests, kmax + 1]: E_i(k), the tokens a verification of k draft tokens emits
-        (bonus included): 1 + scale_i * (global reach of positions 1..k), each reach <= 0.99."""
-        return tokens_from_reach(self.global_reach(kmax)[None, :] * self.scales(req_ids)[:, None])
+        """[requests, kmax + 1]: expected_rows as one array."""
+        return np.array(self.expected_rows(req_ids, kmax)).reshape(len(req_ids), kmax + 1)
 
     def forget(self, req_id: str) -> None:
         self._per_request.pop(req_id, None)
@@ -235,7 +266,6 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
     seqs = n + prefill[0]  # prompt chunks (prefill = (sequences, tokens)) share the forward
     verify_base = cv[0] + cv[1] * seqs + cv[2] * (n + prefill[1]) + cv[3] * seqs * longest / 1000.0
     draft_per_token = cd[2] + cd[3] * longest / 1000.0
-    per_token = cv[2] + draft_per_token  # one more draft token: drafted and verified
     kmax = int(cap.max())
     ks_grid = np.arange(kmax + 1)
     rows = np.arange(n)
@@ -245,56 +275,56 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
     else:
         gains = np.asarray(gains, dtype=float)[:, : kmax + 1]
     offer_lookup = lookup_gains is not None and not uniform
+    # Every request's options in one table (numpy calls, not array sizes, are what this costs:
+    # the choice is made every step): k = 0, the draft model's k = 1..kmax, then, when offered,
+    # prompt lookup's k = 1..kmax. Each option has its tokens emitted and its own cost: a draft
+    # token is drafted and verified, a lookup token only verified, and a request whose draft fell
+    # behind pays its catch-up once it drafts.
+    k_of, drafted_of, gain = ks_grid, ks_grid, gains
     if offer_lookup:
-        lookup_gains = np.asarray(lookup_gains, dtype=float)[:, : kmax + 1]
-    no_lookup = np.zeros(n, dtype=bool)
+        k_of = np.concatenate([ks_grid, ks_grid[1:]])
+        drafted_of = np.concatenate([ks_grid, np.zeros(kmax, dtype=int)])
+        gain = np.concatenate([gains, np.asarray(lookup_gains, dtype=float)[:, 1: kmax + 1]], axis=1)
+    own = cv[2] * k_of + draft_per_token * drafted_of + cd[4] * catch[:, None] * (drafted_of > 0)  # [n, O]
 
-    def goodput(ks: np.ndarray, lk: np.ndarray) -> np.ndarray:
-        """Predicted goodput of choices [..., n] (ks, and lookup flags), for every leading index."""
-        emitted = gains[rows, ks]
-        if offer_lookup:
-            emitted = np.where(lk, lookup_gains[rows, ks], emitted)
-        drafted = np.where(lk, 0, ks)
-        draft = cd[0] + cd[1] * drafted.max(-1) + draft_per_token * drafted.sum(-1) \
-            + cd[4] * (catch * (drafted > 0)).sum(-1)
-        t = verify_base + cv[2] * ks.sum(-1) + np.where(drafted.any(-1), draft, 0.0)
-        return emitted.sum(-1) / np.maximum(t, 1e-9)
+    def goodput(choice: np.ndarray) -> np.ndarray:
+        """Predicted goodput of choices [..., n] (option indices), for every leading index: the
+        batch shares the draft's launch and passes (its deepest draft), the rest is each option's."""
+        passes = drafted_of[choice].max(-1)
+        t = verify_base + own[rows, choice].sum(-1) + np.where(passes > 0, cd[0] + cd[1] * passes, 0.0)
+        return gain[rows, choice].sum(-1) / np.maximum(t, 1e-9)
 
-    best, best_lk = np.zeros(n, dtype=int), no_lookup
-    best_g = float(gains[:, 0].sum() / max(verify_base, 1e-9))  # goodput(best, best_lk): no speculation
-    if uniform:
-        for m in range(1, kmax + 1):
-            ks = np.minimum(cap, m)
-            if goodput(ks, no_lookup) > best_g * (1 + 1e-9):
-                best, best_g = ks, float(goodput(ks, no_lookup))
-        return SpeculationChoice([int(k) for k in best], [False] * n)
-    # Every pass count m at once (one row of each array per m): numpy calls, not Python loops,
-    # are what this costs at batch 32 (the choice is made every step).
+    def chosen(choice: np.ndarray) -> SpeculationChoice:
+        return SpeculationChoice(k_of[choice].tolist(), (choice > kmax).tolist())
+
+    none = np.zeros(n, dtype=int)
+    best_g = float(goodput(none))  # no speculation
+    if n == 1:  # a lone request (light load): every option priced at once, which is exact
+        options = np.flatnonzero((k_of <= cap[0]) & ((drafted_of == k_of) | (not uniform)))[:, None]
+        g = goodput(options)
+        top = int(g.argmax())
+        return chosen(options[top] if g[top] > best_g * (1 + 1e-9) else none)
+    if uniform:  # k = min(cap_i, m) for every request, for each m
+        even = np.minimum(cap[None, :], np.arange(1, kmax + 1)[:, None])
+        g = goodput(even)
+        top = int(g.argmax())
+        return chosen(even[top] if g[top] > best_g * (1 + 1e-9) else none)
+    # Every pass count m at once (one row of each array per m): draft options up to m passes,
+    # lookup's up to the request's cap whatever m. Options out of reach are -inf once, outside
+    # the loop: each Dinkelbach step is then a few numpy calls.
     ms = np.arange(0 if offer_lookup else 1, kmax + 1)
-    allowed = ks_grid[None, None, :] <= np.minimum(cap[None, :], ms[:, None])[:, :, None]  # [M, n, K+1]
-    draft_cost = per_token * ks_grid[None, :] + cd[4] * catch[:, None] * (ks_grid[None, :] > 0)  # [n, K+1]
-    # Options out of reach are -inf once, outside the loop: each pass then costs a few numpy calls.
-    allowed_gains = np.where(allowed, gains[None], -np.inf)
-    if offer_lookup:
-        lookup_allowed_gains = np.where(ks_grid[None, :] <= cap[:, None], lookup_gains, -np.inf)
+    allowed = (k_of[None, :] <= cap[:, None])[None] & (drafted_of[None, None, :] <= ms[:, None, None])  # [M, n, O]
+    allowed_gain = np.where(allowed, gain[None], -np.inf)
     g = np.full(len(ms), best_g)
-    ks = np.zeros((len(ms), n), dtype=int)
-    lk = np.zeros((len(ms), n), dtype=bool)
+    choice = np.zeros((len(ms), n), dtype=int)
     done = np.zeros(len(ms), dtype=bool)
     final = np.zeros(len(ms))
     for _ in range(20):
-        # Value of each option for each request at level g: E_i(k) - g * (its own cost).
-        value = allowed_gains - g[:, None, None] * draft_cost[None]
-        new_ks = value.argmax(-1)  # [M, n]
-        new_lk = np.zeros_like(lk)
-        if offer_lookup:
-            lvalue = lookup_allowed_gains[None] - (g[:, None, None] * cv[2]) * ks_grid
-            lks = lvalue.argmax(-1)
-            new_lk = lvalue.max(-1) > value.max(-1)  # k = 0 ties: none
-            new_ks = np.where(new_lk, lks, new_ks)
-        ks = np.where(done[:, None], ks, new_ks)
-        lk = np.where(done[:, None], lk, new_lk)
-        g_new = goodput(ks, lk)
+        # Value of each option for each request at level g: E_i(option) - g * (its own cost);
+        # argmax takes the first of equal values: k = 0, then the draft model, before lookup.
+        new = (allowed_gain - g[:, None, None] * own).argmax(-1)  # [M, n]
+        choice = np.where(done[:, None], choice, new)
+        g_new = goodput(choice)
         final = np.where(done, final, g_new)  # the goodput of each row's current choice
         converged = g_new <= g * (1 + 1e-12)  # no better level: the choice has converged
         g = np.where(done | converged, g, g_new)
@@ -302,6 +332,4 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
         if done.all():
             break
     top = int(final.argmax())
-    if final[top] > best_g * (1 + 1e-9):
-        best, best_lk = ks[top], lk[top]
-    return SpeculationChoice([int(k) for k in best], [bool(x) for x in best_lk])
+    return chosen(choice[top] if final[top] > best_g * (1 + 1e-9) else none)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from goodspec.scheduler.goodput import AcceptanceEstimator, tokens_from_reach
+from goodspec.scheduler.goodput import AcceptanceEstimator
 from goodspec.scheduler.request import Request
 
 LookupClass = tuple[bool, int]  # (greedy, length of the n-gram the proposal follows; 0 = none)
@@ -55,14 +55,15 @@ class LookupAcceptance:
 
     def expected_tokens(self, req_ids: Sequence[str], kmax: int) -> np.ndarray:
         """[requests, kmax + 1]: E_i(k) of k lookup tokens, each request priced in its class."""
-        reach = np.empty((len(req_ids), kmax))
+        rows: list[list[float]] = [[] for _ in req_ids]
         groups: dict[LookupClass, list[int]] = {}
         for i, r in enumerate(req_ids):
             groups.setdefault(self._class.get(r, (True, 0)), []).append(i)
-        for cls, rows in groups.items():  # one estimator call per class present, not per request
-            est = self._estimator(cls)
-            reach[rows] = est.global_reach(kmax)[None, :] * est.scales([req_ids[i] for i in rows])[:, None]
-        return tokens_from_reach(reach)
+        for cls, members in groups.items():  # one estimator call per class present, not per request
+            priced = self._estimator(cls).expected_rows([req_ids[i] for i in members], kmax)
+            for i, row in zip(members, priced):
+                rows[i] = row
+        return np.array(rows).reshape(len(req_ids), kmax + 1)
 
     def forget(self, req_id: str) -> None:
         for est in self._estimators.values():

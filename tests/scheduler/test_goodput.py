@@ -112,6 +112,28 @@ def test_greedy_is_close_to_brute_force_on_small_batches():
         assert g(best_ks(alphas, ctx, [5] * 3, m)) >= 0.97 * brute
 
 
+def test_a_lone_request_gets_the_best_of_every_option_by_the_step_time_model():
+    """Batch 1 (light load) prices every option at once: the choice must be the brute-force
+    best of k = 0..cap from the draft model or from prompt lookup, by predict_step_time (which
+    best_choice does not use), with a catch-up to pay before drafting."""
+    from goodspec.scheduler.goodput import best_choice
+
+    m = fitted()
+    rng = random.Random(1)
+    for _ in range(30):
+        cap, ctx, catchup = rng.randint(1, 8), [rng.randint(50, 500)], [rng.choice([0, 0, 40, 300])]
+        draft_gains = np.cumsum([1.0] + [rng.uniform(0.0, 0.95) ** j for j in range(1, cap + 1)])
+        lookup_gains = np.cumsum([1.0] + [rng.uniform(0.0, 0.95) ** j for j in range(1, cap + 1)])
+
+        def g(k, lookup):
+            gains = lookup_gains if lookup else draft_gains
+            return gains[k] / m.predict_step_time([k], ctx, catchup, [lookup])
+
+        choice = best_choice(None, ctx, [cap], m, catchup, (0, 0), draft_gains[None], lookup_gains=lookup_gains[None])
+        brute = max(g(k, lookup) for k in range(cap + 1) for lookup in (False, True))
+        assert g(choice.ks[0], choice.lookup[0]) == pytest.approx(brute, rel=1e-9)
+
+
 def test_expected_tokens_follow_the_measured_acceptance_at_each_draft_position():
     """A proposer whose first token is a coin flip but which runs on once it matches (prompt
     lookup): a single pooled rate would value its deep tokens at a fraction of their worth."""
