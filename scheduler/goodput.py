@@ -152,10 +152,6 @@ class AcceptanceEstimator:
         single rate made its deep tokens look worth half what they are."""
         return np.array(self._rates(kmax))
 
-    def global_reach(self, kmax: int) -> np.ndarray:
-        """P(draft positions 1..j all accepted), j = 1..kmax, at the global rates."""
-        return np.array(self._reach(kmax))
-
     def _rates(self, kmax: int) -> list[float]:
         g = self.global_alpha
         accepted_at, rejected_at = self._depth
@@ -165,6 +161,7 @@ class AcceptanceEstimator:
             + [g] * (kmax - seen)  # a position never reached: the pooled rate
 
     def _reach(self, kmax: int) -> list[float]:
+        """P(draft positions 1..j all accepted), j = 1..kmax, at the global rates."""
         return list(itertools.accumulate(self._rates(kmax), operator.mul))
 
     def scale(self, req_id: str) -> float:

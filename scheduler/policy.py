@@ -238,8 +238,6 @@ class GoodputPolicy(SpeculationPolicy):
 
     def choose(self, requests: Sequence[Request], caps: Sequence[int],
                prefill: tuple[int, int] = (0, 0)) -> list[int]:
-        import numpy as np
-
         from goodspec.scheduler.goodput import best_choice
 
         self._steps += 1
@@ -257,7 +255,7 @@ class GoodputPolicy(SpeculationPolicy):
             ks = best_choice(None, contexts, caps, self.time_model, None, prefill, gains, uniform=self.uniform).ks
             self._predicted = self.time_model.predict_step_time(ks, contexts, None, [True] * len(ks))
             return ks
-        rows = self.acceptance.expected_rows(ids, kmax)
+        gains = self.acceptance.expected_tokens(ids, kmax)
         # Tokens the draft would first have to catch up on (beyond the pending one): the whole
         # prompt for a new request, the tokens decoded without speculation after a k = 0 stretch.
         catchups = [max(0, len(r.token_ids) - r.draft_len - 1) for r in requests]
@@ -265,9 +263,8 @@ class GoodputPolicy(SpeculationPolicy):
         # the choice charges it spread over the steps that remain when speculating (charged in
         # full, a new request's prompt made k = 0 look best at high load, and every k = 0 step
         # grew the backlog: requests locked into k = 0 while fixed:3 was 13% faster than off).
-        spread = [c / max(1.0, (r.sampling.max_new_tokens - r.num_output) / row[cap])
-                  for c, r, row, cap in zip(catchups, requests, rows, caps)]
-        gains = np.array(rows)
+        spread = [c / max(1.0, (r.sampling.max_new_tokens - r.num_output) / float(gains[i, cap]))
+                  for i, (c, r, cap) in enumerate(zip(catchups, requests, caps))]
         # Prompt chunks in the same forward make the step longer without emitting tokens: left
         # out, they made goodput look higher than it is and so every draft token look too costly
         # (shallow k whenever requests arrive, i.e. all the time near saturation).
