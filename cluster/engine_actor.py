@@ -1,11 +1,12 @@
 """The scheduler process of one engine: a SchedulerService driving remote draft/target workers,
-exposed as an async Ray actor whose `generate` streams StreamChunks."""
+exposed as an async Ray actor: `submit` queues a request, `outputs` streams each consumer's
+chunks (goodspec.cluster.output_stream)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
 
+from goodspec.cluster.output_stream import Outbox
 from goodspec.cluster.remote_worker import RemoteWorker
 from goodspec.config import EngineConfig
 from goodspec.engine import build_scheduler
@@ -44,40 +45,47 @@ class EngineActor:
         )
         self.service = SchedulerService(scheduler, self.codec)
         self.service.start()
+        self._outboxes: dict[str, Outbox] = {}  # subscriber -> its chunks and open requests
 
     def ready(self) -> dict:
         return {"replica": self.replica, "target": self.worker_info["target"],
                 "draft": self.worker_info["draft"]}
 
-    async def _submit(self, req_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                      policy: PolicySpec | None, max_k: int | None,
-                      sink: Callable[[StreamChunk], None]) -> None:
-        """Submit a request whose StreamChunks are handed to `sink` on this event loop. Errors
-        in the request raise here. A cancel that lands while submitting aborts once the
+    async def submit(self, req_id: str, prompt_ids: list[int], sampling: SamplingParams,
+                     policy: PolicySpec | None, max_k: int | None, subscriber: str) -> None:
+        """Queue a request whose chunks go out on the consumer's stream (`outputs(subscriber)`).
+        Errors in the request raise here. A cancel that lands while submitting aborts once the
         submission is in."""
-        loop = asyncio.get_running_loop()
+        box = self._outboxes.get(subscriber)
+        if box is None:  # the consumer waits for its stream's first batch before submitting
+            raise RuntimeError(f"no output stream is open for consumer {subscriber!r}")
+        box.open.add(req_id)
         submitted = asyncio.wrap_future(self.service.submit_async(
-            req_id, prompt_ids, sampling, lambda c: loop.call_soon_threadsafe(sink, c), policy, max_k))
+            req_id, prompt_ids, sampling, box.put, policy, max_k))
         try:
             await asyncio.shield(submitted)
         except asyncio.CancelledError:
             submitted.add_done_callback(lambda f: f.exception() is None and self._abort_soon(req_id))
             raise
+        except BaseException:
+            box.open.discard(req_id)
+            raise
 
-    async def generate(self, req_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                       policy: PolicySpec | None = None, max_k: int | None = None):
-        """Async generator of StreamChunks; errors in the request raise before the first chunk.
-        If the consumer goes away (cancel, deadline), the request is aborted and freed."""
-        queue: asyncio.Queue[StreamChunk] = asyncio.Queue()
-        await self._submit(req_id, prompt_ids, sampling, policy, max_k, queue.put_nowait)
-        finished = False
+    async def outputs(self, subscriber: str):
+        """Async generator, one per consumer (an EngineGroup event loop): lists of StreamChunks
+        of every request submitted with this `subscriber`, one list per wake-up (about one per
+        step; see goodspec.cluster.output_stream). When the consumer goes away (cancel, death),
+        its unfinished requests are aborted and freed."""
+        box = self._outboxes[subscriber] = Outbox(asyncio.get_running_loop())
         try:
-            while not finished:
-                chunk = await queue.get()
-                finished = chunk.finished
-                yield chunk
+            yield []  # opened: the consumer may submit from now on
+            while True:
+                chunks = await box.take()
+                if chunks:
+                    yield chunks
         finally:
-            if not finished:
+            self._outboxes.pop(subscriber, None)
+            for req_id in box.open:
                 self._abort_soon(req_id)
 
     def _abort_soon(self, req_id: str) -> None:

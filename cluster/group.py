@@ -11,7 +11,7 @@ import contextlib
 import itertools
 import logging
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 import ray
@@ -22,6 +22,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from goodspec.cluster.channel import new_token
 from goodspec.cluster.cores import usable_cores
 from goodspec.cluster.engine_actor import EngineActor
+from goodspec.cluster.output_stream import LOST, OutputRouter
 from goodspec.cluster.ray_runtime import LOOPBACK_HOSTS, init_ray
 from goodspec.cluster.worker_actor import WorkerActor
 from goodspec.config import GoodspecConfig
@@ -49,6 +50,8 @@ class _Engine:
     outstanding: int = 0  # router's own count of tokens it sent and not yet seen finish
     unhealthy: str | None = None  # why the router stopped sending it requests (None: it is fine)
     broken: bool = False  # it will never serve again (not merely slow to answer): replace it
+    # its output stream on each event loop that reads it (goodspec.cluster.output_stream)
+    routers: dict = field(default_factory=dict)
 
 
 def channel_host_for(placement_strategy: str) -> str | None:
@@ -164,11 +167,20 @@ class EngineGroup:
         engine = engine or self._pick()
         cost = len(prompt_ids) + sampling.max_new_tokens
         engine.outstanding += cost
-        chunks = self._streamed(engine, req_id, prompt_ids, sampling, policy, max_k)
+        router = self._router(engine)
+        queue: asyncio.Queue = asyncio.Queue()
+        router.queues[req_id] = queue  # before submitting: no chunk can come before it
+        submit, finished = None, False
         try:
-            async with contextlib.aclosing(chunks):
-                async for chunk in chunks:
-                    yield engine.index, chunk
+            await router.opened()
+            submit = engine.actor.submit.remote(req_id, prompt_ids, sampling, policy, max_k, router.subscriber)
+            await submit
+            while not finished:
+                chunk = await queue.get()
+                if chunk is LOST:
+                    raise router.error or EngineUnhealthy(f"engine {engine.index}: its output stream ended")
+                finished = chunk.finished
+                yield engine.index, chunk
         except RayTaskError as e:
             if isinstance(e.cause, EngineUnhealthy):
                 engine.unhealthy, engine.broken = str(e.cause), True
@@ -177,20 +189,24 @@ class EngineGroup:
             engine.unhealthy, engine.broken = f"its scheduler actor died ({type(e).__name__})", True
             raise EngineUnhealthy(f"engine {engine.index}: {engine.unhealthy}") from e
         finally:
+            router.queues.pop(req_id, None)
             engine.outstanding -= cost
+            if submit is not None and not finished and router.live:
+                # The consumer went away (or was cancelled while submitting): free the request's
+                # cache once it is in. (With the stream gone, the actor aborts it itself.)
+                submit.future().add_done_callback(
+                    lambda f: f.exception() is None and engine.actor.abort.remote(req_id))
 
     @staticmethod
-    async def _streamed(engine: _Engine, req_id: str, *args) -> AsyncIterator[StreamChunk]:
-        gen = engine.actor.generate.options(num_returns="streaming").remote(req_id, *args)
-        finished = False
-        try:
-            async for ref in gen:
-                chunk: StreamChunk = await ref
-                finished = chunk.finished
-                yield chunk
-        finally:
-            if not finished:
-                ray.cancel(gen)  # the actor's generator aborts the request and frees its cache
+    def _router(engine: _Engine) -> OutputRouter:
+        """The engine's output stream on the running event loop (opened on first use; a loop
+        that closes takes its stream with it)."""
+        loop = asyncio.get_running_loop()
+        router = engine.routers.get(loop)
+        if router is None or not router.live:
+            router = engine.routers[loop] = OutputRouter(
+                engine.actor, lambda r: engine.routers.get(loop) is r and engine.routers.pop(loop))
+        return router
 
     async def complete(self, prompt: str, sampling: SamplingParams, **kw) -> Completion:
         text, ids, last, replica = [], [], None, 0
