@@ -84,6 +84,7 @@ class VerifyShape:
     emitting: int  # items that emit a token whatever is verified (decodes, finishing prompts)
     longest: int  # the longest context in it
     draft_time: float  # seconds the draft call took (spent already)
+    prefill_tokens: int = 0  # of tokens, those of prompt chunks
 
 
 def verify_lengths(survival: Sequence[np.ndarray], greedy: Sequence[bool], shape: VerifyShape,
@@ -104,7 +105,8 @@ def verify_lengths(survival: Sequence[np.ndarray], greedy: Sequence[bool], shape
     depth = np.concatenate([np.arange(len(survival[i])) for i in rows]) if rows else np.zeros(0, dtype=int)
     order = np.lexsort((depth, -value))  # survival falls along a proposal: top-B is a prefix of each
     gain = shape.emitting + fixed_gain + np.concatenate([[0.0], np.cumsum(value[order])])  # B = 0..
-    base = model.verify.predict(verify_features(shape.num_items, shape.tokens + fixed, shape.longest + 1))
+    base = model.verify.predict(verify_features(shape.num_items, shape.tokens + fixed, shape.longest + 1,
+                                                 shape.prefill_tokens))
     cost = shape.draft_time + np.maximum(base + per_token * np.arange(len(value) + 1), 1e-9)
     ratio = gain / cost
     best = int(np.argmax(ratio))

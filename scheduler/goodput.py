@@ -233,9 +233,14 @@ def best_ks(alphas: Sequence[float] | None, contexts: Sequence[int], caps: Seque
 def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: Sequence[int],
                 model: StepTimeModel, catchups: Sequence[int] | None = None,
                 prefill: tuple[int, int] = (0, 0), gains: np.ndarray | None = None,
-                uniform: bool = False, lookup_gains: np.ndarray | None = None) -> SpeculationChoice:
+                uniform: bool = False, lookup_gains: np.ndarray | None = None,
+                margin: float = 0.0, floor: float = 0.0) -> SpeculationChoice:
     """The k_i (and, with `lookup_gains`, the proposer of each request) that maximise predicted
-    goodput sum_i E_i(k_i) / T(k). E_i(k) is `gains[i, k]` when given
+    goodput sum_i E_i(k_i) / T(k); no speculation unless that beats it by more than `margin`
+    (a fraction: the step-time model's own error, GoodputPolicy.margin). `floor` (tokens per
+    second): what a second of this step is worth at least, when that is more than the step's
+    own goodput (a prompt chunk in the forward makes the step's own level low, so that any
+    speculation looked cheap beside it); the choice then maximises E - floor * T instead. E_i(k) is `gains[i, k]` when given
     (AcceptanceEstimator.expected_tokens; alphas may then be None), else geometric in alphas[i];
     `lookup_gains[i, k]` is the same for prompt lookup's k tokens.
 
@@ -261,7 +266,7 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
     cap = np.asarray(caps, dtype=int)
     catch = np.asarray(catchups, dtype=float) / 100.0 if catchups is not None else np.zeros(n)
     seqs = n + prefill[0]  # prompt chunks (prefill = (sequences, tokens)) share the forward
-    verify_base = cv[0] + cv[1] * seqs + cv[2] * (n + prefill[1]) + cv[3] * seqs * longest / 1000.0
+    verify_base = cv[0] + cv[1] * seqs + cv[2] * n + cv[3] * seqs * longest / 1000.0 + cv[4] * prefill[1]
     draft_per_token = cd[2] + cd[3] * longest / 1000.0
     kmax = int(cap.max())
     ks_grid = np.arange(kmax + 1)
@@ -284,35 +289,48 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
         gain = np.concatenate([gains, np.asarray(lookup_gains, dtype=float)[:, 1: kmax + 1]], axis=1)
     own = cv[2] * k_of + draft_per_token * drafted_of + cd[4] * catch[:, None] * (drafted_of > 0)  # [n, O]
 
-    def goodput(choice: np.ndarray) -> np.ndarray:
-        """Predicted goodput of choices [..., n] (option indices), for every leading index: the
-        batch shares the draft's launch and passes (its deepest draft), the rest is each option's."""
+    def totals(choice: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted (tokens, seconds) of choices [..., n] (option indices), for every leading
+        index: the batch shares the draft's launch and passes (its deepest draft), the rest is
+        each option's."""
         passes = drafted_of[choice].max(-1)
         t = verify_base + own[rows, choice].sum(-1) + np.where(passes > 0, cd[0] + cd[1] * passes, 0.0)
-        return gain[rows, choice].sum(-1) / np.maximum(t, 1e-9)
+        return gain[rows, choice].sum(-1), np.maximum(t, 1e-9)
 
-    def chosen(choice: np.ndarray) -> SpeculationChoice:
-        return SpeculationChoice(k_of[choice].tolist(), (choice > kmax).tolist())
+    def goodput(choice: np.ndarray) -> np.ndarray:
+        tokens, t = totals(choice)
+        return tokens / t
 
     none = np.zeros(n, dtype=int)
     best_g = float(goodput(none))  # no speculation
+    floored = floor > best_g
+
+    def decide(candidates: np.ndarray, ratios: np.ndarray) -> SpeculationChoice:
+        """The best of the candidate choices [C, n] (their goodputs `ratios`), or none."""
+        top = int(ratios.argmax())
+        if floored:  # worth its time at the floor's price, not beside a cheap-looking step
+            tokens, t = totals(candidates)
+            value = tokens - floor * t
+            top = int(value.argmax())
+            none_tokens, none_t = totals(none)
+            if value[top] <= float(none_tokens - floor * none_t):
+                top = -1
+        pick = candidates[top] if top >= 0 and ratios[top] > best_g * (1 + margin + 1e-9) else none
+        return SpeculationChoice(k_of[pick].tolist(), (pick > kmax).tolist())
+
     if n == 1:  # a lone request (light load): every option priced at once, which is exact
         options = np.flatnonzero((k_of <= cap[0]) & ((drafted_of == k_of) | (not uniform)))[:, None]
-        g = goodput(options)
-        top = int(g.argmax())
-        return chosen(options[top] if g[top] > best_g * (1 + 1e-9) else none)
+        return decide(options, goodput(options))
     if uniform:  # k = min(cap_i, m) for every request, for each m
         even = np.minimum(cap[None, :], np.arange(1, kmax + 1)[:, None])
-        g = goodput(even)
-        top = int(g.argmax())
-        return chosen(even[top] if g[top] > best_g * (1 + 1e-9) else none)
+        return decide(even, goodput(even))
     # Every pass count m at once (one row of each array per m): draft options up to m passes,
     # lookup's up to the request's cap whatever m. Options out of reach are -inf once, outside
     # the loop: each Dinkelbach step is then a few numpy calls.
     ms = np.arange(0 if offer_lookup else 1, kmax + 1)
     allowed = (k_of[None, :] <= cap[:, None])[None] & (drafted_of[None, None, :] <= ms[:, None, None])  # [M, n, O]
     allowed_gain = np.where(allowed, gain[None], -np.inf)
-    g = np.full(len(ms), best_g)
+    g = np.full(len(ms), max(best_g, floor))
     choice = np.zeros((len(ms), n), dtype=int)
     done = np.zeros(len(ms), dtype=bool)
     final = np.zeros(len(ms))
@@ -324,9 +342,8 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
         g_new = goodput(choice)
         final = np.where(done, final, g_new)  # the goodput of each row's current choice
         converged = g_new <= g * (1 + 1e-12)  # no better level: the choice has converged
-        g = np.where(done | converged, g, g_new)
+        g = np.where(done | converged, g, np.maximum(g_new, floor))
         done |= converged
         if done.all():
             break
-    top = int(final.argmax())
-    return chosen(choice[top] if final[top] > best_g * (1 + 1e-9) else none)
+    return decide(choice, final)

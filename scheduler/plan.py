@@ -34,6 +34,11 @@ class StepPlan:
     may_stop: set[str] = field(default_factory=set)  # (read only for the draft model's rows)
     finished: list[Request] = field(default_factory=list)  # requests the step finished
 
+    @property
+    def prefill_tokens(self) -> int:
+        """Tokens of the prompt chunks in the target's forward."""
+        return sum(len(it.token_ids) for it, r in zip(self.verify, self.verify_reqs) if r.req_id not in self.ks)
+
     def decode_outcomes(self, result: VerifyResult) -> list[tuple[Request, int, int]]:
         """(request, k, accepted) for each decoding request of the step."""
         return [(r, len(item.draft_ids), accepted)
@@ -68,4 +73,5 @@ class StepPlan:
             choose_time=self.choose_time,
             ks=ks,
             lookup_tokens=sum(len(it.draft_ids) for it in items if it.req_id in self.lookup),
+            prefill_tokens=self.prefill_tokens,
         )

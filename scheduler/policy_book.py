@@ -115,7 +115,8 @@ class PolicyBook:
         shape = VerifyShape(
             num_items=len(plan.verify), tokens=sum(len(it.token_ids) for it in plan.verify),
             emitting=sum(it.sample for it in plan.verify),
-            longest=max(it.start_pos + len(it.token_ids) for it in plan.verify), draft_time=draft_time)
+            longest=max(it.start_pos + len(it.token_ids) for it in plan.verify), draft_time=draft_time,
+            prefill_tokens=plan.prefill_tokens)
         for policy, members in groups.values():
             lengths = policy.trim([r for _, r in members],
                                   [proposal.draft_conf[it.proposal_row] for it, _ in members], shape)

@@ -27,6 +27,7 @@ class StepRecord:
     draft_catchup_tokens: int = 0
     choose_time: float = 0.0  # seconds the speculation policies took to choose this step's ks (and cuts)
     lookup_tokens: int = 0  # of the verified draft tokens, those prompt lookup proposed (not in draft_tokens)
+    prefill_tokens: int = 0  # of verify_tokens, those of prompt chunks (not decodes' pending or draft tokens)
 
     def to_dict(self) -> dict:
         return asdict(self)

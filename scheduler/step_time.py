@@ -24,14 +24,20 @@ def draft_features(sum_k: int, max_k: int, max_context: int, catchup: int = 0) -
     return [1.0, float(max_k), float(sum_k), sum_k * max_context / 1000.0, catchup / 100.0]
 
 
-def verify_features(batch_size: int, verify_tokens: int, max_context: int) -> list[float]:
-    """[1, requests, tokens processed, requests * longest context / 1000]."""
-    return [1.0, float(batch_size), float(verify_tokens), batch_size * max_context / 1000.0]
+def verify_features(batch_size: int, verify_tokens: int, max_context: int, prefill_tokens: int = 0) -> list[float]:
+    """[1, requests, decode and draft tokens, requests * longest context / 1000, prompt-chunk
+    tokens]. A prompt chunk's tokens get their own cost: the target's linear layers do hundreds
+    of rows at a time more cheaply per row than the tens of a decode batch, and one slope for
+    both took its value from the chunks. It priced a verified draft token of the real pair at
+    0.84 ms where a decode batch of 21-23 paid 1.3-1.7 ms for each (saturated, over Ray;
+    BENCHMARKS.md, twenty-sixth session), and goodput speculated where it lost."""
+    return [1.0, float(batch_size), float(verify_tokens - prefill_tokens), batch_size * max_context / 1000.0,
+            float(prefill_tokens)]
 
 
 def record_features(r: StepRecord) -> tuple[list[float], list[float]]:
     return (draft_features(r.draft_tokens, r.max_k, r.max_context, r.draft_catchup_tokens),
-            verify_features(r.batch_size, r.verify_tokens, r.max_context))
+            verify_features(r.batch_size, r.verify_tokens, r.max_context, r.prefill_tokens))
 
 
 @dataclass
@@ -69,23 +75,30 @@ class StepTimeModel:
         # records: 1.9 ms a refit before, 1.0 with this; goodput refits every 16 steps).
         self._rows: dict[int, tuple[StepRecord, list[float]]] = {}
 
+    # Live weight at which the sweep's records together weigh half what they weigh at first.
+    PRIOR_FADE = 32.0
+
     def fit(self, records: Sequence[StepRecord], prior: Sequence[StepRecord] = (),
             prior_weight: float = 0.2) -> None:
         """Fit on live `records` (newest weighs 1, halving every half_life steps) and on `prior`
-        records (the start-up sweep) at a fixed low weight: the sweep gives the shape before
-        there is traffic, live steps on this machine's real batches decide once they exist."""
+        records (the start-up sweep): the sweep gives the shape before there is traffic, live
+        steps on this machine's real batches decide once they exist. The sweep's weight,
+        `prior_weight` a record beside the first live steps, fades as live weight accumulates:
+        its uniform-k, idle-server steps priced a verified token of the real pair at 0.64 ms
+        where saturated live steps paid 1.35, and at a fixed 0.2 it kept goodput's model 15%
+        under the cost of its speculative steps there, where it then speculated and lost
+        (BENCHMARKS.md, twenty-sixth session)."""
         records = list(records)[-self.window:]
         prior = list(prior)
         if len(records) + len(prior) < 8:
             return
-        w = np.concatenate([
-            np.full(len(prior), prior_weight if records else 1.0),
-            0.5 ** (np.arange(len(records))[::-1] / self.half_life),
-        ])
+        live = 0.5 ** (np.arange(len(records))[::-1] / self.half_life)
+        faded = prior_weight * self.PRIOR_FADE / (self.PRIOR_FADE + float(live.sum())) if records else 1.0
+        w = np.concatenate([np.full(len(prior), faded), live])
         records = prior + records
         n = len(records)
-        table = np.array(self._cached_rows(records))  # [n, 5 + 4 + 2]
-        xd, xv, yd, yv = table[:, :5], table[:, 5:9], table[:, 9], table[:, 10]
+        table = np.array(self._cached_rows(records))  # [n, 5 + 5 + 2]
+        xd, xv, yd, yv = table[:, :5], table[:, 5:10], table[:, 10], table[:, 11]
         has_draft = yd > 0
         if has_draft.sum() >= 4:
             self.draft.fit(xd[has_draft], yd[has_draft], w[has_draft])

@@ -204,7 +204,7 @@ def test_after_the_load_jumps_8x_the_chosen_k_settles_within_20_steps():
     from goodspec.scheduler.request import Request
     from goodspec.workers.sampling import SamplingParams
 
-    verify = np.array([0.02, 0.0006, 0.001, 0.0005])  # launch, per request, per token, per ctx/1000
+    verify = np.array([0.02, 0.0006, 0.001, 0.0005, 0.0003])  # launch, per request, per token, per ctx/1000, per prompt token
     rng = random.Random(5)
     policy = GoodputPolicy()
     policy.seed(synthetic_records(seed=1, verify=verify))
@@ -263,3 +263,43 @@ def test_a_steps_outcomes_at_once_learn_what_one_at_a_time_would_in_any_order():
     assert np.allclose(at_once.scales(ids), singly.scales(ids), rtol=5e-3)  # one at a time, each
     # request after the first in a step was compared with rates its step-mates had just moved
     assert at_once.global_alpha == pytest.approx(singly.global_alpha, rel=1e-3)
+
+
+def _batch_choice(model, alpha, batch, **kw):
+    from goodspec.scheduler.goodput import best_choice
+
+    return best_choice([alpha] * batch, [200] * batch, [4] * batch, model, **kw)
+
+
+def _predicted_gain(model, ks, batch, alpha):
+    """Predicted goodput of ks over no speculation, at context 200."""
+    tokens = sum(sum(alpha ** j for j in range(k + 1)) for k in ks)
+    return (tokens / model.predict_step_time(ks, [200] * batch)) / (batch / model.predict_step_time([0] * batch, [200] * batch))
+
+
+def test_no_speculation_unless_its_predicted_gain_clears_the_margin():
+    m = fitted()
+    for batch in (1, 8, 32):
+        free = _batch_choice(m, 0.8, batch).ks
+        assert any(free), batch
+        gain = _predicted_gain(m, free, batch, 0.8) - 1
+        assert gain > 0
+        assert _batch_choice(m, 0.8, batch, margin=gain * 0.9).ks == free  # a smaller margin: the same choice
+        assert not any(_batch_choice(m, 0.8, batch, margin=gain * 1.1).ks)  # a larger one: none
+
+
+def test_a_prompt_chunk_does_not_make_speculation_look_cheap_beside_it():
+    """With a chunk in the forward the step's own goodput is low, so speculation that is not
+    worth its time at the decode steps' level looked worth it there; the floor prices it."""
+    m = fitted()
+    chunk = (1, 512)
+    plain = _batch_choice(m, 0.6, 16).ks
+    beside = _batch_choice(m, 0.6, 16, prefill=chunk).ks
+    assert sum(beside) >= sum(plain)  # priced beside the chunk alone: at least as much speculation
+    decode_level = 16 / m.predict_step_time([0] * 16, [200] * 16)
+    floored = _batch_choice(m, 0.6, 16, prefill=chunk, floor=decode_level * 3).ks
+    assert not any(floored)  # nothing drafted earns three times the decode steps' rate
+    # a floor below the step's own level changes nothing
+    assert _batch_choice(m, 0.6, 16, prefill=chunk, floor=1e-3).ks == beside
+    # what does earn more than the floor is still taken: a draft that is always right, at a low floor
+    assert any(_batch_choice(m, 0.99, 16, prefill=chunk, floor=decode_level * 0.5).ks)

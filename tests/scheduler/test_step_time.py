@@ -5,13 +5,15 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 
 from goodspec.scheduler.step_record import StepRecord
 from goodspec.scheduler.step_time import StepTimeModel, mape, record_features
 
 # launch, per pass, per token, per k*ctx/1000, per 100 catch-up tokens
 TRUE_DRAFT = np.array([0.0015, 0.0012, 0.00008, 0.00002, 0.002])
-TRUE_VERIFY = np.array([0.004, 0.0006, 0.0009, 0.0005])  # launch, per request, per token, per ctx/1000
+# launch, per request, per decode or draft token, per ctx/1000, per prompt-chunk token (cheaper: many rows at once)
+TRUE_VERIFY = np.array([0.004, 0.0006, 0.0009, 0.0005, 0.0003])
 
 
 def synthetic_records(n=400, seed=0, noise=0.0, draft=TRUE_DRAFT, verify=TRUE_VERIFY):
@@ -21,8 +23,9 @@ def synthetic_records(n=400, seed=0, noise=0.0, draft=TRUE_DRAFT, verify=TRUE_VE
         b = rng.randint(1, 32)
         k = rng.choice([0, 1, 2, 3, 5, 8])
         ctx = rng.randint(20, 600)
-        r = StepRecord(batch_size=b, num_decode=b, num_draft_reqs=b if k else 0, draft_tokens=b * k,
-                       verify_tokens=b * (k + 1), context_tokens=b * ctx, max_context=ctx + k,
+        chunk = rng.choice([0, 0, 0, 64, 512])  # a prompt chunk sharing the forward
+        r = StepRecord(batch_size=b + (chunk > 0), num_decode=b, num_draft_reqs=b if k else 0, draft_tokens=b * k,
+                       verify_tokens=b * (k + 1) + chunk, prefill_tokens=chunk, context_tokens=b * ctx, max_context=ctx + k,
                        max_k=k, num_accepted=0,
                        draft_time=0.0, verify_time=0.0, draft_compute_time=0.0,
                        verify_compute_time=0.0, step_time=0.0,
@@ -75,3 +78,15 @@ def test_a_refit_over_a_moving_window_equals_a_fresh_fit():
     np.testing.assert_array_equal(reused.draft.coef, fresh.draft.coef)
     np.testing.assert_array_equal(reused.verify.coef, fresh.verify.coef)
     assert not np.allclose(reused.verify.coef, fitted().verify.coef, rtol=0.05)  # the window did move
+
+
+def test_the_sweeps_weight_fades_as_live_steps_come_in():
+    """A start-up sweep that priced a verified token at half what live steps pay: once live
+    steps are many, the fit follows them (the sweep gives the shape only before traffic)."""
+    sweep_verify = TRUE_VERIFY * np.array([1, 1, 0.5, 1, 1])
+    sweep = synthetic_records(n=120, seed=8, verify=sweep_verify)
+    m = StepTimeModel()
+    m.fit([], prior=sweep)
+    assert m.verify.coef[2] == pytest.approx(sweep_verify[2], rel=1e-3)
+    m.fit(synthetic_records(n=400, seed=9), prior=sweep)
+    assert m.verify.coef[2] == pytest.approx(TRUE_VERIFY[2], rel=0.05)
