@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Sequence
 
 from goodspec.scheduler.request import Request
+from goodspec.scheduler.step_evidence import StepEvidence
 
 if TYPE_CHECKING:
     from goodspec.scheduler.confidence import VerifyShape
@@ -210,14 +211,13 @@ class GoodputPolicy(SpeculationPolicy):
         self._observations = 0
         self._steps = 0
         self._predicted: float | None = None
-        self.prediction_log: list[tuple[float, float]] = []  # (predicted, measured) step seconds
-        self.margin = self.MIN_MARGIN  # see _update_margin
-        # Tokens per second of the recent steps without prompt chunks, measured: what a second
-        # of a step that carries a chunk is worth at least (best_choice's floor). Priced beside
-        # the chunk alone, speculation looked cheap there: at saturation goodput drafted 8-70
-        # tokens into such steps, whose draft catch-ups and verify made them 15% longer than
-        # `off`'s (twenty-sixth session).
-        self.decode_level = 0.0
+        # its predictions against the steps' times, the margin and the chunk steps' floor
+        self.evidence = StepEvidence()
+
+    @property
+    def prediction_log(self) -> list[tuple[float, float]]:
+        """(predicted, measured) seconds of the pure decode steps it chose (for the stats)."""
+        return self.evidence.prediction_log
 
     def seed(self, records) -> None:
         """Start from profiled step records (taken at start-up or loaded from the cache)."""
@@ -260,7 +260,7 @@ class GoodputPolicy(SpeculationPolicy):
         if self.lookup_only:  # one proposer, priced like the draft model but with nothing to draft
             gains = self.lookup_acceptance.expected_tokens(ids, kmax)
             ks = best_choice(None, contexts, caps, self.time_model, None, prefill, gains, uniform=self.uniform,
-                             margin=self.margin, floor=self.decode_level if prefill[1] else 0.0).ks
+                             margin=self.evidence.margin, floor=self.evidence.floor(prefill[1])).ks
             self._predicted = self.time_model.predict_step_time(ks, contexts, None, [True] * len(ks))
             return ks
         gains = self.acceptance.expected_tokens(ids, kmax)
@@ -280,8 +280,8 @@ class GoodputPolicy(SpeculationPolicy):
         if self.lookup_acceptance is not None:
             lookup_gains = self.lookup_acceptance.expected_tokens(ids, kmax)
         choice = best_choice(None, contexts, caps, self.time_model, spread,
-                             prefill, gains, uniform=self.uniform, lookup_gains=lookup_gains, margin=self.margin,
-                             floor=self.decode_level if prefill[1] else 0.0)
+                             prefill, gains, uniform=self.uniform, lookup_gains=lookup_gains,
+                             margin=self.evidence.margin, floor=self.evidence.floor(prefill[1]))
         ks, lookup = choice.ks, choice.lookup
         if not any(ks) and self._steps % self.explore_every == 0:
             ks, lookup = self._explore(catchups, caps), [False] * len(ks)
@@ -291,36 +291,6 @@ class GoodputPolicy(SpeculationPolicy):
             emitted = [lookup_gains[i, k] if lk else gains[i, k] for i, (k, lk) in enumerate(zip(ks, lookup))]
             ks = self._draft_ahead(ks, lookup, caps, float(sum(emitted)) / max(self._predicted, 1e-9), max(contexts))
         return ks
-
-    # The least predicted gain over no speculation that makes goodput speculate: the step-time
-    # model's recent mean absolute error on the steps it chose, within these bounds. A gain the
-    # model cannot tell from its own error is a coin toss, and near saturation on a CPU the
-    # coin was loaded: with the Ray output stream batched (twenty-sixth session) `off`'s steps
-    # got cheaper, speculating at batch 20 was predicted to gain a few per cent and lost 5-18%
-    # mean latency to `off` at 8 and 32 req/s (its steps' costs under-predicted, the queue's
-    # wait not in the objective at all). At light load the predicted gain is 30-60%.
-    MIN_MARGIN, MAX_MARGIN = 0.02, 0.2
-    MARGIN_STEPS = 200  # predictions the error is taken over
-
-    LEVEL_STEPS = 64  # recent steps without prompt chunks that decode_level is measured over
-
-    def _update_decode_level(self) -> None:
-        tokens = seconds = 0.0
-        n = 0
-        for r in reversed(self._records):
-            if r.num_decode == r.batch_size:
-                tokens += r.num_decode + r.num_accepted
-                seconds += r.draft_time + r.verify_time
-                n += 1
-                if n == self.LEVEL_STEPS:
-                    break
-        self.decode_level = tokens / seconds if seconds > 0 else 0.0
-
-    def _update_margin(self) -> None:
-        log = self.prediction_log[-self.MARGIN_STEPS:]
-        if len(log) >= 20:
-            err = sum(abs(p - m) / max(m, 1e-9) for p, m in log) / len(log)
-            self.margin = min(self.MAX_MARGIN, max(self.MIN_MARGIN, err))
 
     DRAFT_AHEAD = 2  # goodput-conf: positions the draft may go past the chosen k where it is confident
 
@@ -387,10 +357,7 @@ class GoodputPolicy(SpeculationPolicy):
                     conf, greedy = self._verifying.pop(req_id)
                     if len(conf) == k:  # else the cut's step never verified (a worker was lost)
                         self.calibrator.observe(conf, accepted, greedy)
-        # Only steps that were pure decode batches are what the prediction was made for.
-        if self._predicted is not None and record.num_decode == record.batch_size:
-            self.prediction_log.append((self._predicted, record.draft_time + record.verify_time))
-            del self.prediction_log[:-1000]
+        self.evidence.log(self._predicted, record)
         self._predicted = None
         self._records.append(record)
         if len(self._records) > 4 * self.time_model.window:
@@ -399,9 +366,8 @@ class GoodputPolicy(SpeculationPolicy):
         # Refit often while live data is scarce, then every refit_every steps.
         every = 4 if len(self._records) < 128 else self.refit_every
         if self._since_fit >= every or not self.time_model.ready:
-            self.time_model.fit(self._records, prior=self._profile)
-            self._update_margin()
-            self._update_decode_level()
+            self.time_model.fit(self._records, prior=self._profile, around=record.batch_size)
+            self.evidence.update(self._records)
             self._since_fit = 0
 
     def forget(self, req_id: str) -> None:

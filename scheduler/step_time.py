@@ -77,9 +77,12 @@ class StepTimeModel:
 
     # Live weight at which the sweep's records together weigh half what they weigh at first.
     PRIOR_FADE = 32.0
+    # With `around`, a record's weight also falls with its batch's distance from that batch size:
+    # by e^-1/2 at twice (or half) the size, e^-2 at four times.
+    BATCH_SPREAD = float(np.log(2.0))
 
     def fit(self, records: Sequence[StepRecord], prior: Sequence[StepRecord] = (),
-            prior_weight: float = 0.2) -> None:
+            prior_weight: float = 0.2, around: int | None = None) -> None:
         """Fit on live `records` (newest weighs 1, halving every half_life steps) and on `prior`
         records (the start-up sweep): the sweep gives the shape before there is traffic, live
         steps on this machine's real batches decide once they exist. The sweep's weight,
@@ -87,7 +90,14 @@ class StepTimeModel:
         its uniform-k, idle-server steps priced a verified token of the real pair at 0.64 ms
         where saturated live steps paid 1.35, and at a fixed 0.2 it kept goodput's model 15%
         under the cost of its speculative steps there, where it then speculated and lost
-        (BENCHMARKS.md, twenty-sixth session)."""
+        (BENCHMARKS.md, twenty-sixth session).
+        `around` (a batch size): fit the steps near it, the batches the next choices are made for.
+        The target's cost is not linear over the whole range (at batch 1 a verified token is
+        almost free, memory-bound; at batch 24 it costs as much as a decoded one), so one line
+        through every batch size the engine has run was wrong at both ends: after three lighter
+        rates goodput chose k = 1-2 for 93% of its request-steps at 32 req/s (11% behind `off`);
+        fitted around the batch, k = 0 for 97% (BENCHMARKS.md, twenty-sixth session).
+        """
         records = list(records)[-self.window:]
         prior = list(prior)
         if len(records) + len(prior) < 8:
@@ -96,6 +106,9 @@ class StepTimeModel:
         faded = prior_weight * self.PRIOR_FADE / (self.PRIOR_FADE + float(live.sum())) if records else 1.0
         w = np.concatenate([np.full(len(prior), faded), live])
         records = prior + records
+        if around is not None:
+            distance = np.log(np.array([max(r.batch_size, 1) for r in records]) / max(around, 1))
+            w = w * np.exp(-0.5 * (distance / self.BATCH_SPREAD) ** 2)
         n = len(records)
         table = np.array(self._cached_rows(records))  # [n, 5 + 5 + 2]
         xd, xv, yd, yv = table[:, :5], table[:, 5:10], table[:, 10], table[:, 11]

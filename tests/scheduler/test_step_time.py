@@ -90,3 +90,18 @@ def test_the_sweeps_weight_fades_as_live_steps_come_in():
     assert m.verify.coef[2] == pytest.approx(sweep_verify[2], rel=1e-3)
     m.fit(synthetic_records(n=400, seed=9), prior=sweep)
     assert m.verify.coef[2] == pytest.approx(TRUE_VERIFY[2], rel=0.05)
+
+
+def test_around_a_batch_size_the_fit_follows_the_steps_near_it():
+    """A target whose verified token is almost free at small batches (memory-bound) and costly
+    at large ones: one line through both is wrong at both ends; around a batch size it is not."""
+    light = synthetic_records(n=300, seed=10, verify=TRUE_VERIFY * np.array([1, 1, 0.1, 1, 1]))
+    heavy = synthetic_records(n=300, seed=11, verify=TRUE_VERIFY * np.array([1, 1, 2.0, 1, 1]))
+    records = [r for r in light if r.batch_size <= 4] + [r for r in heavy if r.batch_size >= 16]
+    whole, near_1, near_24 = StepTimeModel(), StepTimeModel(), StepTimeModel()
+    whole.fit(records)
+    near_1.fit(records, around=1)
+    near_24.fit(records, around=24)
+    assert near_1.verify.coef[2] == pytest.approx(0.1 * TRUE_VERIFY[2], rel=0.2)
+    assert near_24.verify.coef[2] == pytest.approx(2.0 * TRUE_VERIFY[2], rel=0.2)
+    assert near_1.verify.coef[2] < whole.verify.coef[2] / 2 and near_24.verify.coef[2] > 2 * whole.verify.coef[2]
