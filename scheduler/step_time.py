@@ -95,7 +95,7 @@ class StepTimeModel:
         The target's cost is not linear over the whole range (at batch 1 a verified token is
         almost free, memory-bound; at batch 24 it costs as much as a decoded one), so one line
         through every batch size the engine has run was wrong at both ends: after three lighter
-        rates goodput chose k = 1-2 for 93% of its request-steps at 32 req/s (11% behind `off`);
+        rates goodput chose k = 1-2 for 88% of its request-steps at 32 req/s (11% behind `off`);
         fitted around the batch, k = 0 for 97% (BENCHMARKS.md, twenty-sixth session).
         """
         records = list(records)[-self.window:]
