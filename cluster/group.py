@@ -7,7 +7,6 @@ This module and the others in goodspec.cluster are the only ones that import ray
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import uuid

@@ -89,8 +89,9 @@ class OutputRouter:
         try:
             async for ref in self._stream:
                 chunks = await ref
-                if not self._opened.done():
+                if not self._opened.done():  # the first, empty batch
                     self._opened.set_result(None)
+                    continue
                 self.batches += 1
                 self.chunks += len(chunks)
                 for chunk in chunks:

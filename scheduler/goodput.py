@@ -237,11 +237,12 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
                 margin: float = 0.0, floor: float = 0.0) -> SpeculationChoice:
     """The k_i (and, with `lookup_gains`, the proposer of each request) that maximise predicted
     goodput sum_i E_i(k_i) / T(k); no speculation unless that beats it by more than `margin`
-    (a fraction: the step-time model's own error, GoodputPolicy.margin). `floor` (tokens per
+    (a fraction: the step-time model's own error, StepEvidence.margin). `floor` (tokens per
     second): what a second of this step is worth at least, when that is more than the step's
     own goodput (a prompt chunk in the forward makes the step's own level low, so that any
-    speculation looked cheap beside it); the choice then maximises E - floor * T instead. E_i(k) is `gains[i, k]` when given
-    (AcceptanceEstimator.expected_tokens; alphas may then be None), else geometric in alphas[i];
+    speculation looked cheap beside it); the choice then maximises E - floor * T instead.
+    E_i(k) is `gains[i, k]` when given (AcceptanceEstimator.expected_tokens; alphas may then be
+    None), else geometric in alphas[i];
     `lookup_gains[i, k]` is the same for prompt lookup's k tokens.
 
     T has one cost shared by the whole batch that depends on the deepest k, the draft's passes
