@@ -303,7 +303,8 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
         return tokens / t
 
     none = np.zeros(n, dtype=int)
-    best_g = float(goodput(none))  # no speculation
+    none_tokens, none_t = totals(none)  # no speculation
+    best_g = float(none_tokens / none_t)
     floored = floor > best_g
 
     def decide(candidates: np.ndarray, ratios: np.ndarray) -> SpeculationChoice:
@@ -313,7 +314,6 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
             tokens, t = totals(candidates)
             value = tokens - floor * t
             top = int(value.argmax())
-            none_tokens, none_t = totals(none)
             if value[top] <= float(none_tokens - floor * none_t):
                 top = -1
         pick = candidates[top] if top >= 0 and ratios[top] > best_g * (1 + margin + 1e-9) else none
