@@ -26,10 +26,10 @@ def test_the_table_compares_policies_on_the_same_prompts_and_outputs_stay_lossle
 
 def test_the_bench_chat_workload_replays_on_the_real_pair_under_the_servers_token_budget(tmp_path, capsys):
     """`--workload chat`: the bench's chat requests (chat template, each its own output length)
-    on SmolLM2 in bfloat16, 64 tokens a step (so prompt chunks share steps with decodes) and
+    on SmolLM2 (float32, the CPU default), 64 tokens a step (so prompt chunks share steps with decodes) and
     proposer auto; greedy outputs of every policy equal off's."""
     out = tmp_path / "runs.json"
-    assert main(["--model", "smollm2", "--dtype", "bfloat16", "--device", "cpu", "--workload", "chat",
+    assert main(["--model", "smollm2", "--dtype", "float32", "--device", "cpu", "--workload", "chat",
                  "--prompts", "6", "--max-new-tokens", "8", "--max-num-seqs", "6", "--replays", "1",
                  "--max-num-batched-tokens", "64", "--proposer", "auto", "--policies", "off,goodput",
                  "--out", str(out)]) == 0

@@ -13,6 +13,7 @@ from goodspec.workers.cpu_linear import uses_onednn
 from goodspec.workers.int8_linear import INT8_MAX_ROWS, Int8WeightLinear, uses_int8
 from goodspec.workers.model_runner import ModelRunner, RunnerConfig
 from goodspec.workers.sampling import SamplingParams
+from tests.workers.cpu_support import onednn_packs_bfloat16
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -40,10 +41,13 @@ def test_few_rows_are_within_the_int8_rounding_bound_and_more_rows_are_bfloat16s
     assert not torch.equal(got, torch.nn.functional.linear(few, linear.weight.bfloat16(), bias=None if not bias
                                                            else linear.bias.bfloat16()).float())
     many = torch.randn(INT8_MAX_ROWS + 1, 576, generator=g).to(torch.bfloat16)  # the bfloat16 weight
-    packed = Int8WeightLinear(linear, packed=True)  # that weight in oneDNN's layout: the same products
     plain = linear.to(torch.bfloat16)
     with torch.no_grad():
         assert torch.equal(q(many), plain(many))
+    if not onednn_packs_bfloat16():
+        pytest.skip("this CPU cannot run oneDNN's packed bfloat16 kernel (no AVX-512)")
+    packed = Int8WeightLinear(linear, packed=True)  # that weight in oneDNN's layout: the same products
+    with torch.no_grad():
         assert torch.equal(packed(many), plain(many))
         assert torch.equal(packed(few), q(few))  # few rows take the int8 kernel either way
 
@@ -106,6 +110,8 @@ def test_the_drafts_auto_takes_int8_weights_only_in_bfloat16_on_a_native_cpu(mon
     assert (runner().dtype, runner().int8_weights) == ("auto", "auto")
     assert (runner(draft_dtype="int8").dtype, runner(draft_dtype="int8").int8_weights) == ("bfloat16", "on")
     assert runner(draft_dtype="bfloat16").int8_weights == "off"
+    if native and not onednn_packs_bfloat16():
+        pytest.skip("this CPU cannot run oneDNN's packed bfloat16 kernel (no AVX-512)")
     draft = ModelRunner(EngineConfig(model="tiny", device="cpu", draft_kv_tokens=256).draft_runner_config())
     assert draft.weights == ("int8" if native else "float32")
 
