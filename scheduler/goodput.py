@@ -306,6 +306,12 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
     none_tokens, none_t = totals(none)  # no speculation
     best_g = float(none_tokens / none_t)
     floored = floor > best_g
+    # Speculation beats none only if some request's option earns more than its own cost at the
+    # level it must clear (the batch's shared draft passes only add cost): where none does, as
+    # at saturation for nearly every step, that is the answer, without the search below.
+    level = max(best_g * (1 + margin), floor if floored else 0.0)
+    if not ((gain - gain[:, :1] > level * own) & (k_of[None, :] <= cap[:, None])).any():
+        return SpeculationChoice([0] * n, [False] * n)
 
     def decide(candidates: np.ndarray, ratios: np.ndarray) -> SpeculationChoice:
         """The best of the candidate choices [C, n] (their goodputs `ratios`), or none."""

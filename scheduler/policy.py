@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Sequence
 
 from goodspec.scheduler.request import Request
+from goodspec.scheduler.catchup import CatchUpPricing
 from goodspec.scheduler.step_evidence import StepEvidence
 
 if TYPE_CHECKING:
@@ -211,6 +212,7 @@ class GoodputPolicy(SpeculationPolicy):
         self._observations = 0
         self._steps = 0
         self._predicted: float | None = None
+        self.catchup = CatchUpPricing()  # what a draft's catch-up is charged to the step that pays it
         # its predictions against the steps' times, the margin and the chunk steps' floor
         self.evidence = StepEvidence()
 
@@ -267,12 +269,8 @@ class GoodputPolicy(SpeculationPolicy):
         # Tokens the draft would first have to catch up on (beyond the pending one): the whole
         # prompt for a new request, the tokens decoded without speculation after a k = 0 stretch.
         catchups = [max(0, len(r.token_ids) - r.draft_len - 1) for r in requests]
-        # The catch-up is paid once and lets the request speculate for the rest of its life, so
-        # the choice charges it spread over the steps that remain when speculating (charged in
-        # full, a new request's prompt made k = 0 look best at high load, and every k = 0 step
-        # grew the backlog: requests locked into k = 0 while fixed:3 was 13% faster than off).
-        spread = [c / max(1.0, (r.sampling.max_new_tokens - r.num_output) / float(gains[i, cap]))
-                  for i, (c, r, cap) in enumerate(zip(catchups, requests, caps))]
+        spread = self.catchup.spread(catchups, [r.sampling.max_new_tokens - r.num_output for r in requests],
+                                     [float(gains[i, c]) for i, c in enumerate(caps)])
         # Prompt chunks in the same forward make the step longer without emitting tokens: left
         # out, they made goodput look higher than it is and so every draft token look too costly
         # (shallow k whenever requests arrive, i.e. all the time near saturation).
@@ -285,6 +283,8 @@ class GoodputPolicy(SpeculationPolicy):
         ks, lookup = choice.ks, choice.lookup
         if not any(ks) and self._steps % self.explore_every == 0:
             ks, lookup = self._explore(catchups, caps), [False] * len(ks)
+        else:
+            self.catchup.count(catchups, caps, ks, lookup)
         self._lookup_ids = {i for i, lk in zip(ids, lookup) if lk}
         self._predicted = self.time_model.predict_step_time(ks, contexts, catchups, lookup)
         if self.stop_drafting and any(k > 0 and not lk for k, lk in zip(ks, lookup)):

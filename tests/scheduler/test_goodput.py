@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from goodspec.scheduler.goodput import AcceptanceEstimator, best_ks, expected_tokens
+from goodspec.scheduler.goodput import AcceptanceEstimator, best_choice, best_ks, expected_tokens
 from goodspec.scheduler.step_record import StepRecord
 from goodspec.scheduler.step_time import record_features
 from tests.scheduler.test_step_time import TRUE_DRAFT, fitted, synthetic_records
@@ -110,6 +110,31 @@ def test_greedy_is_close_to_brute_force_on_small_batches():
 
         brute = max(g(ks) for ks in itertools.product(range(6), repeat=3))
         assert g(best_ks(alphas, ctx, [5] * 3, m)) >= 0.97 * brute
+
+
+def test_no_speculation_exactly_when_no_choice_clears_the_margin():
+    """best_choice answers "none" early when no single option earns its own cost at the level to
+    clear; that must be the search's answer too: none exactly when brute force over every k finds
+    no choice whose goodput beats no speculation's by the margin."""
+    import itertools
+
+    m = fitted()
+    rng = random.Random(2)
+    nones = 0
+    for _ in range(200):
+        n = rng.randint(1, 3)
+        alphas = [rng.uniform(0.05, 0.9) for _ in range(n)]
+        ctx = [rng.randint(50, 2000) for _ in range(n)]
+        margin = rng.choice([0.0, 0.02, 0.1, 0.2, 0.5])
+
+        def g(ks):
+            return sum(expected_tokens(a, k) for a, k in zip(alphas, ks)) / m.predict_step_time(ks, ctx)
+
+        clears = max(g(ks) for ks in itertools.product(range(4), repeat=n)) > g([0] * n) * (1 + margin) * (1 + 1e-9)
+        ks = best_choice(alphas, ctx, [3] * n, m, margin=margin).ks
+        assert any(ks) == clears, (alphas, ctx, margin, ks)
+        nones += not clears
+    assert 20 < nones < 180  # both answers were tested
 
 
 def test_a_lone_request_gets_the_best_of_every_option_by_the_step_time_model():
