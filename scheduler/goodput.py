@@ -234,14 +234,12 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
                 model: StepTimeModel, catchups: Sequence[int] | None = None,
                 prefill: tuple[int, int] = (0, 0), gains: np.ndarray | None = None,
                 uniform: bool = False, lookup_gains: np.ndarray | None = None,
-                margin: float = 0.0, floor: float = 0.0) -> SpeculationChoice:
+                margin: float = 0.0) -> SpeculationChoice:
     """The k_i (and, with `lookup_gains`, the proposer of each request) that maximise predicted
     goodput sum_i E_i(k_i) / T(k); no speculation unless that beats it by more than `margin`
-    (a fraction: the step-time model's own error, StepEvidence.margin). `floor` (tokens per
-    second): what a second of this step is worth at least, when that is more than the step's
-    own goodput (a prompt chunk in the forward makes the step's own level low, so that any
-    speculation looked cheap beside it); the choice then maximises E - floor * T instead.
-    E_i(k) is `gains[i, k]` when given (AcceptanceEstimator.expected_tokens; alphas may then be
+    (a fraction: the step-time model's own error, StepEvidence.margin). `prefill` = (sequences,
+    tokens) of prompt chunks sharing the forward, priced into T (GoodputPolicy does not
+    speculate beside them at all). E_i(k) is `gains[i, k]` when given (AcceptanceEstimator.expected_tokens; alphas may then be
     None), else geometric in alphas[i];
     `lookup_gains[i, k]` is the same for prompt lookup's k tokens.
 
@@ -305,24 +303,17 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
     none = np.zeros(n, dtype=int)
     none_tokens, none_t = totals(none)  # no speculation
     best_g = float(none_tokens / none_t)
-    floored = floor > best_g
     # Speculation beats none only if some request's option earns more than its own cost at the
     # level it must clear (the batch's shared draft passes only add cost): where none does, as
     # at saturation for nearly every step, that is the answer, without the search below.
-    level = max(best_g * (1 + margin), floor if floored else 0.0)
+    level = best_g * (1 + margin)
     if not ((gain - gain[:, :1] > level * own) & (k_of[None, :] <= cap[:, None])).any():
         return SpeculationChoice([0] * n, [False] * n)
 
     def decide(candidates: np.ndarray, ratios: np.ndarray) -> SpeculationChoice:
         """The best of the candidate choices [C, n] (their goodputs `ratios`), or none."""
         top = int(ratios.argmax())
-        if floored:  # worth its time at the floor's price, not beside a cheap-looking step
-            tokens, t = totals(candidates)
-            value = tokens - floor * t
-            top = int(value.argmax())
-            if value[top] <= float(none_tokens - floor * none_t):
-                top = -1
-        pick = candidates[top] if top >= 0 and ratios[top] > best_g * (1 + margin + 1e-9) else none
+        pick = candidates[top] if ratios[top] > best_g * (1 + margin + 1e-9) else none
         return SpeculationChoice(k_of[pick].tolist(), (pick > kmax).tolist())
 
     if n == 1:  # a lone request (light load): every option priced at once, which is exact
@@ -337,7 +328,7 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
     ms = np.arange(0 if offer_lookup else 1, kmax + 1)
     allowed = (k_of[None, :] <= cap[:, None])[None] & (drafted_of[None, None, :] <= ms[:, None, None])  # [M, n, O]
     allowed_gain = np.where(allowed, gain[None], -np.inf)
-    g = np.full(len(ms), max(best_g, floor))
+    g = np.full(len(ms), best_g)
     choice = np.zeros((len(ms), n), dtype=int)
     done = np.zeros(len(ms), dtype=bool)
     final = np.zeros(len(ms))
@@ -349,7 +340,7 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
         g_new = goodput(choice)
         final = np.where(done, final, g_new)  # the goodput of each row's current choice
         converged = g_new <= g * (1 + 1e-12)  # no better level: the choice has converged
-        g = np.where(done | converged, g, np.maximum(g_new, floor))
+        g = np.where(done | converged, g, g_new)
         done |= converged
         if done.all():
             break

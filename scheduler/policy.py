@@ -213,7 +213,7 @@ class GoodputPolicy(SpeculationPolicy):
         self._steps = 0
         self._predicted: float | None = None
         self.catchup = CatchUpPricing()  # what a draft's catch-up is charged to the step that pays it
-        # its predictions against the steps' times, the margin and the chunk steps' floor
+        # its predictions against the steps' times, and the margin drawn from them
         self.evidence = StepEvidence()
 
     @property
@@ -257,12 +257,21 @@ class GoodputPolicy(SpeculationPolicy):
             self.lookup_acceptance.classify(requests)
         if not self.time_model.ready or self._observations < self.min_observations:
             return [min(self.warmup_k, c) for c in caps]
+        if prefill[1] > 0:
+            # No speculation beside a prompt chunk. Such a step's own goodput is low, so any
+            # draft token looked cheap there; a floor at the decode steps' measured goodput
+            # (twenty-sixth session) still let goodput draft ~20 tokens into each such step at
+            # 32 req/s, with their drafts' catch-ups: those steps took 1030-1180 ms against
+            # `off`'s 865-950 and goodput trailed `off` by 3-9%. Without it: within 1.5% of `off`,
+            # its catch-up 280 tokens a run instead of 3570-4960 (BENCHMARKS.md, twenty-seventh
+            # session). The step also holds back the prompt's first token, which no gain pays for.
+            return [0] * len(caps)
         kmax = max(caps, default=0)
         contexts = [len(r.token_ids) for r in requests]
         if self.lookup_only:  # one proposer, priced like the draft model but with nothing to draft
             gains = self.lookup_acceptance.expected_tokens(ids, kmax)
-            ks = best_choice(None, contexts, caps, self.time_model, None, prefill, gains, uniform=self.uniform,
-                             margin=self.evidence.margin, floor=self.evidence.floor(prefill[1])).ks
+            ks = best_choice(None, contexts, caps, self.time_model, None, gains=gains, uniform=self.uniform,
+                             margin=self.evidence.margin).ks
             self._predicted = self.time_model.predict_step_time(ks, contexts, None, [True] * len(ks))
             return ks
         gains = self.acceptance.expected_tokens(ids, kmax)
@@ -271,15 +280,11 @@ class GoodputPolicy(SpeculationPolicy):
         catchups = [max(0, len(r.token_ids) - r.draft_len - 1) for r in requests]
         spread = self.catchup.spread(catchups, [r.sampling.max_new_tokens - r.num_output for r in requests],
                                      [float(gains[i, c]) for i, c in enumerate(caps)])
-        # Prompt chunks in the same forward make the step longer without emitting tokens: left
-        # out, they made goodput look higher than it is and so every draft token look too costly
-        # (shallow k whenever requests arrive, i.e. all the time near saturation).
         lookup_gains = None
         if self.lookup_acceptance is not None:
             lookup_gains = self.lookup_acceptance.expected_tokens(ids, kmax)
-        choice = best_choice(None, contexts, caps, self.time_model, spread,
-                             prefill, gains, uniform=self.uniform, lookup_gains=lookup_gains,
-                             margin=self.evidence.margin, floor=self.evidence.floor(prefill[1]))
+        choice = best_choice(None, contexts, caps, self.time_model, spread, gains=gains, uniform=self.uniform,
+                             lookup_gains=lookup_gains, margin=self.evidence.margin)
         ks, lookup = choice.ks, choice.lookup
         if not any(ks) and self._steps % self.explore_every == 0:
             ks, lookup = self._explore(catchups, caps), [False] * len(ks)
@@ -367,7 +372,7 @@ class GoodputPolicy(SpeculationPolicy):
         every = 4 if len(self._records) < 128 else self.refit_every
         if self._since_fit >= every or not self.time_model.ready:
             self.time_model.fit(self._records, prior=self._profile, around=record.batch_size)
-            self.evidence.update(self._records)
+            self.evidence.update()
             self._since_fit = 0
 
     def forget(self, req_id: str) -> None:
