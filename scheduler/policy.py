@@ -262,9 +262,10 @@ class GoodputPolicy(SpeculationPolicy):
             # draft token looked cheap there; a floor at the decode steps' measured goodput
             # (twenty-sixth session) still let goodput draft ~20 tokens into each such step at
             # 32 req/s, with their drafts' catch-ups: those steps took 1030-1180 ms against
-            # `off`'s 865-950 and goodput trailed `off` by 3-9%. Without it: within 1.5% of `off`,
-            # its catch-up 280 tokens a run instead of 3570-4960 (BENCHMARKS.md, twenty-seventh
-            # session). The step also holds back the prompt's first token, which no gain pays for.
+            # `off`'s 865-950, and goodput's servers trailed `off`'s of the same sitting by 4-10%.
+            # Without it: within 1.6%, its catch-up 280 tokens a run instead of 3570-5260
+            # (BENCHMARKS.md, twenty-seventh session). The step also holds back the prompt's
+            # first token.
             return [0] * len(caps)
         kmax = max(caps, default=0)
         contexts = [len(r.token_ids) for r in requests]
