@@ -239,8 +239,8 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
     goodput sum_i E_i(k_i) / T(k); no speculation unless that beats it by more than `margin`
     (a fraction: the step-time model's own error, StepEvidence.margin). `prefill` = (sequences,
     tokens) of prompt chunks sharing the forward, priced into T (GoodputPolicy does not
-    speculate beside them at all). E_i(k) is `gains[i, k]` when given (AcceptanceEstimator.expected_tokens; alphas may then be
-    None), else geometric in alphas[i];
+    speculate beside them at all). E_i(k) is `gains[i, k]` when given
+    (AcceptanceEstimator.expected_tokens; alphas may then be None), else geometric in alphas[i];
     `lookup_gains[i, k]` is the same for prompt lookup's k tokens.
 
     T has one cost shared by the whole batch that depends on the deepest k, the draft's passes

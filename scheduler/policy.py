@@ -6,8 +6,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Sequence
 
-from goodspec.scheduler.request import Request
 from goodspec.scheduler.catchup import CatchUpPricing
+from goodspec.scheduler.request import Request
 from goodspec.scheduler.step_evidence import StepEvidence
 
 if TYPE_CHECKING:
