@@ -257,16 +257,6 @@ class GoodputPolicy(SpeculationPolicy):
             self.lookup_acceptance.classify(requests)
         if not self.time_model.ready or self._observations < self.min_observations:
             return [min(self.warmup_k, c) for c in caps]
-        if prefill[1] > 0:
-            # No speculation beside a prompt chunk. Such a step's own goodput is low, so any
-            # draft token looked cheap there; a floor at the decode steps' measured goodput
-            # (twenty-sixth session) still let goodput draft ~20 tokens into each such step at
-            # 32 req/s, with their drafts' catch-ups: those steps took 1030-1180 ms against
-            # `off`'s 865-950, and goodput's servers trailed `off`'s of the same sitting by 4-10%.
-            # Without it: within 1.6%, its catch-up 280 tokens a run instead of 3570-5260
-            # (BENCHMARKS.md, twenty-seventh session). The step also holds back the prompt's
-            # first token.
-            return [0] * len(caps)
         kmax = max(caps, default=0)
         contexts = [len(r.token_ids) for r in requests]
         if self.lookup_only:  # one proposer, priced like the draft model but with nothing to draft
@@ -275,6 +265,13 @@ class GoodputPolicy(SpeculationPolicy):
                              margin=self.evidence.margin).ks
             self._predicted = self.time_model.predict_step_time(ks, contexts, None, [True] * len(ks))
             return ks
+        # A step that carries prompt chunks (`prefill`) is priced as the same decodes alone: its
+        # own goodput is low, so beside the chunk any draft token looked cheap, and a floor at
+        # the decode steps' measured goodput still let goodput draft ~20 tokens into each chunk
+        # step at 32 req/s (those steps took 1030-1180 ms against `off`'s 865-948; its servers
+        # 4-10% behind `off`'s). No speculation there at all matched `off` at 32 req/s but was
+        # 6-9% slower at 2, where decodes still gain from it (BENCHMARKS.md, twenty-seventh
+        # session): priced as the decodes alone, the chunk step speculates as they would.
         gains = self.acceptance.expected_tokens(ids, kmax)
         # Tokens the draft would first have to catch up on (beyond the pending one): the whole
         # prompt for a new request, the tokens decoded without speculation after a k = 0 stretch.
