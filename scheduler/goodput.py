@@ -238,8 +238,8 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
     """The k_i (and, with `lookup_gains`, the proposer of each request) that maximise predicted
     goodput sum_i E_i(k_i) / T(k); no speculation unless that beats it by more than `margin`
     (a fraction: the step-time model's own error, StepEvidence.margin). `prefill` = (sequences,
-    tokens) of prompt chunks sharing the forward, priced into T (GoodputPolicy does not
-    speculate beside them at all). E_i(k) is `gains[i, k]` when given
+    tokens) of prompt chunks sharing the forward, priced into T (GoodputPolicy leaves them out:
+    it prices a step that carries chunks as its decodes alone). E_i(k) is `gains[i, k]` when given
     (AcceptanceEstimator.expected_tokens; alphas may then be None), else geometric in alphas[i];
     `lookup_gains[i, k]` is the same for prompt lookup's k tokens.
 

@@ -7,8 +7,8 @@ saturation on a CPU the coin was loaded: once the Ray output stream was batched 
 session) `off`'s steps got cheaper, and speculating at batch 20, predicted to gain a few per
 cent, lost 5-18% mean latency to `off` at 8 and 32 req/s (its steps' costs under-predicted, the
 queue's wait not in the objective at all). At light load the predicted gain is 30-60%.
-(A second guard, a floor on what a second of a step carrying a prompt chunk is worth, went with
-speculation beside chunks: GoodputPolicy.choose.)
+(A second guard, a floor on what a second of a step carrying a prompt chunk is worth, is gone:
+GoodputPolicy.choose prices such a step as its decodes alone.)
 """
 
 from __future__ import annotations
