@@ -1,4 +1,4 @@
-"""int8 weights for a draft's linear layers on a CPU (bfloat16 activations).
+"""int8 weights for a draft's linear layers on a CPU (in a bfloat16 or a float32 draft).
 
 A batch-1 draft pass is mostly its linear layers reading their weights: of a 2.47 ms bfloat16 pass
 of the shipped SmolLM2 draft (one thread, context 200), 1.65 ms was `aten::mm` (torch.profiler,
@@ -8,6 +8,13 @@ without materialising a bfloat16 copy: 28 us against 65 us for a 576 -> 1536 lay
 That kernel's time grows with every row, so inputs of more than INT8_MAX_ROWS rows (batched
 decodes, a prompt) keep to the bfloat16 weight, packed by oneDNN where the runner packs its
 linears (cpu_linear.py): never slower than bfloat16, faster at batch <= 4.
+
+On a CPU without native bfloat16 (AVX2 only) the draft runs float32, and its few-row inputs are
+rounded to bfloat16 for the same kernel (which multiplies float32 rows ~10x slower than bfloat16
+ones there) and the product returned in float32; larger inputs keep to the float32 weight. A
+batch-1 pass of the SmolLM2 draft took 5.5 ms against 7.4 in float32 there, 9.8 against 10.8 at
+batch 4, the same from batch 8 on; bfloat16 itself, emulated, took 36 ms at batch 8 against 16
+(BENCHMARKS.md, twenty-eighth session).
 
 Only for the draft: the draft only proposes, and rejection sampling takes its q as given, so
 output stays the target's; the target's own weights are never quantised. Only the draft's decoder
@@ -41,30 +48,33 @@ INT8_MAX_ROWS = 4
 
 
 class Int8WeightLinear(nn.Module):
-    """y = x W^T (+ b) in bfloat16. Inputs of at most INT8_MAX_ROWS rows multiply W stored as
-    int8 rows with a bfloat16 scale per row (symmetric, round to nearest: |W - scale * W_int8| <=
-    scale / 2 elementwise); larger ones the bfloat16 W itself, kept beside it (a draft's
-    weights are small: 12.5 M parameters take 25 MB in bfloat16 and 12.5 MB more in int8).
-    Inference only. With `packed`, the bfloat16 W is kept in oneDNN's blocked layout
-    (cpu_linear.PackedOneDNNLinear: the same products, faster)."""
+    """y = x W^T (+ b) in the layer's dtype (bfloat16 or float32). Inputs of at most
+    INT8_MAX_ROWS rows, rounded to bfloat16, multiply W stored as int8 rows with a bfloat16 scale
+    per row (symmetric, round to nearest: |W - scale * W_int8| <= scale / 2 elementwise); larger
+    ones the layer's own W, kept beside it (a draft's weights are small: 12.5 M parameters take
+    25 MB in bfloat16, 50 in float32, and 12.5 MB more in int8). Inference only. With `packed`,
+    that W is kept in oneDNN's blocked layout (cpu_linear.PackedOneDNNLinear: the same
+    products, faster)."""
 
     def __init__(self, linear: nn.Linear, packed: bool = False) -> None:
         super().__init__()
         w = linear.weight.detach().float()
         scales = w.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / 127
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach().to(torch.bfloat16)
+        weight = linear.weight.detach()  # the model's dtype: bfloat16, or float32
         self.packed = packed
         self.register_buffer("weight", pack_weight(weight) if packed else weight)
         self.register_buffer("weight_int8", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
         self.register_buffer("scales", scales.to(torch.bfloat16))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(torch.bfloat16)  # (a no-op in the bfloat16 draft)
         if x.numel() > INT8_MAX_ROWS * self.in_features:
             return packed_linear(x, self.weight, self.bias) if self.packed else F.linear(x, self.weight, self.bias)
-        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features), self.weight_int8, self.scales)
+        # The kernel takes bfloat16 rows (a no-op in a bfloat16 draft; float32 rows it multiplies
+        # ~10x slower than bfloat16 ones here) and returns its product in their dtype.
+        y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight_int8,
+                                      self.scales).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
@@ -75,8 +85,9 @@ INT8_WEIGHTS = ("off", "on", "auto")  # RunnerConfig.int8_weights
 
 def uses_int8(choice: str, device: torch.device, dtype: torch.dtype) -> bool:
     """Whether a runner on `device` in `dtype` swaps its linears: "on" (ValueError off a CPU),
-    "auto" where it runs bfloat16 on a CPU with native bfloat16 (the draft's dtype "auto": the
-    only kind of CPU this was measured on), "off" never."""
+    "auto" (the draft's dtype "auto") on a CPU where it runs bfloat16 natively (AVX512-BF16 or
+    AMX) or float32 (a CPU without native bfloat16: there a batch-1 pass of the SmolLM2 draft
+    took 5.5 ms against 7.4, batch 4 9.8 against 10.8, from batch 8 on the same), "off" never."""
     from goodspec.workers.dtypes import cpu_has_native_bfloat16
 
     if choice not in INT8_WEIGHTS:
@@ -84,7 +95,8 @@ def uses_int8(choice: str, device: torch.device, dtype: torch.dtype) -> bool:
     if choice == "on" and device.type != "cpu":
         raise ValueError(f"int8 draft weights run on a CPU only; this runner is on {device}")
     if choice == "auto":
-        return device.type == "cpu" and dtype == torch.bfloat16 and cpu_has_native_bfloat16()
+        return device.type == "cpu" and (dtype == torch.float32
+                                          or dtype == torch.bfloat16 and cpu_has_native_bfloat16())
     return choice == "on"
 
 

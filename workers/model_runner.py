@@ -111,11 +111,11 @@ class ModelRunner:
         # target's hidden states, whose outlier dimensions turn its int8 rounding into lost
         # acceptance (0.547 against 0.599 at fixed:1 with it int8, 0.603 without; int8_linear.py).
         self.int8_linears = to_int8_linears(self.model, packed=onednn) if int8 else 0
-        # int8 layers pack their own bfloat16 weight for their larger inputs (int8_linear.py)
+        # int8 layers pack their own dense weight for their larger inputs (int8_linear.py)
         self.onednn_linears = (self.int8_linears if int8 else to_onednn_linears(self.model)) if onednn else 0
         if onednn and self.feature_input is not None:  # packed, its products are the same bit for bit
             self.onednn_linears += to_onednn_linears(self.feature_input)  # (one row: 31 us against 52)
-        # The weights: the dtype's name, or int8 (bfloat16 with int8 copies for few-row inputs).
+        # The weights: the dtype's name, or int8 (the dtype's with int8 copies for few-row inputs).
         self.weights: str = INT8 if self.int8_linears else str(self.dtype).removeprefix("torch.")
         # The decoder's forward without transformers' per-layer machinery, where the model's
         # layout is one it was checked on (decoder_forward.py); else None: transformers' forward.

@@ -24,8 +24,9 @@ class RunnerConfig:
     # against 4.2 in float32 here (BENCHMARKS.md, sixteenth session).
     bfloat16_on_native_cpu: bool = False
     # A draft's linear layers with int8 weights for few-row inputs (int8_linear.py): on (the
-    # draft dtype "int8"; a CPU and dtype bfloat16 only) | auto (where the runner runs bfloat16
-    # on a CPU with native bfloat16: the draft's dtype "auto") | off.
+    # draft dtype "int8"; a CPU and dtype bfloat16 or float32 only) | auto (the draft's dtype
+    # "auto": where the runner runs float32 on a CPU, or bfloat16 on one with native bfloat16)
+    # | off.
     int8_weights: str = "off"
 
     def __post_init__(self) -> None:
@@ -38,5 +39,5 @@ class RunnerConfig:
         check_cpu_linear(self.cpu_linear)
         if self.int8_weights not in INT8_WEIGHTS:
             raise ValueError(f"int8_weights must be {', '.join(INT8_WEIGHTS)}; got {self.int8_weights!r}")
-        if self.int8_weights == "on" and self.dtype != "bfloat16":
-            raise ValueError(f"int8 weights run with bfloat16 activations; got dtype {self.dtype!r}")
+        if self.int8_weights == "on" and self.dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"int8 weights run in a bfloat16 or float32 model; got dtype {self.dtype!r}")

@@ -30,6 +30,8 @@ RUNNERS = {
                                            kv_cache_tokens=512),
     "smollm2 draft int8": lambda: RunnerConfig(SMOLLM2_DRAFT, device="cpu", dtype="bfloat16", kv_cache_tokens=512,
                                                int8_weights="on"),
+    "smollm2 draft float32 int8": lambda: RunnerConfig(SMOLLM2_DRAFT, device="cpu", dtype="float32",
+                                                       kv_cache_tokens=512, int8_weights="on"),
 }
 
 

@@ -1,5 +1,5 @@
 """int8 draft weights on a CPU: few-row inputs within the int8 rounding bound and larger ones
-exactly bfloat16's, every linear of a draft's decoder and output layer swapped (not its feature
+exactly the layer's own dtype's (bfloat16 or float32), every linear of a draft's decoder and output layer swapped (not its feature
 layer), the engine's output still the target's, the draft's "auto" choosing them only where it
 should, and refused where they do not apply."""
 
@@ -9,7 +9,7 @@ from torch import nn
 
 from goodspec.config import DEFAULT_DRAFT, DEFAULT_TARGET, SMOLLM2_DRAFT, EngineConfig
 from goodspec.workers import dtypes
-from goodspec.workers.cpu_linear import uses_onednn
+from goodspec.workers.cpu_linear import PackedOneDNNLinear, uses_onednn
 from goodspec.workers.int8_linear import INT8_MAX_ROWS, Int8WeightLinear, uses_int8
 from goodspec.workers.model_runner import ModelRunner, RunnerConfig
 from goodspec.workers.sampling import SamplingParams
@@ -25,23 +25,25 @@ def test_few_rows_are_within_the_int8_rounding_bound_and_more_rows_are_bfloat16s
     with torch.no_grad():
         linear.weight.copy_(torch.randn(1536, 576, generator=g) * 0.05)
     linear.requires_grad_(False)
+    linear = linear.to(torch.bfloat16)  # as in a bfloat16 draft
     q = Int8WeightLinear(linear)
     assert q.weight_int8.dtype == torch.int8 and q.weight_int8.shape == (1536, 576)
+    assert q.weight.dtype == torch.bfloat16
     few = torch.randn(2, 2, 576, generator=g).to(torch.bfloat16)  # 4 rows: the int8 kernel
     assert few.shape[0] * few.shape[1] == INT8_MAX_ROWS
     got = q(few).float()
-    want = torch.nn.functional.linear(few.float(), linear.weight, linear.bias)
+    want = torch.nn.functional.linear(few.float(), linear.weight.float(),
+                                      None if linear.bias is None else linear.bias.float())
     assert got.shape == (2, 2, 1536)
     # |W - s W_int8| <= s / 2 per element, so |error| <= sum|x| s / 2, plus bfloat16's rounding
     # of the scales and the output (2^-8 relative each).
-    scales = linear.weight.abs().amax(1)
+    scales = linear.weight.float().abs().amax(1)
     bound = few.float().abs().sum(-1, keepdim=True) * scales / 127 / 2 + want.abs() * 2 ** -7 + 1e-3
     assert bool(((got - want).abs() <= bound).all())
     assert float((got - want).norm() / want.norm()) < 0.01
-    assert not torch.equal(got, torch.nn.functional.linear(few, linear.weight.bfloat16(), bias=None if not bias
-                                                           else linear.bias.bfloat16()).float())
+    assert not torch.equal(got, linear(few).float())
     many = torch.randn(INT8_MAX_ROWS + 1, 576, generator=g).to(torch.bfloat16)  # the bfloat16 weight
-    plain = linear.to(torch.bfloat16)
+    plain = linear
     with torch.no_grad():
         assert torch.equal(q(many), plain(many))
     if not onednn_packs_bfloat16():
@@ -50,6 +52,35 @@ def test_few_rows_are_within_the_int8_rounding_bound_and_more_rows_are_bfloat16s
     with torch.no_grad():
         assert torch.equal(packed(many), plain(many))
         assert torch.equal(packed(few), q(few))  # few rows take the int8 kernel either way
+
+
+def test_in_a_float32_draft_few_rows_are_within_the_int8_bound_and_more_rows_are_float32s():
+    """A CPU without native bfloat16 runs the draft in float32 with int8 weights: few rows go
+    through the int8 kernel in bfloat16 and come back float32, more rows take the float32 weight
+    (packed or not) exactly."""
+    g = torch.Generator().manual_seed(2)
+    linear = nn.Linear(576, 1536, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(1536, 576, generator=g) * 0.05)
+    linear.requires_grad_(False)
+    q = Int8WeightLinear(linear)
+    assert q.weight.dtype == torch.float32 and q.weight_int8.dtype == torch.int8
+    few = torch.randn(1, INT8_MAX_ROWS, 576, generator=g)
+    got, want = q(few), linear(few)
+    assert got.dtype == torch.float32 and got.shape == (1, INT8_MAX_ROWS, 1536)
+    assert not torch.equal(got, want)  # the int8 kernel ran
+    # the int8 rounding bound, plus bfloat16's rounding of the inputs, scales and the product
+    scales = linear.weight.abs().amax(1)
+    bound = few.abs().sum(-1, keepdim=True) * scales / 127 / 2 + want.abs() * 2 ** -6 + 1e-3
+    assert bool(((got - want).abs() <= bound).all())
+    assert float((got - want).norm() / want.norm()) < 0.01
+    many = torch.randn(INT8_MAX_ROWS + 1, 576, generator=g)
+    with torch.no_grad():
+        assert torch.equal(q(many), linear(many))
+        if uses_onednn("onednn", CPU, torch.float32):
+            packed = Int8WeightLinear(linear, packed=True)
+            assert torch.equal(packed(many), PackedOneDNNLinear(linear)(many))  # the packed float32 weight
+            assert torch.equal(packed(few), q(few))
 
 
 def _draft(model_dir: str, int8: str, cpu_linear: str = "onednn") -> ModelRunner:
@@ -100,27 +131,29 @@ def test_int8_draft_weights_leave_greedy_output_the_targets():
 
 
 @pytest.mark.parametrize("native", [True, False])
-def test_the_drafts_auto_takes_int8_weights_only_in_bfloat16_on_a_native_cpu(monkeypatch, native):
+def test_the_drafts_auto_takes_int8_weights_on_a_cpu_in_float32_or_native_bfloat16(monkeypatch, native):
     monkeypatch.setattr(dtypes, "cpu_has_native_bfloat16", lambda: native)  # the host's CPU is fixed
-    assert uses_int8("auto", CPU, torch.bfloat16) == native
-    assert not uses_int8("auto", CPU, torch.float32)
-    assert not uses_int8("auto", CUDA, torch.bfloat16)
+    assert uses_int8("auto", CPU, torch.bfloat16) == native  # emulated bfloat16 is slower than float32
+    assert uses_int8("auto", CPU, torch.float32)
+    assert not uses_int8("auto", CPU, torch.float16)
+    assert not uses_int8("auto", CUDA, torch.bfloat16) and not uses_int8("auto", CUDA, torch.float32)
     assert uses_int8("on", CPU, torch.bfloat16) and not uses_int8("off", CPU, torch.bfloat16)
     runner = lambda **kw: EngineConfig(model="tiny", **kw).draft_runner_config()  # noqa: E731
     assert (runner().dtype, runner().int8_weights) == ("auto", "auto")
     assert (runner(draft_dtype="int8").dtype, runner(draft_dtype="int8").int8_weights) == ("bfloat16", "on")
     assert runner(draft_dtype="bfloat16").int8_weights == "off"
+    assert runner(draft_dtype="float32").int8_weights == "off"  # float32 asked for: float32 weights
     if native and not onednn_packs_bfloat16():
         pytest.skip("this CPU cannot run oneDNN's packed bfloat16 kernel (no AVX-512)")
     draft = ModelRunner(EngineConfig(model="tiny", device="cpu", draft_kv_tokens=256).draft_runner_config())
-    assert draft.weights == ("int8" if native else "float32")
+    assert (draft.weights, draft.dtype) == ("int8", torch.bfloat16 if native else torch.float32)
 
 
 def test_int8_is_a_draft_dtype_on_a_cpu_only():
     with pytest.raises(ValueError, match="^dtype must be auto, float32, float16, bfloat16; got 'int8'"):
         EngineConfig(model="tiny", dtype="int8")  # the target's weights are never quantised
-    with pytest.raises(ValueError, match="int8 weights run with bfloat16 activations"):
-        RunnerConfig(DEFAULT_DRAFT, dtype="float32", int8_weights="on")
+    with pytest.raises(ValueError, match="int8 weights run in a bfloat16 or float32 model; got dtype 'float16'"):
+        RunnerConfig(DEFAULT_DRAFT, dtype="float16", int8_weights="on")
     with pytest.raises(ValueError, match="int8_weights must be off, on, auto"):
         RunnerConfig(DEFAULT_DRAFT, dtype="bfloat16", int8_weights="yes")
     with pytest.raises(ValueError, match="on a CPU only"):  # refused before any loading
