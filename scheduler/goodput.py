@@ -224,22 +224,20 @@ class SpeculationChoice:
 
 def best_ks(alphas: Sequence[float] | None, contexts: Sequence[int], caps: Sequence[int],
             model: StepTimeModel, catchups: Sequence[int] | None = None,
-            prefill: tuple[int, int] = (0, 0), gains: np.ndarray | None = None,
-            uniform: bool = False) -> list[int]:
+            gains: np.ndarray | None = None, uniform: bool = False) -> list[int]:
     """best_choice with the draft model as the only proposer: the ks alone."""
-    return best_choice(alphas, contexts, caps, model, catchups, prefill, gains, uniform).ks
+    return best_choice(alphas, contexts, caps, model, catchups, gains, uniform).ks
 
 
 def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: Sequence[int],
                 model: StepTimeModel, catchups: Sequence[int] | None = None,
-                prefill: tuple[int, int] = (0, 0), gains: np.ndarray | None = None,
-                uniform: bool = False, lookup_gains: np.ndarray | None = None,
+                gains: np.ndarray | None = None, uniform: bool = False, lookup_gains: np.ndarray | None = None,
                 margin: float = 0.0) -> SpeculationChoice:
     """The k_i (and, with `lookup_gains`, the proposer of each request) that maximise predicted
     goodput sum_i E_i(k_i) / T(k); no speculation unless that beats it by more than `margin`
-    (a fraction: the step-time model's own error, StepEvidence.margin). `prefill` = (sequences,
-    tokens) of prompt chunks sharing the forward, priced into T (GoodputPolicy leaves them out:
-    it prices a step that carries chunks as its decodes alone). E_i(k) is `gains[i, k]` when given
+    (a fraction: the step-time model's own error, StepEvidence.margin). T is the decodes' step:
+    prompt chunks that may share the forward are left out (a step that carries them is priced as
+    its decodes alone; GoodputPolicy.choose says why). E_i(k) is `gains[i, k]` when given
     (AcceptanceEstimator.expected_tokens; alphas may then be None), else geometric in alphas[i];
     `lookup_gains[i, k]` is the same for prompt lookup's k tokens.
 
@@ -264,8 +262,7 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
     longest = max(contexts)  # the few extra positions k adds are ignored here
     cap = np.asarray(caps, dtype=int)
     catch = np.asarray(catchups, dtype=float) / 100.0 if catchups is not None else np.zeros(n)
-    seqs = n + prefill[0]  # prompt chunks (prefill = (sequences, tokens)) share the forward
-    verify_base = cv[0] + cv[1] * seqs + cv[2] * n + cv[3] * seqs * longest / 1000.0 + cv[4] * prefill[1]
+    verify_base = cv[0] + cv[1] * n + cv[2] * n + cv[3] * n * longest / 1000.0
     draft_per_token = cd[2] + cd[3] * longest / 1000.0
     kmax = int(cap.max())
     ks_grid = np.arange(kmax + 1)

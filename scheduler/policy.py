@@ -29,11 +29,11 @@ class SpeculationPolicy(ABC):
         """Start from profiled step records (a policy that learns step times uses them)."""
 
     @abstractmethod
-    def choose(self, requests: Sequence[Request], caps: Sequence[int],
-               prefill: tuple[int, int] = (0, 0)) -> list[int]:
-        """k for each request, each in 0..caps[i]. `prefill` = (sequences, tokens) of prompt
-        chunks that will share the step's target forward (an estimate made before the chunks
-        are cut: they get the token budget the decodes leave)."""
+    def choose(self, requests: Sequence[Request], caps: Sequence[int]) -> list[int]:
+        """k for each request, each in 0..caps[i]. Prompt chunks that may share the step's
+        target forward are not offered: they are cut after the choice, in the token budget the
+        decodes leave, and a step that carries them is priced as its decodes alone (see
+        GoodputPolicy.choose)."""
 
     def draft_stop(self) -> "DraftStop | None":
         """After `choose`: when the draft may end the drafting of this policy's requests before
@@ -75,8 +75,7 @@ class SpeculationPolicy(ABC):
 class OffPolicy(SpeculationPolicy):
     name = "off"
 
-    def choose(self, requests: Sequence[Request], caps: Sequence[int],
-               prefill: tuple[int, int] = (0, 0)) -> list[int]:
+    def choose(self, requests: Sequence[Request], caps: Sequence[int]) -> list[int]:
         return [0] * len(requests)
 
 
@@ -87,8 +86,7 @@ class FixedPolicy(SpeculationPolicy):
         self.k = k
         self.name = f"fixed:{k}"
 
-    def choose(self, requests: Sequence[Request], caps: Sequence[int],
-               prefill: tuple[int, int] = (0, 0)) -> list[int]:
+    def choose(self, requests: Sequence[Request], caps: Sequence[int]) -> list[int]:
         return [min(self.k, c) for c in caps]
 
 
@@ -245,8 +243,7 @@ class GoodputPolicy(SpeculationPolicy):
         if self.lookup_acceptance is not None:
             self.lookup_acceptance.observe_many(outcomes)
 
-    def choose(self, requests: Sequence[Request], caps: Sequence[int],
-               prefill: tuple[int, int] = (0, 0)) -> list[int]:
+    def choose(self, requests: Sequence[Request], caps: Sequence[int]) -> list[int]:
         from goodspec.scheduler.goodput import best_choice
 
         self._steps += 1
@@ -265,13 +262,14 @@ class GoodputPolicy(SpeculationPolicy):
                              margin=self.evidence.margin).ks
             self._predicted = self.time_model.predict_step_time(ks, contexts, None, [True] * len(ks))
             return ks
-        # A step that carries prompt chunks (`prefill`) is priced as the same decodes alone: its
-        # own goodput is low, so beside the chunk any draft token looked cheap, and a floor at
-        # the decode steps' measured goodput still let goodput draft ~20 tokens into each chunk
-        # step at 32 req/s (those steps took 1030-1180 ms against `off`'s 865-948; its servers
-        # 4-10% behind `off`'s). No speculation there at all matched `off` at 32 req/s but was
-        # 6-9% slower at 2, where decodes still gain from it (BENCHMARKS.md, twenty-seventh
-        # session): priced as the decodes alone, the chunk step speculates as they would.
+        # A step that carries prompt chunks is priced as the same decodes alone (choose is not
+        # told of them): its own goodput is low, so beside the chunk any draft token looked
+        # cheap, and a floor at the decode steps' measured goodput still let goodput draft ~20
+        # tokens into each chunk step at 32 req/s (those steps took 1030-1180 ms against `off`'s
+        # 865-948; its servers 4-10% behind `off`'s). No speculation there at all matched `off`
+        # at 32 req/s but was 6-9% slower at 2, where decodes still gain from it (BENCHMARKS.md,
+        # twenty-seventh session): priced as the decodes alone, the chunk step speculates as
+        # they would.
         gains = self.acceptance.expected_tokens(ids, kmax)
         # Tokens the draft would first have to catch up on (beyond the pending one): the whole
         # prompt for a new request, the tokens decoded without speculation after a k = 0 stretch.

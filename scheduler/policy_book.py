@@ -61,8 +61,8 @@ class PolicyBook:
         for policy in self.learning():
             policy.seed(self.profile_records)
 
-    def choose(self, decode: Sequence[Request], caps: Sequence[int],
-               prefill: tuple[int, int]) -> tuple[list[int], DraftStop | None, set[str]]:
+    def choose(self, decode: Sequence[Request],
+               caps: Sequence[int]) -> tuple[list[int], DraftStop | None, set[str]]:
         """k per decoding request, each policy asked once for all of its requests, clipped to
         the caps; and when the draft may stop some of them early (one policy's DraftStop, and
         the requests it covers: the draft takes one per proposal)."""
@@ -72,7 +72,7 @@ class PolicyBook:
         for i, r in enumerate(decode):
             groups.setdefault(id(r.policy), (r.policy, []))[1].append(i)
         for policy, idx in groups.values():
-            chosen = policy.choose([decode[i] for i in idx], [caps[i] for i in idx], prefill)
+            chosen = policy.choose([decode[i] for i in idx], [caps[i] for i in idx])
             for i, k in zip(idx, chosen):
                 ks[i] = max(0, min(int(k), caps[i]))
             own = policy.draft_stop()

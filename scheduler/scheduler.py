@@ -183,12 +183,10 @@ class Scheduler:
         decode = [r for r in self.running if r.in_decode]
         prefill = [r for r in self.running if not r.in_decode]
         caps = [self._k_cap(r) for r in decode]
-        room = max(0, cfg.max_num_batched_tokens - len(decode))
-        prefill_tokens = min(room, sum(r.num_pending for r in prefill))
         t0 = time.perf_counter()
         self.proposers.score_ahead([(r, c) for r, c in zip(decode, caps) if r.policy.scores_lookup])
-        ks, draft_stop, may_stop = self.policies.choose(decode, caps,
-                                                        (len(prefill) if prefill_tokens else 0, prefill_tokens))
+        # (the chunks are not offered to the policies: a step is priced as its decodes alone)
+        ks, draft_stop, may_stop = self.policies.choose(decode, caps)
         lookup = {r.req_id for r, k in zip(decode, ks) if k > 0 and self.policies.uses_lookup(r)}
         choose_time = time.perf_counter() - t0
         budget = cfg.max_num_batched_tokens - sum(1 + k for k in ks)

@@ -23,7 +23,7 @@ class MixedKPolicy(SpeculationPolicy):
     def __init__(self) -> None:
         self.calls = 0
 
-    def choose(self, requests, caps, prefill=(0, 0)):
+    def choose(self, requests, caps):
         self.calls += 1
         return [min(c, (self.calls + int(r.req_id.split("-")[-1])) % 6) for r, c in zip(requests, caps)]
 
@@ -34,7 +34,7 @@ class TrimmingPolicy(SpeculationPolicy):
 
     name = "trim"
 
-    def choose(self, requests, caps, prefill=(0, 0)):
+    def choose(self, requests, caps):
         return [min(3, c) for c in caps]
 
     def trim(self, requests, draft_conf, shape):

@@ -127,7 +127,7 @@ class HalfOnLookup(SpeculationPolicy):
 
     name = "half-on-lookup"
 
-    def choose(self, requests, caps, prefill=(0, 0)):
+    def choose(self, requests, caps):
         self._lookup = {r.req_id for i, r in enumerate(requests) if i % 2 == 0}
         return [min(3, c) for c in caps]
 
@@ -157,7 +157,7 @@ class StopsWhenUnsure(SpeculationPolicy):
 
     name = "stops-when-unsure"
 
-    def choose(self, requests, caps, prefill=(0, 0)):
+    def choose(self, requests, caps):
         return [min(6, c) for c in caps]
 
     def draft_stop(self):

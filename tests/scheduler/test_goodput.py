@@ -154,7 +154,7 @@ def test_a_lone_request_gets_the_best_of_every_option_by_the_step_time_model():
             gains = lookup_gains if lookup else draft_gains
             return gains[k] / m.predict_step_time([k], ctx, catchup, [lookup])
 
-        choice = best_choice(None, ctx, [cap], m, catchup, (0, 0), draft_gains[None], lookup_gains=lookup_gains[None])
+        choice = best_choice(None, ctx, [cap], m, catchup, draft_gains[None], lookup_gains=lookup_gains[None])
         brute = max(g(k, lookup) for k in range(cap + 1) for lookup in (False, True))
         assert g(choice.ks[0], choice.lookup[0]) == pytest.approx(brute, rel=1e-9)
 
@@ -311,28 +311,3 @@ def test_no_speculation_unless_its_predicted_gain_clears_the_margin():
         assert gain > 0
         assert _batch_choice(m, 0.8, batch, margin=gain * 0.9).ks == free  # a smaller margin: the same choice
         assert not any(_batch_choice(m, 0.8, batch, margin=gain * 1.1).ks)  # a larger one: none
-
-
-def test_the_goodput_policy_prices_a_step_with_a_prompt_chunk_as_its_decodes_alone():
-    """A step that carries a prompt chunk: its own goodput is low, so speculation looked cheap
-    there, and at saturation the drafts (with their catch-ups) made those steps 20-30% longer
-    than `off`'s. Priced as the decodes alone, it chooses what they would without the chunk:
-    speculation where it pays (light load), none where it does not (a low acceptance)."""
-    from goodspec.scheduler.policy import GoodputPolicy
-    from goodspec.scheduler.request import Request
-    from goodspec.workers.sampling import SamplingParams
-    from tests.scheduler.test_step_time import synthetic_records
-
-    def choice(accepted, prefill):
-        policy = GoodputPolicy()
-        policy.seed(synthetic_records(seed=1))
-        policy._observations = policy.min_observations  # as after its first speculative steps
-        policy.acceptance.global_success, policy.acceptance.global_failure = accepted, 100.0 - accepted
-        reqs = [Request(f"r{i}", [5] * 200, SamplingParams(max_new_tokens=100, seed=1)) for i in range(16)]
-        for r in reqs:
-            r.target_len = r.draft_len = 199
-        return policy.choose(reqs, [4] * 16, prefill=prefill)
-
-    for accepted in (10.0, 40.0, 90.0):
-        assert choice(accepted, (1, 512)) == choice(accepted, (0, 0)), accepted
-    assert any(choice(90.0, (1, 512))) and not any(choice(10.0, (1, 512)))
