@@ -61,11 +61,24 @@ def save_cached(key: str, records: Sequence[StepRecord]) -> None:
         pass  # a read-only home only costs a re-profile next time
 
 
+SWEEP_BATCH_SIZES = (1, 4, 8, 16, 32)
+SWEEP_KS = (0, 1, 2, 3, 5, 8)
+SWEEP_CONTEXTS = (64, 320)
+
+
+def swept_shapes(kv_tokens: int, max_k: int, batch_sizes: Sequence[int] = SWEEP_BATCH_SIZES,
+                 ks: Sequence[int] = SWEEP_KS, contexts: Sequence[int] = SWEEP_CONTEXTS) -> list[tuple[int, int]]:
+    """The (context, batch size) pairs a sweep measures: those whose sequences fit in the KV
+    budget at the deepest k swept."""
+    deepest = max(k for k in ks if k <= max_k)
+    return [(ctx, b) for ctx in contexts for b in batch_sizes if b * (ctx + deepest + 2) <= kv_tokens]
+
+
 def profile_step_times(
     target, draft, kv_tokens: int, max_k: int,
-    batch_sizes: Sequence[int] = (1, 4, 8, 16, 32),
-    ks: Sequence[int] = (0, 1, 2, 3, 5, 8),
-    contexts: Sequence[int] = (64, 320),
+    batch_sizes: Sequence[int] = SWEEP_BATCH_SIZES,
+    ks: Sequence[int] = SWEEP_KS,
+    contexts: Sequence[int] = SWEEP_CONTEXTS,
     repeats: int = 2,
 ) -> list[StepRecord]:
     """Uniform-k decode steps on synthetic sequences; each repeat rolls both caches back through
@@ -73,24 +86,22 @@ def profile_step_times(
     proposes: free) the k tokens verified are the last token repeated: only how many matters."""
     records: list[StepRecord] = []
     greedy = SamplingParams(max_new_tokens=1, seed=0)
+    shapes = swept_shapes(kv_tokens, max_k, batch_sizes, ks, contexts)
     ks = [k for k in ks if k <= max_k]
-    for ctx in contexts:
-        for b in batch_sizes:
-            if b * (ctx + max(ks) + 2) > kv_tokens:
-                continue
-            ids = [f"__profile-{ctx}-{b}-{i}" for i in range(b)]
-            tokens = [[3 + (17 * i + 5 * j) % 997 for j in range(ctx)] for i in range(b)]
-            try:
-                target.verify(VerifyBatch([VerifyItem(r, 0, t[:-1], False, greedy) for r, t in zip(ids, tokens)]))
-                if draft is not None:
-                    draft.propose(ProposeBatch([ProposeItem(r, 0, t[:-1], 1, greedy) for r, t in zip(ids, tokens)]))
-                for _ in range(repeats):
-                    for k in ks:
-                        records.append(_one_step(target, draft, ids, tokens, k, greedy))
-            finally:
-                target.free(ids)
-                if draft is not None:
-                    draft.free(ids)
+    for ctx, b in shapes:
+        ids = [f"__profile-{ctx}-{b}-{i}" for i in range(b)]
+        tokens = [[3 + (17 * i + 5 * j) % 997 for j in range(ctx)] for i in range(b)]
+        try:
+            target.verify(VerifyBatch([VerifyItem(r, 0, t[:-1], False, greedy) for r, t in zip(ids, tokens)]))
+            if draft is not None:
+                draft.propose(ProposeBatch([ProposeItem(r, 0, t[:-1], 1, greedy) for r, t in zip(ids, tokens)]))
+            for _ in range(repeats):
+                for k in ks:
+                    records.append(_one_step(target, draft, ids, tokens, k, greedy))
+        finally:
+            target.free(ids)
+            if draft is not None:
+                draft.free(ids)
     return records
 
 
@@ -125,7 +136,9 @@ def warm_up_goodput(scheduler, kv_tokens: int, key_parts: Sequence[object], swee
     from the disk cache when the key matches, else from a fresh sweep (then cached)."""
     if scheduler.draft is None and not scheduler.proposers.lookup:
         return []
-    key = profile_key(*key_parts, scheduler.config.max_k)
+    # A small KV budget sweeps fewer batch sizes: its profile must not seed a larger engine.
+    max_k = scheduler.config.max_k
+    key = profile_key(*key_parts, max_k, f"shapes={swept_shapes(kv_tokens, max_k)}")
     records = load_cached(key)
     if records is None and sweep:
         records = profile_step_times(scheduler.target, scheduler.draft, kv_tokens, scheduler.config.max_k)
