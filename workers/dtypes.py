@@ -27,3 +27,13 @@ def resolve_dtype(dtype: str, device: torch.device, bfloat16_on_native_cpu: bool
             and cpu_has_native_bfloat16()):
         return torch.bfloat16
     return resolved
+
+
+def emulated_bfloat16_note(device: torch.device, dtype: torch.dtype) -> str | None:
+    """A one-line warning where a model is to run bfloat16 on a CPU without native bfloat16
+    (AVX512-BF16 or AMX), else None: there oneDNN emulates it, and SmolLM2's target ran 1.7-2.9x
+    slower than in float32 (BENCHMARKS.md, twenty-seventh session)."""
+    if device.type != "cpu" or dtype != torch.bfloat16 or cpu_has_native_bfloat16():
+        return None
+    return ("bfloat16 on this CPU is emulated (no AVX512-BF16 or AMX): expect it slower than float32 "
+            "(--dtype float32, and --draft-dtype auto for the draft)")

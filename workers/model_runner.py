@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,11 +11,13 @@ import torch
 from goodspec.workers.attention import ATTENTION_NAME, AttentionMetadata, attention_backends
 from goodspec.workers.cpu_linear import to_onednn_linears, uses_onednn
 from goodspec.workers.decoder_forward import LeanDecoder
-from goodspec.workers.dtypes import resolve_dtype
+from goodspec.workers.dtypes import emulated_bfloat16_note, resolve_dtype
 from goodspec.workers.feature_draft import FeatureInput, block_outputs, normalised
 from goodspec.workers.int8_linear import INT8, to_int8_linears, uses_int8
 from goodspec.workers.kv_cache import KVCacheSpec, PagedKVCache
 from goodspec.workers.runner_config import RunnerConfig
+
+log = logging.getLogger("goodspec.workers")
 
 
 def resolve_device(device: str) -> torch.device:
@@ -99,6 +102,8 @@ class ModelRunner:
         if threads > 0:
             torch.set_num_threads(threads)
         self.dtype = resolve_dtype(config.dtype, self.device, config.bfloat16_on_native_cpu)
+        if (note := emulated_bfloat16_note(self.device, self.dtype)) is not None:
+            log.warning("%s: %s", config.model_dir, note)
         int8 = uses_int8(config.int8_weights, self.device, self.dtype)  # refused before any loading
         path = model_path(config.model_dir)  # resolved once: a GGUF file is hashed to find its copy
         self.model = load_causal_lm(path, self.device, self.dtype)

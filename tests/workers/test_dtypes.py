@@ -3,14 +3,16 @@ native bfloat16."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
-from goodspec.config import EngineConfig
+from goodspec.config import DEFAULT_TARGET, EngineConfig
 from goodspec.workers import dtypes
 from goodspec.workers.dtypes import resolve_dtype
+from goodspec.workers.model_runner import ModelRunner, RunnerConfig
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -65,3 +67,17 @@ def test_an_unknown_dtype_is_refused_naming_its_field(field):
         EngineConfig(model="tiny", **{field: "bf16"})
     with pytest.raises(ValueError, match="dtype must be"):
         resolve_dtype("half", CPU)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_on_a_cpu_without_it_natively_is_warned_about_in_one_line(monkeypatch, caplog, native):
+    monkeypatch.setattr(dtypes, "cpu_has_native_bfloat16", lambda: native)  # the host's CPU is fixed
+    assert (dtypes.emulated_bfloat16_note(CPU, torch.bfloat16) is None) == native
+    assert dtypes.emulated_bfloat16_note(CPU, torch.float32) is None
+    assert dtypes.emulated_bfloat16_note(CUDA, torch.bfloat16) is None
+    with caplog.at_level(logging.WARNING, logger="goodspec.workers"):  # (torch's linears: packing needs it native)
+        ModelRunner(RunnerConfig(DEFAULT_TARGET, device="cpu", dtype="bfloat16", kv_cache_tokens=256,
+                                 cpu_linear="torch"))
+    warned = [r for r in caplog.records if "emulated" in r.getMessage()]
+    assert len(warned) == (0 if native else 1)
+    assert all("\n" not in r.getMessage() and DEFAULT_TARGET in r.getMessage() for r in warned)
