@@ -141,7 +141,7 @@ def warm_up_goodput(scheduler, kv_tokens: int, key_parts: Sequence[object], swee
     key = profile_key(*key_parts, max_k, f"shapes={swept_shapes(kv_tokens, max_k)}")
     records = load_cached(key)
     if records is None and sweep:
-        records = profile_step_times(scheduler.target, scheduler.draft, kv_tokens, scheduler.config.max_k)
+        records = profile_step_times(scheduler.target, scheduler.draft, kv_tokens, max_k)
         save_cached(key, records)
     scheduler.policies.seed(records or [])
     return scheduler.policies.profile_records
