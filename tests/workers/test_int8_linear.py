@@ -161,15 +161,21 @@ def test_int8_is_a_draft_dtype_on_a_cpu_only():
 
 
 def test_step_time_profiles_are_cached_per_draft_weights(monkeypatch):
-    """An int8 draft's batch-1 passes cost about half a bfloat16 one's: a profile measured with
-    one must not seed an engine running the other."""
+    """An int8 draft's batch-1 passes cost about half a bfloat16 one's, and a float32 draft's
+    with int8 copies (auto without native bfloat16) about three quarters of a float32 one's: a
+    profile measured with one must not seed an engine running the other."""
     import goodspec.scheduler.profiler as profiler
     from goodspec.engine import LLMEngine
 
     keys = []
     monkeypatch.setattr(profiler, "warm_up_goodput", lambda _sched, _tokens, key: keys.append(key))
-    for dd in ("bfloat16", "int8"):
-        LLMEngine(EngineConfig(target_dir=DEFAULT_TARGET, draft_dir=DEFAULT_DRAFT, policy="goodput",
-                               device="cpu", dtype="float32", draft_dtype=dd,
-                               target_kv_tokens=1024, draft_kv_tokens=1024))
-    assert profiler.profile_key(*keys[0]) != profiler.profile_key(*keys[1])
+    drafts = {}
+    for dd in ("bfloat16", "int8", "float32", "auto"):
+        engine = LLMEngine(EngineConfig(target_dir=DEFAULT_TARGET, draft_dir=DEFAULT_DRAFT, policy="goodput",
+                                        device="cpu", dtype="float32", draft_dtype=dd,
+                                        target_kv_tokens=1024, draft_kv_tokens=1024))
+        drafts[dd] = engine.draft.runner
+    bf16, int8, f32, auto = (profiler.profile_key(*k) for k in keys)
+    assert bf16 != int8
+    assert drafts["float32"].weights == "float32" and drafts["auto"].int8_linears > 0
+    assert f32 != auto
