@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from goodspec.scheduler.step_time import StepTimeModel
+from goodspec.scheduler.step_time import StepTimeModel, verify_features
 
 
 # -- acceptance -------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
     longest = max(contexts)  # the few extra positions k adds are ignored here
     cap = np.asarray(caps, dtype=int)
     catch = np.asarray(catchups, dtype=float) / 100.0 if catchups is not None else np.zeros(n)
-    verify_base = cv[0] + cv[1] * n + cv[2] * n + cv[3] * n * longest / 1000.0
+    verify_base = model.verify.predict(verify_features(n, n, longest))  # the n decodes alone
     draft_per_token = cd[2] + cd[3] * longest / 1000.0
     kmax = int(cap.max())
     ks_grid = np.arange(kmax + 1)
