@@ -1,7 +1,7 @@
 """int8 draft weights on a CPU: few-row inputs within the int8 rounding bound and larger ones
-exactly the layer's own dtype's (bfloat16 or float32), every linear of a draft's decoder and output layer swapped (not its feature
-layer), the engine's output still the target's, the draft's "auto" choosing them only where it
-should, and refused where they do not apply."""
+exactly the layer's own dtype's (bfloat16 or float32), every linear of a draft's decoder and
+output layer swapped (not its feature layer), the engine's output still the target's, the
+draft's "auto" choosing them only where it should, and refused where they do not apply."""
 
 import pytest
 import torch
