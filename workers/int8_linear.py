@@ -10,7 +10,7 @@ decodes, a prompt) keep to the bfloat16 weight, packed by oneDNN where the runne
 linears (cpu_linear.py): never slower than bfloat16, faster at batch <= 4.
 
 On a CPU without native bfloat16 (AVX2 only) the draft runs float32, and its few-row inputs are
-rounded to bfloat16 for the same kernel (which multiplies float32 rows ~10x slower than bfloat16
+rounded to bfloat16 for the same kernel (which multiplies float32 rows ~13x slower than bfloat16
 ones there) and the product returned in float32; larger inputs keep to the float32 weight. A
 batch-1 pass of the SmolLM2 draft took 5.5 ms against 7.4 in float32 there, 9.8 against 10.8 at
 batch 4, the same from batch 8 on; bfloat16 itself, emulated, took 36 ms at batch 8 against 16
@@ -72,7 +72,7 @@ class Int8WeightLinear(nn.Module):
         if x.numel() > INT8_MAX_ROWS * self.in_features:
             return packed_linear(x, self.weight, self.bias) if self.packed else F.linear(x, self.weight, self.bias)
         # The kernel takes bfloat16 rows (a no-op in a bfloat16 draft; float32 rows it multiplies
-        # ~10x slower than bfloat16 ones here) and returns its product in their dtype.
+        # ~13x slower than bfloat16 ones here) and returns its product in their dtype.
         y = torch._weight_int8pack_mm(x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight_int8,
                                       self.scales).to(x.dtype)
         if self.bias is not None:
