@@ -201,9 +201,13 @@ def _group_attention(q: torch.Tensor, k_layer: torch.Tensor, v_layer: torch.Tens
     contexts: `[group tokens, heads, head_dim]`, in the group's token order."""
     num_seqs = g.block_tables.shape[0]
     num_kv_heads, head_dim = k_layer.shape[2], k_layer.shape[3]
-    # [num_seqs, kv_heads, max_context, head_dim]
-    k_ctx = k_layer[g.block_tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
-    v_ctx = v_layer[g.block_tables].view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    # [num_seqs, kv_heads, max_context, head_dim]. index_select on the flattened table, not
+    # k_layer[block_tables]: the same gather, 2.5-5x faster on a CPU (4096 blocks of 16 x 3 x 64
+    # floats, 16 blocks a sequence: 10 us against 45 at batch 1, 82 against 314 at 16), and a
+    # forward of the SmolLM2 target gathers twice a layer, 60 times.
+    blocks = g.block_tables.reshape(-1)
+    k_ctx = k_layer.index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
+    v_ctx = v_layer.index_select(0, blocks).view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)
     # [num_seqs, max_new, heads, hd]
     qg = q.reshape(*g.pad_index.shape, *q.shape[1:]).contiguous() if g.unpadded else q[g.pad_index]
     gqa = qg.shape[2] != num_kv_heads
