@@ -13,6 +13,15 @@ each layer's call.
 
 Only for model types whose layer layout is Llama's (LEAN_MODEL_TYPES: pre-norm attention and
 gated MLP, rotary positions, no extra norms); any other model keeps transformers' forward.
+
+`fuse_projections` joins each layer's query, key and value projections into one linear layer, and
+its MLP's gate and up projections into another, as vLLM's QKVParallelLinear and
+MergedColumnParallelLinear do: one weight read per group instead of three or two. The runner fuses
+where it packs its linears for oneDNN (cpu_linear.py), where the products came out bit for bit
+those of the separate layers for 1 to 1024 rows of SmolLM2's shapes, and a batch-1 target decode
+took 56.0 ms against 60.2, a 4-token verification 60.6 against 69.2 (context 250, alternated in
+one process, this AVX2 machine; BENCHMARKS.md, twenty-ninth session). A fused model runs only
+through LeanDecoder: transformers' forward looks for the separate layers.
 """
 
 from __future__ import annotations
@@ -26,6 +35,39 @@ from goodspec.workers.attention import AttentionMetadata, paged_attention
 # Checked against transformers' forward (tests/workers/test_decoder_forward.py); Mistral and
 # Qwen2 share the layout but are not tested here, so they keep transformers' forward.
 LEAN_MODEL_TYPES = ("llama",)
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """Replace each decoder layer's q/k/v projections by one `qkv_proj` and its MLP's gate/up
+    projections by one `gate_up_proj` (weights concatenated along the output; the split sizes are
+    read back from the layers' shapes). Plain `nn.Linear` layers only, before any packing; returns
+    how many layers were fused (0 where the model is not one LeanDecoder runs)."""
+    if LeanDecoder.for_model(model) is None:
+        return 0
+    fused = 0
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        parts = (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)
+        if any(type(p) is not nn.Linear for p in parts):
+            continue
+        attn.qkv_proj, attn.qkv_sizes = _joined(parts[:3]), [p.out_features for p in parts[:3]]
+        mlp.gate_up_proj = _joined(parts[3:])
+        del attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj
+        fused += 1
+    return fused
+
+
+def _joined(linears: tuple[nn.Linear, ...]) -> nn.Linear:
+    """One linear layer computing `linears`' outputs side by side."""
+    first = linears[0]
+    bias = first.bias is not None
+    joined = nn.Linear(first.in_features, sum(p.out_features for p in linears), bias=bias,
+                       device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        joined.weight.copy_(torch.cat([p.weight for p in linears]))
+        if bias:
+            joined.bias.copy_(torch.cat([p.bias for p in linears]))
+    return joined.requires_grad_(False)
 
 
 class LeanDecoder:
@@ -53,14 +95,21 @@ class LeanDecoder:
             attn, mlp = layer.self_attn, layer.mlp
             x = layer.input_layernorm(hidden)
             heads = (1, num_tokens, -1, attn.head_dim)
-            q = attn.q_proj(x).view(heads).transpose(1, 2)
-            k = attn.k_proj(x).view(heads).transpose(1, 2)
-            v = attn.v_proj(x).view(heads).transpose(1, 2)
+            if hasattr(attn, "qkv_proj"):  # fuse_projections
+                q, k, v = (t.reshape(heads).transpose(1, 2) for t in attn.qkv_proj(x).split(attn.qkv_sizes, -1))
+            else:
+                q = attn.q_proj(x).view(heads).transpose(1, 2)
+                k = attn.k_proj(x).view(heads).transpose(1, 2)
+                v = attn.v_proj(x).view(heads).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
             out, _ = paged_attention(attn, q, k, v, None, scaling=attn.scaling, goodspec_meta=meta)
             hidden = hidden + attn.o_proj(out.reshape(1, num_tokens, -1))
             x = layer.post_attention_layernorm(hidden)
-            hidden = hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+            if hasattr(mlp, "gate_up_proj"):
+                gate, up = mlp.gate_up_proj(x).chunk(2, -1)
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
             if index in capture:
                 captured[index] = hidden
         return decoder.norm(hidden), captured

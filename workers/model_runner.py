@@ -10,7 +10,7 @@ import torch
 
 from goodspec.workers.attention import ATTENTION_NAME, AttentionMetadata, attention_backends
 from goodspec.workers.cpu_linear import to_onednn_linears, uses_onednn
-from goodspec.workers.decoder_forward import LeanDecoder
+from goodspec.workers.decoder_forward import LeanDecoder, fuse_projections
 from goodspec.workers.dtypes import emulated_bfloat16_note, resolve_dtype
 from goodspec.workers.feature_draft import FeatureInput, block_outputs, normalised
 from goodspec.workers.int8_linear import INT8, to_int8_linears, uses_int8
@@ -116,6 +116,9 @@ class ModelRunner:
         # target's hidden states, whose outlier dimensions turn its int8 rounding into lost
         # acceptance (0.547 against 0.599 at fixed:1 with it int8, 0.603 without; int8_linear.py).
         self.int8_linears = to_int8_linears(self.model, packed=onednn) if int8 else 0
+        # Each layer's q/k/v and gate/up joined before packing (decoder_forward.fuse_projections):
+        # measured, and equal bit for bit, on packed float32 oneDNN linears only.
+        self.fused_layers = fuse_projections(self.model) if onednn and not int8 and self.dtype == torch.float32 else 0
         # int8 layers pack their own dense weight for their larger inputs (int8_linear.py)
         self.onednn_linears = (self.int8_linears if int8 else to_onednn_linears(self.model)) if onednn else 0
         if onednn and self.feature_input is not None:  # packed, its products are the same bit for bit

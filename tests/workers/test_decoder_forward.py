@@ -1,13 +1,16 @@
 """The runner's lean decoder forward gives transformers' forward's outputs bit for bit (logits,
 hidden states, captured blocks) for the SmolLM2 pair in its serving dtypes (float32 target,
 bfloat16 draft with int8 weights) and the tiny pair in float32, on a batch that mixes prompts, a
-decode and a verification; other model types keep transformers' forward."""
+decode and a verification, with its q/k/v and gate/up projections joined where the runner joins
+them (float32, packed oneDNN linears); other model types keep transformers' forward."""
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
 from goodspec.config import DEFAULT_DRAFT, DEFAULT_TARGET, SMOLLM2_DRAFT, model_pair
+from goodspec.workers import model_runner
+from goodspec.workers.cpu_linear import uses_onednn
 from goodspec.workers.decoder_forward import LeanDecoder
 from goodspec.workers.model_runner import ModelRunner, RunnerConfig
 
@@ -36,13 +39,20 @@ RUNNERS = {
 
 
 @pytest.mark.parametrize("name", sorted(RUNNERS))
-def test_the_lean_forward_equals_transformers_forward_bit_for_bit(name):
-    runner = ModelRunner(RUNNERS[name]())
+def test_the_lean_forward_equals_transformers_forward_bit_for_bit(name, monkeypatch):
+    config = RUNNERS[name]()
+    runner = ModelRunner(config)
     assert runner.lean_decoder is not None  # both pairs are Llama models
+    joins = config.int8_weights == "off" and uses_onednn("onednn", torch.device("cpu"), torch.float32)
+    assert runner.fused_layers == (runner.model.config.num_hidden_layers if joins else 0)
     layers = (1,) if runner.feature_input is None else ()  # a block's output, where one is read
     lean = _steps(runner, "lean-", layers)
-    runner.lean_decoder = None  # transformers' LlamaModel.forward, same weights, fresh sequences
-    reference = _steps(runner, "hf-", layers)
+    # transformers' LlamaModel.forward, same weights, fresh sequences: a joined model has no
+    # separate projections for it to call, so the reference runner keeps them apart
+    monkeypatch.setattr(model_runner, "fuse_projections", lambda model: 0)
+    reference_runner = ModelRunner(config) if runner.fused_layers else runner
+    reference_runner.lean_decoder = None
+    reference = _steps(reference_runner, "hf-", layers)
     for (logits, hidden), (want_logits, want_hidden) in zip(lean, reference):
         assert torch.equal(logits, want_logits)
         assert torch.equal(hidden, want_hidden)
