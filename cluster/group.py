@@ -23,7 +23,7 @@ from goodspec.cluster.cores import usable_cores
 from goodspec.cluster.engine_actor import EngineActor
 from goodspec.cluster.output_stream import LOST, OutputRouter
 from goodspec.cluster.ray_runtime import LOOPBACK_HOSTS, init_ray
-from goodspec.cluster.worker_actor import WorkerActor
+from goodspec.cluster.worker_actor import WorkerActor, worker_env
 from goodspec.config import GoodspecConfig
 from goodspec.scheduler.errors import EngineUnhealthy
 from goodspec.scheduler.policy import PolicySpec
@@ -120,11 +120,12 @@ class EngineGroup:
         token = new_token()  # the workers' channels accept only this engine's scheduler
         channel_host = channel_host_for(cl.placement_strategy)
         worker_cls = ray.remote(WorkerActor)
-        target = worker_cls.options(**opts(1, gpus, max_restarts=cl.max_restarts, max_task_retries=0)).remote(
+        worker_opts = dict(max_restarts=cl.max_restarts, max_task_retries=0, runtime_env={"env_vars": worker_env()})
+        target = worker_cls.options(**opts(1, gpus, **worker_opts)).remote(
             "target", cfg.target_runner_config(device), token, channel_host, cfg.draft_dir)
         draft = None
         if cfg.draft_dir:
-            draft = worker_cls.options(**opts(2, gpus, max_restarts=cl.max_restarts, max_task_retries=0)).remote(
+            draft = worker_cls.options(**opts(2, gpus, **worker_opts)).remote(
                 "draft", cfg.draft_runner_config(device), token, channel_host)
         actor = ray.remote(EngineActor).options(**opts(0), max_concurrency=10_000).remote(
             cfg, target, draft, cl.call_timeout_s, cl.placement_timeout_s + 300, token, index)

@@ -74,6 +74,23 @@ def test_the_draft_runs_int8_on_a_cpu_and_the_target_float32(group):
     assert group.model_info()["dtypes"] == {"target": "float32", "draft": "int8"}
 
 
+def test_the_workers_ask_for_huge_pages_for_their_weights(group):
+    """The worker actors' processes run with THP_MEM_ALLOC_ENABLE=1 (worker_env): where the
+    kernel's transparent huge pages allow madvise, the target's weights and KV cache sit in huge
+    pages."""
+    from pathlib import Path
+
+    target = group._ready[0]["target"]
+    env = Path(f"/proc/{target.pid}/environ").read_bytes().split(b"\0")
+    assert b"THP_MEM_ALLOC_ENABLE=1" in env
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not mode.is_file() or "[never]" in mode.read_text():
+        pytest.skip("this kernel gives no transparent huge pages")
+    rollup = Path(f"/proc/{target.pid}/smaps_rollup").read_text()
+    huge_kb = int(next(line.split()[1] for line in rollup.splitlines() if line.startswith("AnonHugePages")))
+    assert huge_kb >= 64 * 1024  # the tiny target's KV cache alone is 96 MiB (16384 tokens)
+
+
 def test_32_concurrent_mixed_requests_match_target_only_greedy(group, sharegpt_prompts, greedy_reference):
     prompts = sharegpt_prompts[:32]
     got = asyncio.run(_staggered(group, prompts, greedy_reference, policies=["fixed:3", "off", "fixed:5"]))
