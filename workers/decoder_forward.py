@@ -17,11 +17,11 @@ gated MLP, rotary positions, no extra norms); any other model keeps transformers
 `fuse_projections` joins each layer's query, key and value projections into one linear layer, and
 its MLP's gate and up projections into another, as vLLM's QKVParallelLinear and
 MergedColumnParallelLinear do: one weight read per group instead of three or two. The runner fuses
-where it packs its linears for oneDNN (cpu_linear.py), where the products came out bit for bit
-those of the separate layers for 1 to 1024 rows of SmolLM2's shapes, and a batch-1 target decode
-took 56.0 ms against 60.2, a 4-token verification 60.6 against 69.2 (context 250, alternated in
-one process, this AVX2 machine; BENCHMARKS.md, twenty-ninth session). A fused model runs only
-through LeanDecoder: transformers' forward looks for the separate layers.
+where it packs its float32 linears for oneDNN (cpu_linear.py): there the products came out bit
+for bit those of the separate layers (SmolLM2's shapes, 18 row counts from 1 to 1024), and a
+batch-1 target decode took 0.87x the time, a 4-token verification 0.84x (context 250, the two
+runners alternated in one process on an AVX2 CPU; BENCHMARKS.md, twenty-ninth session). A fused
+model runs only through LeanDecoder: transformers' forward looks for the separate layers.
 """
 
 from __future__ import annotations
