@@ -156,7 +156,7 @@ def _k_histogram(address: str, token: str | None) -> dict[int, int]:
     with GenerationClient(address, token=token) as c:
         out: dict[int, int] = {}
         for e in c.server_stats().engines:
-            for k, n in e.k_histogram.items():
+            for k, n in e.k_totals.items():  # since the start: k_histogram's window forgets
                 out[k] = out.get(k, 0) + n
         return out
 

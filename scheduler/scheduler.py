@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import replace
 from typing import Protocol
 
@@ -70,7 +70,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        self.step_records: list[StepRecord] = []
+        self.step_records: list[StepRecord] = []  # the recent ones (MAX_STEP_RECORDS at most)
+        # k -> request-steps over every step since the start: what a client diffs across a run
+        # (the records and the stats' k_histogram cover recent steps only)
+        self.k_totals: Counter[int] = Counter()
         self._aborted: list[str] = []
         self._rng = random.Random()
         self._failures = {"draft": 0, "target": 0}
@@ -169,6 +172,7 @@ class Scheduler:
         outputs += self._commit(plan, result)
         record = plan.record(proposal, result, t_draft, t_verify, time.perf_counter() - t_start)
         self.step_records.append(record)
+        self.k_totals.update(record.ks)
         if len(self.step_records) > MAX_STEP_RECORDS:
             del self.step_records[:MAX_STEP_RECORDS // 2]
         self.policies.observe(plan.decode_outcomes(result), record)

@@ -24,6 +24,9 @@ class EngineStats:
     overhead_share: float = 0.0  # of recent step time, what was spent outside the models
     choose_share: float = 0.0  # of recent step time, what choosing k took (the policies' cost)
     k_histogram: dict[int, int] = field(default_factory=dict)  # recent steps: k -> request-steps
+    # every step since the engine started: k -> request-steps. The difference of two readings is
+    # a run's own histogram; k_histogram's is not, once older steps leave its window.
+    k_totals: dict[int, int] = field(default_factory=dict)
     mean_k: float = 0.0
     draft_tokens_proposed: int = 0
     draft_tokens_accepted: int = 0
@@ -54,6 +57,7 @@ class EngineStats:
             overhead_share=(1 - compute / step) if step > 0 else 0.0,
             choose_share=sum(r.choose_time for r in recent) / step if step > 0 else 0.0,
             k_histogram=dict(sorted(k_hist.items())),
+            k_totals=dict(sorted(scheduler.k_totals.items())),
             mean_k=(sum(k * n for k, n in k_hist.items()) / sum(k_hist.values())) if k_hist else 0.0,
             draft_tokens_proposed=proposed, draft_tokens_accepted=accepted,
             acceptance_rate=accepted / proposed if proposed else None,

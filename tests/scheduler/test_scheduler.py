@@ -258,6 +258,30 @@ def test_step_records_what_the_goodput_model_needs():
     assert all(r.draft_time >= 0 and r.verify_time > 0 for r in spec)
 
 
+def test_k_totals_count_every_step_where_the_stats_histogram_keeps_recent_ones(monkeypatch):
+    """A client diffs k_totals across a run (goodspec bench's k histogram): they must count
+    every request-step since the start, not the window k_histogram covers."""
+    from goodspec.scheduler import stats
+
+    monkeypatch.setattr(stats, "RECENT_STEPS", 3)
+    s, _, _ = make(FixedPolicy(2))
+    s.add_request("a", [3, 4, 5], SamplingParams(max_new_tokens=12))
+    s.add_request("b", [3, 4], SamplingParams(max_new_tokens=8))
+    run(s)
+    every = [k for r in s.step_records for k in r.ks]
+    snapshot = stats.EngineStats.of(s)
+    assert len(s.step_records) > 3
+    assert snapshot.k_totals == {k: every.count(k) for k in sorted(set(every))}
+    assert sum(snapshot.k_histogram.values()) < len(every)  # the last 3 steps only
+    done = len(s.step_records)
+    s.add_request("c", [3, 4, 6], SamplingParams(max_new_tokens=5))
+    run(s)
+    later = stats.EngineStats.of(s).k_totals
+    new = [k for r in s.step_records[done:] for k in r.ks]
+    assert new and {k: n - snapshot.k_totals.get(k, 0) for k, n in later.items()} == \
+        {k: new.count(k) for k in later}  # two readings' difference: the run between them
+
+
 class CrashingWorker:
     """Wraps a fake worker; its calls number `crash_on` fail as if the process died, and the
     worker comes back empty (a restarted actor)."""
