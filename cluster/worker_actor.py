@@ -40,8 +40,8 @@ class WorkerInfo:
 def worker_env() -> dict[str, str]:
     """Environment variables of a worker actor's process (Ray's runtime_env). THP_MEM_ALLOC_ENABLE:
     torch's CPU allocator asks the kernel for huge pages (madvise) for its buffers of 2 MB and up,
-    the weights and the KV cache, which a forward streams through whole; read by torch once, at its
-    first allocation, hence set for the process rather than from here. A batch-1 float32 SmolLM2
+    the weights and the KV cache, which a forward streams through whole; given to the process
+    from its start, so it holds before the first tensor is allocated. A batch-1 float32 SmolLM2
     decode ran 0.86x the time with it (median of 9 paired runs, separate processes; BENCHMARKS.md,
     twenty-ninth session). It takes effect where the kernel's transparent huge pages are
     `madvise` or `always` (/sys/kernel/mm/transparent_hugepage/enabled); a user's own
