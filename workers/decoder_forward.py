@@ -42,7 +42,7 @@ def fuse_projections(model: nn.Module) -> int:
     projections by one `gate_up_proj` (weights concatenated along the output; the split sizes are
     read back from the layers' shapes). Plain `nn.Linear` layers only, before any packing; returns
     how many layers were fused (0 where the model is not one LeanDecoder runs)."""
-    if LeanDecoder.for_model(model) is None:
+    if model.config.model_type not in LEAN_MODEL_TYPES:  # LeanDecoder.for_model's rule
         return 0
     fused = 0
     for layer in model.model.layers:
