@@ -42,7 +42,8 @@ def measure_overhead(group: EngineGroup, prompts: list[str], policy: str,
     group.complete_all(prompts, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True,
                                                temperature=temperature, seed=0 if temperature else None),
                        policy=PolicySpec.parse(policy))
-    records = group.step_records(0)[start:]
+    ran = group.stats()[0].num_steps - start  # the run's own steps: the newest `ran` records
+    records = group.step_records(0, last=ran) if ran > 0 else []
     n = len(prompts)
     rs = [r for r in records if r["batch_size"] == n and r["num_decode"] == n]
     if not rs:

@@ -74,6 +74,7 @@ class Scheduler:
         # k -> request-steps over every step since the start: what a client diffs across a run
         # (the records and the stats' k_histogram cover recent steps only)
         self.k_totals: Counter[int] = Counter()
+        self.num_steps = 0  # every step since the start (step_records keeps the recent ones)
         self._aborted: list[str] = []
         self._rng = random.Random()
         self._failures = {"draft": 0, "target": 0}
@@ -173,6 +174,7 @@ class Scheduler:
         record = plan.record(proposal, result, t_draft, t_verify, time.perf_counter() - t_start)
         self.step_records.append(record)
         self.k_totals.update(record.ks)
+        self.num_steps += 1
         if len(self.step_records) > MAX_STEP_RECORDS:
             del self.step_records[:MAX_STEP_RECORDS // 2]
         self.policies.observe(plan.decode_outcomes(result), record)

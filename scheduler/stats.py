@@ -16,7 +16,7 @@ class EngineStats:
     policy: str = ""  # the server's speculation policy
     running: int = 0
     waiting: int = 0
-    num_steps: int = 0
+    num_steps: int = 0  # every step since the engine started (not only the recent ones kept)
     target_blocks_used: int = 0  # the scheduler's view of the workers' KV caches
     draft_blocks_used: int = 0
     worker_failures: int = 0  # failed worker calls since the engine started
@@ -50,7 +50,7 @@ class EngineStats:
         return cls(
             replica=replica, policy=scheduler.policy.name,
             running=len(scheduler.running), waiting=len(scheduler.waiting),
-            num_steps=len(scheduler.step_records),
+            num_steps=scheduler.num_steps,
             target_blocks_used=target_used, draft_blocks_used=draft_used,
             worker_failures=scheduler.num_worker_failures,
             unhealthy=scheduler.unhealthy or loop_error,

@@ -282,6 +282,19 @@ def test_k_totals_count_every_step_where_the_stats_histogram_keeps_recent_ones(m
         {k: new.count(k) for k in later}  # two readings' difference: the run between them
 
 
+def test_num_steps_counts_every_step_after_the_records_are_trimmed(monkeypatch):
+    """`goodspec overhead` takes a run's records as the newest (num_steps after - before): the
+    count must go on where the scheduler drops its oldest records."""
+    from goodspec.scheduler import scheduler as scheduler_module, stats
+
+    monkeypatch.setattr(scheduler_module, "MAX_STEP_RECORDS", 4)
+    s, _, _ = make(FixedPolicy(1))
+    s.add_request("a", [3, 4, 5], SamplingParams(max_new_tokens=12))
+    steps = run(s)  # each of its steps verifies (one request, nothing else to wait for)
+    assert steps > 4 and len(s.step_records) <= 4  # trimmed
+    assert stats.EngineStats.of(s).num_steps == steps
+
+
 class CrashingWorker:
     """Wraps a fake worker; its calls number `crash_on` fail as if the process died, and the
     worker comes back empty (a restarted actor)."""
