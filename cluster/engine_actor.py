@@ -41,7 +41,8 @@ class EngineActor:
             KVBudget(d_info.num_blocks, d_info.block_size) if d_info else None,
             d_info.max_context if d_info else None,
             device_key=device_key((t_info.device, t_info.weights, t_info.onednn_linears),
-                                  (d_info.device, d_info.weights, d_info.onednn_linears) if d_info else None, "ray"),
+                                  (d_info.device, d_info.weights, d_info.onednn_linears) if d_info else None, "ray",
+                                  t_info.huge_pages),
         )
         self.service = SchedulerService(scheduler, self.codec)
         self.service.start()

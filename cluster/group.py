@@ -23,12 +23,13 @@ from goodspec.cluster.cores import usable_cores
 from goodspec.cluster.engine_actor import EngineActor
 from goodspec.cluster.output_stream import LOST, OutputRouter
 from goodspec.cluster.ray_runtime import LOOPBACK_HOSTS, init_ray
-from goodspec.cluster.worker_actor import WorkerActor, worker_env
+from goodspec.cluster.worker_actor import WorkerActor
 from goodspec.config import GoodspecConfig
 from goodspec.scheduler.errors import EngineUnhealthy
 from goodspec.scheduler.policy import PolicySpec
 from goodspec.scheduler.stats import EngineStats
 from goodspec.scheduler.service import Completion, StreamChunk, Usage
+from goodspec.workers.huge_pages import worker_env
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.tokenizer import TextCodec
 
@@ -139,8 +140,13 @@ class EngineGroup:
                 f"engine {e.index}: {e.unhealthy}" for e in self.engines))
         return min(live, key=lambda e: (e.outstanding, e.index))
 
+    def worker_info(self, index: int = 0) -> dict:
+        """Engine `index`'s workers as they reported at start: "target" and "draft" (None with
+        no draft worker) -> WorkerInfo (pid, device, weights, threads, huge pages, ...)."""
+        return {kind: self._ready[index].get(kind) for kind in ("target", "draft")}
+
     def model_info(self) -> dict:
-        r = self._ready[0]
+        r = self.worker_info(0)
         cfg = self.config.engine
         return {
             "target": cfg.target_dir, "draft": cfg.draft_dir,
@@ -149,6 +155,7 @@ class EngineGroup:
             "replicas": len(self.engines),
             "threads": {kind: r[kind].threads for kind in ("target", "draft") if r.get(kind) is not None},
             "dtypes": {kind: r[kind].weights for kind in ("target", "draft") if r.get(kind) is not None},
+            "huge_pages": {kind: r[kind].huge_pages for kind in ("target", "draft") if r.get(kind) is not None},
         }
 
     async def complete_on(self, index: int, prompt: str, sampling: SamplingParams) -> None:

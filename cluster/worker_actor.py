@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from goodspec.workers.draft_worker import DraftWorker
+from goodspec.workers.huge_pages import huge_pages_on
 from goodspec.workers.model_runner import RunnerConfig
 from goodspec.workers.target_worker import TargetWorker
 
@@ -35,18 +36,7 @@ class WorkerInfo:
     # linears with weights packed for oneDNN (cpu_linear where it applies: float32, or native
     # bfloat16, on a CPU); keys the cached step-time profile with device and weights
     onednn_linears: int = 0
-
-
-def worker_env() -> dict[str, str]:
-    """Environment variables of a worker actor's process (Ray's runtime_env). THP_MEM_ALLOC_ENABLE:
-    torch's CPU allocator asks the kernel for huge pages (madvise) for its buffers of 2 MB and up,
-    the weights and the KV cache, which a forward streams through whole; given to the process
-    from its start, so it holds before the first tensor is allocated. A batch-1 float32 SmolLM2
-    decode ran 0.86x the time with it (median of 9 paired runs, separate processes; BENCHMARKS.md,
-    twenty-ninth session). It takes effect where the kernel's transparent huge pages are
-    `madvise` or `always` (/sys/kernel/mm/transparent_hugepage/enabled); a user's own
-    THP_MEM_ALLOC_ENABLE (0 turns it off) is passed on instead."""
-    return {"THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE", "1")}
+    huge_pages: bool = False  # the process's allocator asks for huge pages (workers.huge_pages)
 
 
 class WorkerActor:
@@ -89,7 +79,8 @@ class WorkerActor:
                                 runner.vocab_size, config.model_dir, self.channel.address,
                                 runner.feature_input is not None,
                                 runner.feature_input.target_layers if runner.feature_input is not None else (),
-                                self._compute.submit(torch.get_num_threads).result(), runner.onednn_linears)
+                                self._compute.submit(torch.get_num_threads).result(), runner.onednn_linears,
+                                huge_pages_on())
 
     def info(self) -> WorkerInfo:
         return self._info

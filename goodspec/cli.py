@@ -7,6 +7,11 @@ import json
 import sys
 import time
 
+from goodspec.workers.huge_pages import ask_for_huge_pages
+
+# before torch is imported (the imports below do), so in-process runners get them as workers do
+ask_for_huge_pages()
+
 from goodspec.config import add_config_flags, build_config, startup_profile_for
 from goodspec.workers.cpu_linear import add_cpu_linear_flag
 

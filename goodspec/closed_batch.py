@@ -24,6 +24,11 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
+from goodspec.workers.huge_pages import ask_for_huge_pages
+
+# before torch is imported (the imports below do), so in-process runners get them as workers do
+ask_for_huge_pages()
+
 from goodspec.config import MODEL_PAIRS, EngineConfig, startup_profile_for
 from goodspec.engine import LLMEngine
 from goodspec.scheduler.config import SchedulerConfig

@@ -17,6 +17,7 @@ from goodspec.scheduler.profiler import device_key
 from goodspec.scheduler.scheduler import Scheduler
 from goodspec.scheduler.service import Completion, usage_of
 from goodspec.workers.draft_worker import DraftWorker
+from goodspec.workers.huge_pages import huge_pages_on
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.target_worker import TargetWorker
 from goodspec.workers.tokenizer import TextCodec
@@ -37,7 +38,8 @@ class LLMEngine:
             self.draft, _budget(draft_runner) if draft_runner else None,
             draft_runner.max_context if draft_runner else None,
             device_key=device_key(_runner_key(self.target.runner),
-                                  _runner_key(draft_runner) if draft_runner else None, "in-process"),
+                                  _runner_key(draft_runner) if draft_runner else None, "in-process",
+                                  huge_pages_on()),
         )
         self._ids = itertools.count()
         self._prompts: dict[str, str] = {}

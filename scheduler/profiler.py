@@ -22,12 +22,15 @@ CACHE_DIR = Path(os.environ.get("GOODSPEC_CACHE", Path.home() / ".cache" / "good
 SWEEP_VERSION = 3
 
 
-def device_key(target: tuple[str, str, int], draft: tuple[str, str, int] | None, runtime: str) -> list[str]:
+def device_key(target: tuple[str, str, int], draft: tuple[str, str, int] | None, runtime: str,
+               huge_pages: bool) -> list[str]:
     """What a step-time profile depends on beside the model directories: each worker's
-    (device, weights: its dtype or int8, how many oneDNN linears it packed) and the runtime
-    ("in-process" or "ray")."""
+    (device, weights: its dtype or int8, how many oneDNN linears it packed), the runtime
+    ("in-process" or "ray") and whether the target's allocator takes huge pages (its steps cost
+    less with them: goodspec.workers.huge_pages)."""
     workers = [("target", target)] + ([("draft", draft)] if draft is not None else [])
-    return [f"{role}={device},{weights},onednn_linears={onednn}" for role, (device, weights, onednn) in workers] + [runtime]
+    return [f"{role}={device},{weights},onednn_linears={onednn}" for role, (device, weights, onednn) in workers] + \
+        [runtime, f"huge_pages={huge_pages}"]
 
 
 def profile_key(*parts: object) -> str:

@@ -75,14 +75,15 @@ def test_the_draft_runs_int8_on_a_cpu_and_the_target_float32(group):
 
 
 def test_the_workers_ask_for_huge_pages_for_their_weights(group):
-    """The worker actors' processes run with THP_MEM_ALLOC_ENABLE=1 (worker_env): where the
-    kernel's transparent huge pages allow madvise, the target's weights and KV cache sit in huge
-    pages."""
+    """The worker actors' processes run with THP_MEM_ALLOC_ENABLE=1 (workers.huge_pages): where
+    the kernel's transparent huge pages allow madvise, the target's weights and KV cache sit in
+    huge pages; the workers say so (model_info, and the step-time profile's key)."""
     from pathlib import Path
 
-    target = group._ready[0]["target"]
+    target = group.worker_info()["target"]
     env = Path(f"/proc/{target.pid}/environ").read_bytes().split(b"\0")
     assert b"THP_MEM_ALLOC_ENABLE=1" in env
+    assert group.model_info()["huge_pages"] == {"target": True, "draft": True}
     mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if not mode.is_file() or "[never]" in mode.read_text():
         pytest.skip("this kernel gives no transparent huge pages")
