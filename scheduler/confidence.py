@@ -77,14 +77,14 @@ class ConfidenceCalibrator:
 
 @dataclass(frozen=True)
 class VerifyShape:
-    """The step's target forward before any draft token is added."""
+    """The step's decodes before any draft token is added (a prompt chunk beside them is not
+    priced in: PolicyBook.trim)."""
 
-    num_items: int  # sequences in the forward (decodes and prompt chunks)
-    tokens: int  # tokens it processes without draft tokens
-    emitting: int  # items that emit a token whatever is verified (decodes, finishing prompts)
-    longest: int  # the longest context in it
+    num_items: int  # decoding sequences in the forward
+    tokens: int  # tokens they process without draft tokens
+    emitting: int  # those that emit a token whatever is verified
+    longest: int  # the longest context among them
     draft_time: float  # seconds the draft call took (spent already)
-    prefill_tokens: int = 0  # of tokens, those of prompt chunks
 
 
 def verify_lengths(survival: Sequence[np.ndarray], greedy: Sequence[bool], shape: VerifyShape,
@@ -105,8 +105,7 @@ def verify_lengths(survival: Sequence[np.ndarray], greedy: Sequence[bool], shape
     depth = np.concatenate([np.arange(len(survival[i])) for i in rows]) if rows else np.zeros(0, dtype=int)
     order = np.lexsort((depth, -value))  # survival falls along a proposal: top-B is a prefix of each
     gain = shape.emitting + fixed_gain + np.concatenate([[0.0], np.cumsum(value[order])])  # B = 0..
-    base = model.verify.predict(verify_features(shape.num_items, shape.tokens + fixed, shape.longest + 1,
-                                                 shape.prefill_tokens))
+    base = model.verify.predict(verify_features(shape.num_items, shape.tokens + fixed, shape.longest + 1))
     cost = shape.draft_time + np.maximum(base + per_token * np.arange(len(value) + 1), 1e-9)
     ratio = gain / cost
     best = int(np.argmax(ratio))

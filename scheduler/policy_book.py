@@ -112,11 +112,13 @@ class PolicyBook:
                 groups.setdefault(id(r.policy), (r.policy, []))[1].append((item, r))
         if not groups:
             return
+        # Priced as the step's decodes alone, as goodput's choice of k is (GoodputPolicy.choose):
+        # beside a prompt chunk's fixed cost any verified token looks cheap.
+        decodes = [it for it, r in zip(plan.verify, plan.verify_reqs) if r.req_id in plan.ks]
         shape = VerifyShape(
-            num_items=len(plan.verify), tokens=sum(len(it.token_ids) for it in plan.verify),
-            emitting=sum(it.sample for it in plan.verify),
-            longest=max(it.start_pos + len(it.token_ids) for it in plan.verify), draft_time=draft_time,
-            prefill_tokens=plan.prefill_tokens)
+            num_items=len(decodes), tokens=sum(len(it.token_ids) for it in decodes),
+            emitting=sum(it.sample for it in decodes),
+            longest=max(it.start_pos + len(it.token_ids) for it in decodes), draft_time=draft_time)
         for policy, members in groups.values():
             lengths = policy.trim([r for _, r in members],
                                   [proposal.draft_conf[it.proposal_row] for it, _ in members], shape)

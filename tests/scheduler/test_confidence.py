@@ -111,3 +111,40 @@ def test_goodput_conf_lets_the_draft_go_past_k_and_prices_a_position_in_tokens()
     # In tokens: the step's goodput level (tokens per second) times seconds, a few per cent of
     # a token for a row's position on this synthetic machine.
     assert 0.0 < stop.row_cost < 1.0
+
+
+def test_the_verification_cut_prices_the_decodes_alone_beside_a_prompt_chunk():
+    """As goodput's choice of k does: a prompt chunk in the same forward changes nothing in the
+    shape a policy cuts by (beside its fixed cost any verified token would look cheap)."""
+    from goodspec.scheduler.plan import StepPlan
+    from goodspec.scheduler.policy import OffPolicy
+    from goodspec.scheduler.policy_book import PolicyBook
+    from goodspec.scheduler.request import Request
+    from goodspec.workers.messages import Proposal, VerifyItem
+    from goodspec.workers.sampling import SamplingParams
+
+    class Recording(OffPolicy):  # a policy that keeps what it was asked to cut by
+        def trim(self, requests, draft_conf, shape):
+            self.shape = shape
+            return [1] * len(requests)
+
+    greedy = SamplingParams(max_new_tokens=100)
+
+    def plan_with(chunk: bool) -> tuple[StepPlan, Recording]:
+        policy, plan = Recording(), StepPlan()
+        for i in range(2):
+            r = Request(f"d{i}", [5] * 50, greedy, policy=policy)
+            plan.verify.append(VerifyItem(r.req_id, 60 + i, [7], True, greedy, [8, 9, 10], proposal_row=i))
+            plan.verify_reqs.append(r)
+            plan.ks[r.req_id] = 3
+        if chunk:
+            r = Request("p", [5] * 900, greedy, policy=policy)
+            plan.verify.append(VerifyItem("p", 0, [5] * 512, False, greedy))
+            plan.verify_reqs.append(r)
+        PolicyBook(OffPolicy()).trim(plan, Proposal([[8, 9, 10]] * 2, None, draft_conf=[[0.9] * 3] * 2), 0.004)
+        return plan, policy
+
+    alone, with_chunk = plan_with(False), plan_with(True)
+    assert with_chunk[1].shape == alone[1].shape == VerifyShape(num_items=2, tokens=2, emitting=2,
+                                                                longest=62, draft_time=0.004)
+    assert [it.draft_ids for it in with_chunk[0].verify[:2]] == [[8]] * 2  # the cut was applied
