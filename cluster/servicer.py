@@ -202,7 +202,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             target_kv_blocks_used=s.target_blocks_used, draft_kv_blocks_used=s.draft_blocks_used,
             num_steps=s.num_steps, mean_k=s.mean_k, acceptance_rate=s.acceptance_rate or 0.0,
             k_histogram=s.k_histogram, worker_failures=s.worker_failures, unhealthy=s.unhealthy or "",
-            k_totals=s.k_totals,
+            k_totals=s.k_totals, step_time_mape=s.step_time_mape or 0.0,
         ) for s in stats]
         return pb.ServerStats(engines=engines, requests_in_flight=self.in_flight,
                               requests_cancelled=self.cancelled, requests_rejected=self.rejected,

@@ -65,6 +65,9 @@ class RunSummary:
     k_histogram: dict = field(default_factory=dict)
     repeat_mean_latencies_s: list = field(default_factory=list)  # one per repeat of the trace
     kind_mean_latencies_s: dict = field(default_factory=dict)  # per part of a mixed workload
+    # a goodput policy's: the server's step-time MAPE after each of its replays, median (its
+    # last 500 pure-decode steps, each predicted before it ran); None for a static policy
+    step_time_mape: float | None = None
 
 
 # -- trace ------------------------------------------------------------------------------------
@@ -152,13 +155,17 @@ def summarise(records: list[RequestRecord], k_hist: dict) -> RunSummary:
     )
 
 
-def _k_histogram(address: str, token: str | None) -> dict[int, int]:
+def _server_counters(address: str, token: str | None) -> tuple[dict[int, int], float | None]:
+    """The k histogram over every step since the start (k_histogram's window forgets) and the
+    step-time MAPE, of every engine (the MAPE: their mean, None before any prediction)."""
     with GenerationClient(address, token=token) as c:
         out: dict[int, int] = {}
-        for e in c.server_stats().engines:
-            for k, n in e.k_totals.items():  # since the start: k_histogram's window forgets
+        engines = c.server_stats().engines
+        for e in engines:
+            for k, n in e.k_totals.items():
                 out[k] = out.get(k, 0) + n
-        return out
+        mapes = [e.step_time_mape for e in engines if e.step_time_mape > 0]
+        return out, (statistics.mean(mapes) if mapes else None)
 
 
 def run_benchmark(address: str, rates: list[float], policies: list[str], num_requests: int,
@@ -185,12 +192,15 @@ def run_benchmark(address: str, rates: list[float], policies: list[str], num_req
         trace = poisson_trace(workload, rate, seed)  # identical for every policy at this rate
         recs: dict[str, list[RequestRecord]] = {p: [] for p in policies}
         hists: dict[str, dict[int, int]] = {p: {} for p in policies}
+        mapes: dict[str, list[float]] = {p: [] for p in policies}
         for rep in range(repeats):
             shift = rep % len(policies)
             for policy in policies[shift:] + policies[:shift]:
-                before = _k_histogram(address, token)
+                before, _ = _server_counters(address, token)
                 run = asyncio.run(run_trace(address, trace, policy, rate, bar, token))
-                after = _k_histogram(address, token)
+                after, mape = _server_counters(address, token)
+                if mape is not None and policy.startswith("goodput"):
+                    mapes[policy].append(mape)
                 for r in run:
                     r.repeat = rep
                 recs[policy] += run
@@ -199,7 +209,9 @@ def run_benchmark(address: str, rates: list[float], policies: list[str], num_req
                         hists[policy][k] = hists[policy].get(k, 0) + after[k] - before.get(k, 0)
         for policy in policies:
             records += recs[policy]
-            summaries.append(summarise(recs[policy], dict(sorted(hists[policy].items()))))
+            summary = summarise(recs[policy], dict(sorted(hists[policy].items())))
+            summary.step_time_mape = statistics.median(mapes[policy]) if mapes[policy] else None
+            summaries.append(summary)
     if bar is not None:
         bar.close()
     return records, summaries
@@ -222,6 +234,7 @@ def ratios(summaries: list[RunSummary]) -> list[dict]:
             row["best_static"] = best.policy
         for p in adaptive:
             key = p.replace("-", "_")
+            row[f"{key}_step_time_mape"] = at[p].step_time_mape
             if best is not None:
                 row[f"{key}_over_best_static"] = at[p].mean_latency_s / best.mean_latency_s
             if "off" in at:
@@ -259,6 +272,8 @@ def ratio_lines(rows: list[dict]) -> list[str]:
                 parts.append(f"{name} / best static ({r['best_static']}) = {r[f'{key}_over_best_static']:.3f}")
             if f"{key}_over_off" in r:
                 parts.append(f"{name} / off = {r[f'{key}_over_off']:.3f}")
+            if r.get(f"{key}_step_time_mape") is not None:
+                parts.append(f"{name} step-time MAPE = {r[f'{key}_step_time_mape']:.1%}")
         out.append("  ".join(parts))
     return out
 

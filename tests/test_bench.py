@@ -37,6 +37,11 @@ def test_bench_writes_consistent_json_table_and_plot(tmp_path):
                    if r["rate"] == rate and r["policy"] == "goodput")
         assert a == b and a[0::2] == a[1::2]  # each (index, arrival) twice: once per repeat
     assert [r["rate"] for r in data["ratios"]] == [2.0, 8.0]
+    # goodput's step-time MAPE as the server reported it after its runs; none for a static policy
+    assert all(s["step_time_mape"] is None for s in data["summaries"] if s["policy"] == "off")
+    mapes = [r["goodput_step_time_mape"] for r in data["ratios"]]
+    assert all(m is None or 0 < m < 1 for m in mapes)
+    assert all(f"step-time MAPE = {m:.1%}" in res.stdout for m in mapes if m is not None)
     table = (out / "results.md").read_text()
     assert table.count("| goodput |") == 2 and "goodput / off" in table
     png = (out / "latency.png").read_bytes()

@@ -273,3 +273,14 @@ def test_prometheus_metrics_follow_requests_and_engines(group):
         assert 0 < after[("goodspec_engine_acceptance_rate", (("replica", "0"),))] <= 1
     finally:
         s.stop()
+
+
+def test_server_stats_report_goodputs_step_time_error(client, group, sharegpt_prompts):
+    """GetServerStats carries the goodput policies' step-time MAPE (what `goodspec bench`
+    reports per goodput run): the engine's own figure, once goodput has predicted steps."""
+    for p in sharegpt_prompts[:4]:
+        client.complete(p, max_new_tokens=48, policy="goodput", ignore_eos=True)
+    assert wait_idle(client)
+    own = group.stats()[0].step_time_mape
+    assert own is not None and 0 < own < 1
+    assert abs(client.server_stats().engines[0].step_time_mape - own) < 1e-12

@@ -127,7 +127,7 @@ class GetServerStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class EngineStats(_message.Message):
-    __slots__ = ("replica", "running", "waiting", "target_kv_blocks_used", "draft_kv_blocks_used", "num_steps", "mean_k", "acceptance_rate", "k_histogram", "worker_failures", "unhealthy", "k_totals")
+    __slots__ = ("replica", "running", "waiting", "target_kv_blocks_used", "draft_kv_blocks_used", "num_steps", "mean_k", "acceptance_rate", "k_histogram", "worker_failures", "unhealthy", "k_totals", "step_time_mape")
     class KHistogramEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +154,7 @@ class EngineStats(_message.Message):
     WORKER_FAILURES_FIELD_NUMBER: _ClassVar[int]
     UNHEALTHY_FIELD_NUMBER: _ClassVar[int]
     K_TOTALS_FIELD_NUMBER: _ClassVar[int]
+    STEP_TIME_MAPE_FIELD_NUMBER: _ClassVar[int]
     replica: int
     running: int
     waiting: int
@@ -166,7 +167,8 @@ class EngineStats(_message.Message):
     worker_failures: int
     unhealthy: str
     k_totals: _containers.ScalarMap[int, int]
-    def __init__(self, replica: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., target_kv_blocks_used: _Optional[int] = ..., draft_kv_blocks_used: _Optional[int] = ..., num_steps: _Optional[int] = ..., mean_k: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., k_histogram: _Optional[_Mapping[int, int]] = ..., worker_failures: _Optional[int] = ..., unhealthy: _Optional[str] = ..., k_totals: _Optional[_Mapping[int, int]] = ...) -> None: ...
+    step_time_mape: float
+    def __init__(self, replica: _Optional[int] = ..., running: _Optional[int] = ..., waiting: _Optional[int] = ..., target_kv_blocks_used: _Optional[int] = ..., draft_kv_blocks_used: _Optional[int] = ..., num_steps: _Optional[int] = ..., mean_k: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., k_histogram: _Optional[_Mapping[int, int]] = ..., worker_failures: _Optional[int] = ..., unhealthy: _Optional[str] = ..., k_totals: _Optional[_Mapping[int, int]] = ..., step_time_mape: _Optional[float] = ...) -> None: ...
 
 class ServerStats(_message.Message):
     __slots__ = ("engines", "requests_in_flight", "requests_cancelled", "requests_rejected", "draining")
