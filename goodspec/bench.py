@@ -155,6 +155,12 @@ def summarise(records: list[RequestRecord], k_hist: dict) -> RunSummary:
     )
 
 
+def is_adaptive(policy: str) -> bool:
+    """A goodput policy (goodput, goodput-uniform, goodput-conf): compared with the static ones,
+    and reported with its step-time error."""
+    return policy.startswith("goodput")
+
+
 def _server_counters(address: str, token: str | None) -> tuple[dict[int, int], float | None]:
     """The k histogram over every step since the start (k_histogram's window forgets) and the
     step-time MAPE, of every engine (the MAPE: their mean, None before any prediction)."""
@@ -199,7 +205,7 @@ def run_benchmark(address: str, rates: list[float], policies: list[str], num_req
                 before, _ = _server_counters(address, token)
                 run = asyncio.run(run_trace(address, trace, policy, rate, bar, token))
                 after, mape = _server_counters(address, token)
-                if mape is not None and policy.startswith("goodput"):
+                if mape is not None and is_adaptive(policy):
                     mapes[policy].append(mape)
                 for r in run:
                     r.repeat = rep
@@ -224,7 +230,7 @@ def ratios(summaries: list[RunSummary]) -> list[dict]:
     out = []
     for rate in sorted({s.rate for s in summaries}):
         at = {s.policy: s for s in summaries if s.rate == rate}
-        adaptive = [p for p in at if p.startswith("goodput")]
+        adaptive = [p for p in at if is_adaptive(p)]
         if not adaptive:
             continue
         static = {p: s for p, s in at.items() if p == "off" or p.startswith(("fixed:", "lookup:"))}
