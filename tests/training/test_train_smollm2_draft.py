@@ -6,6 +6,7 @@ import json
 import pytest
 
 from goodspec.training import engine_acceptance, train_smollm2_draft
+from goodspec.workers.dtypes import cpu_has_native_bfloat16
 
 TINY_RUN = ["--prompts", "6", "--reply-tokens", "16", "--steps", "2", "--eval-prompts", "2", "--eval-new-tokens", "8"]
 
@@ -23,6 +24,8 @@ def test_the_draft_is_written_as_goodspec_loads_it_with_its_report(recipe_draft)
             "report.json"} <= {p.name for p in out.iterdir()}
     report = json.loads((out / "report.json").read_text())
     assert report["train_sequences"] == 6 and report["config"]["steps"] == 2
+    # "auto" precision is resolved for this CPU and recorded (emulated bfloat16 trains 25x slower)
+    assert report["config"]["precision"] == ("bfloat16" if cpu_has_native_bfloat16() else "float32")
     assert report["eval_prompts"] == 2 and 0.0 <= report["greedy_acceptance"] <= 1.0
     assert 0.0 < report["draft_cost_ratio"] < 1.0 and report["draft_params"] < report["target_params"] / 10
     target_ids = json.loads((out / "vocab_map.json").read_text())["target_ids"]
