@@ -29,7 +29,7 @@ from goodspec.workers.huge_pages import ask_for_huge_pages
 # before torch is imported (the imports below do), so in-process runners get them as workers do
 ask_for_huge_pages()
 
-from goodspec.config import MODEL_PAIRS, EngineConfig, startup_profile_for
+from goodspec.config import MODEL_PAIRS, STARTUP_PROFILE_CHOICES, EngineConfig, startup_profile_for
 from goodspec.engine import LLMEngine
 from goodspec.scheduler.config import SchedulerConfig
 from goodspec.scheduler.policy import PolicySpec
@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048,
                     help="tokens per target forward (the server's default is 512)")
     ap.add_argument("--replays", type=int, default=5)
+    ap.add_argument("--startup-profile", default="auto", choices=STARTUP_PROFILE_CHOICES,
+                    help="the start-up profiling sweep: auto (on where a policy learns step times; cached on disk) "
+                         "| on | off (goodput learns from this run's steps only; the sweep over a 65536-token KV "
+                         "budget took ~100 s on SmolLM2 on a 2-core AVX2 CPU)")
     ap.add_argument("--out", default=None, help="write the runs as JSON here, each with its last replay's step records")
     args = ap.parse_args(argv)
 
@@ -149,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         model=args.model, policy="off", device=args.device, dtype=args.dtype, draft_dtype=args.draft_dtype,
         proposer=args.proposer,
         cpu_linear=args.cpu_linear, target_kv_tokens=65536, draft_kv_tokens=65536,
-        startup_profile=startup_profile_for(PolicySpec.parse(p) for p in args.policies.split(",") if p.strip()),
+        startup_profile=startup_profile_for((PolicySpec.parse(p) for p in args.policies.split(",") if p.strip()),
+                                            args.startup_profile),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_k=8,
                                   max_num_batched_tokens=args.max_num_batched_tokens)))
     if args.workload:
