@@ -99,20 +99,34 @@ def test_the_draft_is_small_and_maps_into_the_targets_vocabulary(pair):
     assert torch.isfinite(logits[0, ~outside]).all()
 
 
-def _generate(prompts, policy: str, dtype: str, startup_profile: str = "auto"):
-    """The prompts through an in-process engine on the real pair, greedy, NEW_TOKENS each."""
+def _engine(dtype: str, startup_profile: str = "auto"):
+    """An in-process engine on the real pair; its policy is goodput, each request names its own."""
     from goodspec.engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(
-        model="smollm2", policy=policy, device="cpu", dtype=dtype, target_kv_tokens=8192,
+    return LLMEngine(EngineConfig(
+        model="smollm2", policy="goodput", device="cpu", dtype=dtype, target_kv_tokens=8192,
         draft_kv_tokens=8192, startup_profile=startup_profile,
         scheduler=SchedulerConfig(max_num_seqs=8, max_k=5, max_num_batched_tokens=1024)))
-    return engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS))
+
+
+def _generate(engine, prompts, policy: str):
+    """The prompts as one batch under `policy`, greedy, NEW_TOKENS each."""
+    ids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW_TOKENS), policy=policy) for p in prompts]
+    while engine.has_unfinished():
+        engine.step()
+    return [engine.take_completion(i) for i in ids]
+
+
+@pytest.fixture(scope="module")
+def float32_engine(pair):
+    """One float32 engine for every policy's batch (each loaded the pair anew before: 4 loads);
+    goodput's start-up profiling sweep runs (or loads from the cache) once."""
+    return _engine("float32")
 
 
 @pytest.mark.parametrize("policy", ["off", "fixed:3", "goodput", "goodput-conf"])
-def test_greedy_output_equals_the_targets_own_on_held_out_chat_prompts(pair, chat_prompts, reference, policy):
-    got = _generate(chat_prompts, policy, "float32")
+def test_greedy_output_equals_the_targets_own_on_held_out_chat_prompts(float32_engine, chat_prompts, reference, policy):
+    got = _generate(float32_engine, chat_prompts, policy)
     for p, c in zip(chat_prompts, got):
         assert c.token_ids == reference[p], (policy, p[-80:])
     if policy != "off":
@@ -128,9 +142,10 @@ def test_bfloat16_on_a_cpu_speculates_to_its_own_plain_greedy_output(pair, chat_
     prompts of 48 tokens), as the CUDA test allows. goodput starts without its profiling sweep
     (it learns step times online; the float32 test runs the sweep): on a CPU without native
     bfloat16 (an AVX2-only EPYC) the sweep alone took minutes."""
-    plain = [c.token_ids for c in _generate(chat_prompts, "off", "bfloat16")]
-    for policy in ("fixed:3", "goodput"):
-        got = _generate(chat_prompts, policy, "bfloat16", startup_profile="off")
+    engine = _engine("bfloat16", startup_profile="off")
+    plain = [c.token_ids for c in _generate(engine, chat_prompts, "off")]
+    for policy in ("goodput", "fixed:3"):  # goodput first: fixed:3's slow emulated drafts would teach it k = 0
+        got = _generate(engine, chat_prompts, policy)
         assert sum(c.token_ids == want for c, want in zip(got, plain)) >= len(plain) - 1, policy
         assert sum(c.usage.draft_tokens_accepted for c in got) > 0
 
