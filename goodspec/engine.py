@@ -16,15 +16,19 @@ from goodspec.scheduler.policy import PolicySpec, SpeculationPolicy
 from goodspec.scheduler.profiler import device_key
 from goodspec.scheduler.scheduler import Scheduler
 from goodspec.scheduler.service import Completion, usage_of
-from goodspec.workers.draft_worker import DraftWorker
 from goodspec.workers.huge_pages import huge_pages_on
 from goodspec.workers.sampling import SamplingParams
-from goodspec.workers.target_worker import TargetWorker
 from goodspec.workers.tokenizer import TextCodec
 
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
+        # Imported here, not at the top: the Ray scheduler actor imports this module for
+        # build_scheduler and loads no model; the workers pull in transformers' modelling stack,
+        # ~4.5 s of imports per engine start on a 2-core CPU.
+        from goodspec.workers.draft_worker import DraftWorker
+        from goodspec.workers.target_worker import TargetWorker
+
         self.config = config
         self.codec = TextCodec.load(config.target_dir, config.draft_dir)
         self.target = TargetWorker(config.target_runner_config(), config.draft_dir)
