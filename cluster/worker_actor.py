@@ -12,10 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from goodspec.workers.draft_worker import DraftWorker
 from goodspec.workers.huge_pages import huge_pages_on
-from goodspec.workers.model_runner import RunnerConfig
-from goodspec.workers.target_worker import TargetWorker
+from goodspec.workers.runner_config import RunnerConfig
 
 
 @dataclass(frozen=True)
@@ -60,6 +58,11 @@ class WorkerActor:
         # SmolLM2 decode that took 41 ms on the loading thread (200 oneDNN linear layers: 55 vs
         # 27 ms). One thread also keeps the channel's calls and Ray's (used_blocks) apart.
         self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"goodspec-{kind}-compute")
+        # Imported here: the driver imports this module only to name the actor class, and the
+        # workers pull in transformers' modelling stack (~4.5 s of imports on a 2-core CPU).
+        from goodspec.workers.draft_worker import DraftWorker
+        from goodspec.workers.target_worker import TargetWorker
+
         self.worker = self._compute.submit(
             lambda: DraftWorker(config) if kind == "draft" else TargetWorker(config, draft_dir)).result()
         # The per-step calls are reachable over the channel only, never as Ray methods: their

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 
 from goodspec.bench import TraceItem, run_trace
-from goodspec.workers.model_runner import VOCAB_MAP_FILE, model_path
+from goodspec.gguf_import import model_path
+from goodspec.workers.model_runner import VOCAB_MAP_FILE
 
 
 def _row(requests: int, wall: float, tokens: int, latencies: list[float]) -> dict:

@@ -18,8 +18,9 @@ import time
 import torch
 
 from goodspec.config import model_pair
+from goodspec.gguf_import import model_path
 from goodspec.workers.messages import Proposal, VerifyBatch, VerifyItem
-from goodspec.workers.model_runner import VocabMap, model_path
+from goodspec.workers.model_runner import VocabMap
 from goodspec.workers.sampling import SamplingParams
 from goodspec.workers.target_worker import TargetWorker
 

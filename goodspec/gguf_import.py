@@ -124,3 +124,10 @@ def _convert(gguf: Path, out: Path, progress: bool) -> None:
     tokenizer.save_pretrained(out)
     steps.update()
     steps.close()
+
+
+def model_path(model_dir: str | Path) -> Path:
+    """A Hugging Face directory, or a GGUF file (converted once). Here rather than in the model
+    runner: the front ends (the tokenizer's loader) resolve paths without importing transformers'
+    modelling stack."""
+    return converted_dir(model_dir) if is_gguf(model_dir) else Path(model_dir)

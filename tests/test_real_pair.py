@@ -45,7 +45,7 @@ def reference(pair, codec, chat_prompts) -> dict[str, list[int]]:
     """transformers' own greedy output, one prompt at a time: goodspec must match it exactly."""
     from transformers import AutoModelForCausalLM
 
-    from goodspec.workers.model_runner import model_path
+    from goodspec.gguf_import import model_path
 
     model = AutoModelForCausalLM.from_pretrained(model_path(pair[0]), dtype=torch.float32).eval()
     out = {}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from goodspec.gguf_import import model_path
 from goodspec.workers.attention import ATTENTION_NAME, AttentionMetadata, attention_backends
 from goodspec.workers.cpu_linear import to_onednn_linears, uses_onednn
 from goodspec.workers.decoder_forward import LeanDecoder, fuse_projections
@@ -27,13 +28,6 @@ def resolve_device(device: str) -> torch.device:
 
 
 VOCAB_MAP_FILE = "vocab_map.json"
-
-
-def model_path(model_dir: str | Path) -> Path:
-    """A Hugging Face directory, or a GGUF file (converted once, see goodspec.gguf_import)."""
-    from goodspec.gguf_import import converted_dir, is_gguf
-
-    return converted_dir(model_dir) if is_gguf(model_dir) else Path(model_dir)
 
 
 @dataclass(frozen=True)

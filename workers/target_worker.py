@@ -7,7 +7,8 @@ import time
 import torch
 
 from goodspec.workers.messages import VerifyBatch, VerifyResult
-from goodspec.workers.model_runner import ModelRunner, RunnerConfig, VocabMap, model_path
+from goodspec.gguf_import import model_path
+from goodspec.workers.model_runner import ModelRunner, RunnerConfig, VocabMap
 from goodspec.workers.rejection import greedy_verify, rejection_sample
 from goodspec.workers.sampling import STREAM_ACCEPT, STREAM_TARGET, hash_uniform, logits_to_probs
 from goodspec.workers.sampling_tensors import SamplingTensors

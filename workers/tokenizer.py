@@ -13,7 +13,7 @@ class TextCodec:
     def load(cls, target_dir: str, draft_dir: str | None = None) -> "TextCodec":
         from transformers import AutoTokenizer
 
-        from goodspec.workers.model_runner import model_path
+        from goodspec.gguf_import import model_path
 
         # A GGUF file converts here, once, with a progress bar; each path is resolved once.
         target_dir = model_path(target_dir)
