@@ -219,4 +219,16 @@ class BackgroundServer:
         self.call(self.server.begin_drain())
         self.call(self.server.server.stop(grace=0))
         self.server.metrics.stop()
+        # What asyncio.run does before it closes a loop: without it the engines' output streams
+        # read on this loop (goodspec.cluster.output_stream) stayed open on their scheduler
+        # actors, and the group kept a stream per stopped server (seen with one group shared by
+        # several servers in turn).
+        self.call(self._cancel_the_rest())
         self.loop.call_soon_threadsafe(self.loop.stop)
+
+    @staticmethod
+    async def _cancel_the_rest() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -24,13 +24,6 @@ def make_group(**overrides) -> EngineGroup:
     return EngineGroup(build_config(**base))
 
 
-@pytest.fixture(scope="module")
-def group(ray_session):
-    g = make_group(engine__target_kv_tokens=16384, engine__draft_kv_tokens=16384)
-    yield g
-    g.shutdown()
-
-
 async def _staggered(group: EngineGroup, prompts, reference, kill=None, policies=None):
     """Requests arrive every 30 ms while earlier ones run; optionally kill a worker after the
     first tokens come back. Returns prompt -> completion."""

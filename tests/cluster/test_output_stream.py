@@ -49,3 +49,20 @@ def test_a_consumer_loop_that_closes_mid_request_leaves_nothing_running(group, s
     assert s.num_steps - steps_then < 100, s.num_steps - steps_then
     # and the engine still serves
     assert len(group.complete_all([sharegpt_prompts[1]], SamplingParams(max_new_tokens=4))[0].token_ids) == 4
+
+
+def test_a_stopped_server_takes_its_streams_with_it(group):
+    """A BackgroundServer (goodspec bench's, the tests') that stops closes the output streams
+    read on its loop: the group is left with none of them (before, each stopped server left
+    one open per engine)."""
+    from goodspec.client import GenerationClient
+    from tests.cluster.test_grpc import ServerThread
+
+    s = ServerThread(group)
+    try:
+        with GenerationClient(s.address) as c:
+            assert len(c.complete("Hello", max_new_tokens=2, ignore_eos=True).token_ids) == 2
+        assert s.loop in group.engines[0].routers  # the server's loop reads the engine's stream
+    finally:
+        s.stop()
+    assert s.loop not in group.engines[0].routers
