@@ -1,5 +1,5 @@
 """One seeded run, from nothing to a feature draft for SmolLM2-135M-Instruct, in under 2 hours
-on this machine's 2 cores:
+on 2 cores with native bfloat16 (AVX512-BF16; about 5 hours on 2 AVX2-only cores, in float32):
 
     python -m goodspec.training.train_smollm2_draft --out /tmp/smollm2-draft
 
