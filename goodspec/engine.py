@@ -82,11 +82,12 @@ class LLMEngine:
 
     def generate(
         self, prompts: list[str], sampling: SamplingParams | list[SamplingParams],
-        progress: bool = False,
+        progress: bool = False, policy: PolicySpec | SpeculationPolicy | str | None = None,
     ) -> list[Completion]:
-        """Run all prompts as one continuously batched workload; completions in prompt order."""
+        """Run all prompts as one continuously batched workload; completions in prompt order.
+        `policy` overrides the engine's for these requests (as in add_request)."""
         params = sampling if isinstance(sampling, list) else [sampling] * len(prompts)
-        ids = [self.add_request(p, s) for p, s in zip(prompts, params)]
+        ids = [self.add_request(p, s, policy=policy) for p, s in zip(prompts, params)]
         bar = None
         if progress:
             from tqdm import tqdm

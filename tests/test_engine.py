@@ -96,10 +96,7 @@ def test_speculation_actually_proposes_and_accepts(shared_engine, sharegpt_promp
 def _sample_tokens(engine, prompt, policy, seeds, positions=(1, 2)):
     params = [SamplingParams(max_new_tokens=max(positions) + 1, temperature=1.0, seed=s, ignore_eos=True)
               for s in seeds]
-    ids = [engine.add_request(prompt, p, policy=policy) for p in params]
-    while engine.has_unfinished():
-        engine.step()
-    outs = [engine.take_completion(i).token_ids for i in ids]
+    outs = [c.token_ids for c in engine.generate([prompt] * len(params), params, policy=policy)]
     return [[o[j] for o in outs] for j in positions]
 
 
@@ -191,10 +188,7 @@ def test_cuda_speculation_matches_target_only_decoding(sharegpt_prompts, dtype):
     prompts = sharegpt_prompts[:8]
     params = SamplingParams(max_new_tokens=24)
     plain = [c.token_ids for c in engine.generate(prompts, params)]
-    ids = [engine.add_request(p, params, policy="fixed:4") for p in prompts]
-    while engine.has_unfinished():
-        engine.step()
-    spec = [engine.take_completion(i) for i in ids]
+    spec = engine.generate(prompts, params, policy="fixed:4")
     assert sum(c.usage.draft_tokens_accepted for c in spec) > 0
     same = sum(c.token_ids == want for c, want in zip(spec, plain))
     # float32 must match exactly; bfloat16 may flip a near-tie when batch shapes differ.

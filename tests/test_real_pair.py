@@ -123,10 +123,7 @@ def _engine(dtype: str, startup_profile: str = "auto"):
 
 def _generate(engine, prompts, policy: str):
     """The prompts as one batch under `policy`, greedy, NEW_TOKENS each."""
-    ids = [engine.add_request(p, SamplingParams(max_new_tokens=NEW_TOKENS), policy=policy) for p in prompts]
-    while engine.has_unfinished():
-        engine.step()
-    return [engine.take_completion(i) for i in ids]
+    return engine.generate(prompts, SamplingParams(max_new_tokens=NEW_TOKENS), policy=policy)
 
 
 @pytest.fixture(scope="module")
