@@ -128,8 +128,9 @@ def _generate(engine, prompts, policy: str):
 
 @pytest.fixture(scope="module")
 def float32_engine(pair):
-    """One float32 engine for the static policies' batches; goodput's start-up profiling sweep
-    runs (or loads from the cache) once for the module."""
+    """One float32 engine for the static policies' batches. Its policy is goodput, so it runs the
+    start-up profiling sweep (or loads it from the cache): the learning policies' own engines,
+    made after it, load the sweep from the cache."""
     return _engine("float32")
 
 
