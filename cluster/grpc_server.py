@@ -177,8 +177,12 @@ class GoodspecServer:
         await self.server.wait_for_termination()
 
 
-async def serve_forever(group: EngineGroup, config: ServerConfig) -> None:
+async def serve_forever(group: EngineGroup, config: ServerConfig, held_port=None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain. `held_port`: the socket that kept the port
+    while the engines started (lifecycle.hold_port), closed once the server has bound it."""
     srv = GoodspecServer(group, config)
+    if held_port is not None:
+        held_port.close()
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -187,16 +187,20 @@ def cmd_serve(args) -> int:
 
     from goodspec.cluster.group import EngineGroup
     from goodspec.cluster.grpc_server import serve_forever
-    from goodspec.cluster.lifecycle import SHUTDOWN_TIMEOUT_S, ensure_port_free, shutdown_within
+    from goodspec.cluster.lifecycle import SHUTDOWN_TIMEOUT_S, hold_port, shutdown_within
 
     logging.basicConfig(level=logging.WARNING)
     config = build_config(args)
-    ensure_port_free(config.server.host, config.server.port)  # before minutes of model loading
-    group = EngineGroup(config)
+    held = hold_port(config.server.host, config.server.port)  # before minutes of model loading
     try:
-        asyncio.run(serve_forever(group, config.server))
+        group = EngineGroup(config)
+        try:
+            asyncio.run(serve_forever(group, config.server, held))
+        finally:
+            shutdown_within(group, SHUTDOWN_TIMEOUT_S)
     finally:
-        shutdown_within(group, SHUTDOWN_TIMEOUT_S)
+        if held is not None:
+            held.close()
     return 0
 
 
