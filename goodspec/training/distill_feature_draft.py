@@ -34,6 +34,7 @@ from tqdm import tqdm
 from goodspec.training.distill_smollm2 import (
     VOCAB_MAP_FILE, ce_to_teacher_top1, decode_ms, kl_to_teacher, to_draft_ids,
 )
+from goodspec.training.precision import PRECISION_HELP, PRECISIONS, resolve_precision
 from goodspec.training.target_features import cached_features
 from goodspec.training.teacher_data import chat_prompts, record_sequence, right_padded, target_replies
 from goodspec.training.train_pair import optimise
@@ -64,7 +65,7 @@ class FeatureDistillConfig:
     top1_weight: float = 0.0  # cross-entropy to the teacher's argmax, added to each pass's KL
     passes: int = 2  # training-time test: pass j reads pass j-1's predicted features
     target_layers: tuple[int, ...] = ()  # fused with the last state (EAGLE-3), e.g. (3, 15)
-    train_dtype: str = "bfloat16"
+    train_dtype: str = "bfloat16"  # autocast's dtype; main() resolves --train-precision (auto) into it
     eval_prompts: int = 64
     eval_new_tokens: int = 64
     prompt_user_tokens: int = 192
@@ -291,8 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--forced", default=",".join(FeatureDistillConfig.forced),
                     help="comma-separated teacher-forced record sets under --work (goodspec.training.distill_smollm2 "
                          "--data-only --forced-exchanges N makes one)")
+    ap.add_argument("--train-precision", choices=PRECISIONS, default="auto",
+                    help="training's autocast dtype (weights and optimiser stay float32); " + PRECISION_HELP)
     args = ap.parse_args(argv)
-    cfg = FeatureDistillConfig(steps=args.steps, layers=args.layers, lr=args.lr, eval_prompts=args.eval_prompts,
+    cfg = FeatureDistillConfig(train_dtype=resolve_precision(args.train_precision), steps=args.steps, layers=args.layers, lr=args.lr, eval_prompts=args.eval_prompts,
                                eval_new_tokens=args.eval_new_tokens,
                                feature_weight=args.feature_weight, passes=args.passes, top1_weight=args.top1_weight,
                                replies=tuple(n for n in args.replies.split(",") if n),

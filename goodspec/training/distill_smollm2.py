@@ -40,6 +40,7 @@ from tqdm import tqdm
 from goodspec.training.teacher_data import (
     cached_forced, cached_replies, chat_exchanges, chat_prompts, record_sequence, right_padded, target_replies,
 )
+from goodspec.training.precision import PRECISION_HELP, PRECISIONS, resolve_precision
 from goodspec.training.train_pair import optimise
 from goodspec.workers.feature_draft import FEATURE_FILE
 
@@ -63,7 +64,8 @@ class DistillConfig:
     # (measured here: 334 vs 149 tokens/s) and the draft learns a distribution, not bits. The
     # held-out evaluation runs the target in float32, the dtype goodspec serves with on a CPU.
     data_dtype: str = "bfloat16"
-    # Mixed precision for the draft's forward and backward (weights and optimiser stay float32).
+    # Mixed precision for the draft's forward and backward (weights and optimiser stay float32);
+    # main() resolves --train-precision (auto) into it.
     train_dtype: str = "bfloat16"
     top_logprobs: int = 20  # teacher distribution kept per position
     # Teacher-forced data: the target reads ShareGPT's own assistant replies (one parallel
@@ -241,8 +243,10 @@ def main(argv: list[str] | None = None) -> None:
                          "instead of starting from the target's layers")
     ap.add_argument("--data-only", action="store_true", help="generate (or complete) the cached "
                     "target replies and stop")
+    ap.add_argument("--train-precision", choices=PRECISIONS, default="auto",
+                    help="training's autocast dtype (weights and optimiser stay float32); " + PRECISION_HELP)
     args = ap.parse_args(argv)
-    cfg = DistillConfig(seed=args.seed, steps=args.steps, train_prompts=args.train_prompts,
+    cfg = DistillConfig(train_dtype=resolve_precision(args.train_precision), seed=args.seed, steps=args.steps, train_prompts=args.train_prompts,
                         prompt_offset=args.prompt_offset, later_turns=args.later_turns, forced_exchanges=args.forced_exchanges,
                         forced_share=args.forced_share, lr=args.lr)
     torch.set_num_threads(cfg.threads)

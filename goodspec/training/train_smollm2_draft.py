@@ -36,22 +36,9 @@ from goodspec.training.distill_feature_draft import (
     DISTILL, FeatureDistillConfig, FeatureDraft, evaluate, save, step_costs, train,
 )
 from goodspec.training.distill_smollm2 import DistillConfig, build_draft, choose_vocab, to_draft_ids
+from goodspec.training.precision import PRECISION_HELP, PRECISIONS, resolve_precision
 from goodspec.training.teacher_data import cached_replies_and_states, chat_prompts
-from goodspec.workers.dtypes import resolve_dtype
 from goodspec.workers.feature_draft import FeatureInput
-
-PRECISIONS = ("auto", "bfloat16", "float32")
-
-
-def resolve_precision(precision: str) -> str:
-    """"auto": bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX), else float32.
-    Measured on an AVX2-only EPYC (no native bfloat16), this script's 2-step test run: training
-    89 s under bfloat16 autocast against 3.6 s in float32, 25x, the backward pass emulating
-    bfloat16; on the AVX-512 machine the recipe was sized on, bfloat16 was the faster."""
-    if precision == "auto":  # the model runner's own rule for a CPU (bfloat16_on_native_cpu)
-        return str(resolve_dtype("auto", torch.device("cpu"), bfloat16_on_native_cpu=True)).removeprefix("torch.")
-    return precision
-
 
 @dataclass(frozen=True)
 class RecipeConfig:
@@ -87,9 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-prompts", type=int, default=RecipeConfig.eval_prompts)
     ap.add_argument("--eval-new-tokens", type=int, default=RecipeConfig.eval_new_tokens)
     ap.add_argument("--precision", choices=PRECISIONS, default=RecipeConfig.precision,
-                    help="dtype of the target's replies and of training's autocast; auto: bfloat16 where the "
-                         "CPU has it natively (AVX512-BF16 or AMX), else float32 (emulated bfloat16 trained 25x "
-                         "slower on an AVX2-only CPU)")
+                    help="dtype of the target's replies and of training's autocast; " + PRECISION_HELP)
     args = ap.parse_args(argv)
     if min(args.prompts, args.steps, args.reply_tokens) < 1:
         ap.error("--prompts, --reply-tokens and --steps must be at least 1")
