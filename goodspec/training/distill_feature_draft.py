@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-precision", choices=PRECISIONS, default="auto",
                     help="training's autocast dtype (weights and optimiser stay float32); " + PRECISION_HELP)
     args = ap.parse_args(argv)
-    cfg = FeatureDistillConfig(train_dtype=resolve_precision(args.train_precision), steps=args.steps, layers=args.layers, lr=args.lr, eval_prompts=args.eval_prompts,
+    cfg = FeatureDistillConfig(train_dtype=resolve_precision(args.train_precision),
+                               steps=args.steps, layers=args.layers, lr=args.lr, eval_prompts=args.eval_prompts,
                                eval_new_tokens=args.eval_new_tokens,
                                feature_weight=args.feature_weight, passes=args.passes, top1_weight=args.top1_weight,
                                replies=tuple(n for n in args.replies.split(",") if n),

@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-precision", choices=PRECISIONS, default="auto",
                     help="training's autocast dtype (weights and optimiser stay float32); " + PRECISION_HELP)
     args = ap.parse_args(argv)
-    cfg = DistillConfig(train_dtype=resolve_precision(args.train_precision), seed=args.seed, steps=args.steps, train_prompts=args.train_prompts,
+    cfg = DistillConfig(train_dtype=resolve_precision(args.train_precision),
+                        seed=args.seed, steps=args.steps, train_prompts=args.train_prompts,
                         prompt_offset=args.prompt_offset, later_turns=args.later_turns, forced_exchanges=args.forced_exchanges,
                         forced_share=args.forced_share, lr=args.lr)
     torch.set_num_threads(cfg.threads)
