@@ -7,6 +7,7 @@ import asyncio
 import hmac
 import logging
 import signal
+import socket
 from pathlib import Path
 
 import grpc
@@ -177,7 +178,8 @@ class GoodspecServer:
         await self.server.wait_for_termination()
 
 
-async def serve_forever(group: EngineGroup, config: ServerConfig, held_port=None) -> None:
+async def serve_forever(group: EngineGroup, config: ServerConfig,
+                        held_port: socket.socket | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain. `held_port`: the socket that kept the port
     while the engines started (lifecycle.hold_port), closed once the server has bound it."""
     srv = GoodspecServer(group, config)

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import socket
+
 import pytest
+
+
+def free_port() -> int:
+    """A loopback port free at the time of the call (bound and released: another process may
+    take it before the caller binds it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

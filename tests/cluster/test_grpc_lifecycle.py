@@ -10,6 +10,7 @@ import pytest
 
 from goodspec.client import GenerationClient
 from goodspec.v1 import generation_pb2 as pb
+from tests.cluster.conftest import free_port
 from tests.cluster.test_group import make_group
 from tests.cluster.test_grpc import ServerThread, _wait_for, wait_idle
 
@@ -54,13 +55,10 @@ def test_goodspec_serve_drains_on_sigterm(tmp_path, signal_to):
     a second serve on the same port fails to bind, at once."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "goodspec.cli", "serve", "--model", "tiny", "--port", str(port), "--num-cpus", "3",
            "--device", "cpu", "--threads", "1", "--drain-grace-s", "60"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -16,11 +16,7 @@ import time
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.cluster.conftest import free_port
 
 
 def _wait_listening(port: int, timeout: float) -> bool:
@@ -39,11 +35,11 @@ def ray_head():
     """A head node as `ray start` makes one, with token auth (its default) and a token of its
     own. Its own --temp-dir keeps other processes' bare ray.init() from finding it."""
     env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-    gcs = _free_port()
+    gcs = free_port()
     temp = tempfile.mkdtemp(prefix="gsr", dir="/tmp")  # short: Ray's socket paths live under it
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", f"--port={gcs}",
-         f"--dashboard-agent-listen-port={_free_port()}", "--num-cpus=4", "--include-dashboard=false",
+         f"--dashboard-agent-listen-port={free_port()}", "--num-cpus=4", "--include-dashboard=false",
          "--disable-usage-stats", f"--temp-dir={temp}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -77,7 +73,7 @@ def test_generate_on_an_existing_cluster_matches_target_only_greedy(ray_head, sh
 
 
 def test_unreachable_cluster_is_a_clear_error_not_a_hang():
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     t0 = time.monotonic()
     res = subprocess.run(
         [sys.executable, "-m", "goodspec.cli", "generate", "--model", "tiny", "--ray-address", f"127.0.0.1:{port}",

@@ -11,16 +11,11 @@ import pytest
 from goodspec.cluster.grpc_server import server_options
 from goodspec.cluster.lifecycle import hold_port
 from goodspec.config import ServerConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.cluster.conftest import free_port
 
 
 def test_a_held_port_is_refused_to_others_and_bound_by_the_grpc_server():
-    port = _free_port()
+    port = free_port()
     held = hold_port("127.0.0.1", port)
     try:
         with socket.socket() as other, pytest.raises(OSError):  # what a Ray process would do
