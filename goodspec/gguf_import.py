@@ -70,13 +70,23 @@ def is_gguf(path: str | Path) -> bool:
     return Path(path).suffix.lower() == ".gguf" and Path(path).is_file()
 
 
-def converted_dir(gguf: str | Path, *, progress: bool = True) -> Path:
-    """The Hugging Face directory for `gguf`, converting it on first use."""
+def conversion_dir(gguf: str | Path) -> Path:
+    """Where `gguf`'s conversion lives in the cache (keyed by the file's hash), made or not."""
     gguf = Path(gguf).resolve()
     if not gguf.is_file():
         raise FileNotFoundError(f"no GGUF file at {gguf}")
-    out = cache_root() / "gguf" / file_digest(gguf)[:24]
-    if (out / _DONE_MARKER).is_file():
+    return cache_root() / "gguf" / file_digest(gguf)[:24]
+
+
+def is_converted(model_dir: Path) -> bool:
+    return (model_dir / _DONE_MARKER).is_file()
+
+
+def converted_dir(gguf: str | Path, *, progress: bool = True) -> Path:
+    """The Hugging Face directory for `gguf`, converting it on first use."""
+    gguf = Path(gguf).resolve()
+    out = conversion_dir(gguf)
+    if is_converted(out):
         return out
     for name in ("gguf", "accelerate"):
         if importlib.util.find_spec(name) is None:
@@ -90,7 +100,7 @@ def converted_dir(gguf: str | Path, *, progress: bool = True) -> Path:
         try:
             tmp.rename(out)
         except OSError:  # another process finished first: keep its copy
-            if not (out / _DONE_MARKER).is_file():
+            if not is_converted(out):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

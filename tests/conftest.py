@@ -87,8 +87,16 @@ def ray_session():
     ray.shutdown()
 
 
+# Runs first: on a machine whose cache has no conversion of the SmolLM2 GGUF file yet (a fresh
+# one, CI), it converts into the real cache, and every real-pair test after it reads that
+# conversion instead of making its own first (which made the file convert twice, ~30 s each).
+CONVERSION_TEST = "test_real_pair.py::test_gguf_converts_once_into_a_plain_model_with_identical_logits"
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests on the shared Ray session run last: until the first of them, no Ray is running, so
-    the in-process timing tests (the step-time model's accuracy) do not measure an idle Ray
-    cluster's background load on 2 cores. The sort is stable: order within each group is kept."""
-    items.sort(key=lambda item: "ray_session" in getattr(item, "fixturenames", ()))
+    """The GGUF conversion test first (above). Tests on the shared Ray session run last: until
+    the first of them, no Ray is running, so the in-process timing tests (the step-time model's
+    accuracy) do not measure an idle Ray cluster's background load on 2 cores. The sort is
+    stable: order within each group is kept."""
+    items.sort(key=lambda item: (not item.nodeid.endswith(CONVERSION_TEST),
+                                 "ray_session" in getattr(item, "fixturenames", ())))
