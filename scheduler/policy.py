@@ -254,6 +254,13 @@ class GoodputPolicy(SpeculationPolicy):
             self.lookup_acceptance.classify(requests)
         if not self.time_model.ready or self._observations < self.min_observations:
             return [min(self.warmup_k, c) for c in caps]
+        if not self.time_model.fits_batch(len(requests)):
+            # Fitted around another batch size (refits follow the steps, every refit_every): a
+            # batch that jumped, as a burst of arrivals makes it, was priced by the fit for the
+            # old one. A closed batch of 24 on the real pair, after a run whose batch drained to
+            # 1: six steps of k = 1 for all 24, each dearer than what it gained, until the next
+            # refit (BENCHMARKS.md, thirty-third session).
+            self._refit(len(requests))
         kmax = max(caps, default=0)
         contexts = [len(r.token_ids) for r in requests]
         if self.lookup_only:  # one proposer, priced like the draft model but with nothing to draft
@@ -367,9 +374,12 @@ class GoodputPolicy(SpeculationPolicy):
         # Refit often while live data is scarce, then every refit_every steps.
         every = 4 if len(self._records) < 128 else self.refit_every
         if self._since_fit >= every or not self.time_model.ready:
-            self.time_model.fit(self._records, prior=self._profile, around=record.batch_size)
+            self._refit(record.batch_size)
             self.evidence.update()
-            self._since_fit = 0
+
+    def _refit(self, around: int) -> None:
+        self.time_model.fit(self._records, prior=self._profile, around=around)
+        self._since_fit = 0
 
     def forget(self, req_id: str) -> None:
         self.acceptance.forget(req_id)

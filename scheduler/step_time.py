@@ -70,6 +70,7 @@ class StepTimeModel:
         self.window = window
         self.half_life = half_life
         self.num_fitted = 0
+        self.fitted_around: int | None = None  # the last fit's `around` (None: every batch size alike)
         # Each record's features and times, made once: a refit reads up to window + the sweep's
         # records, and remaking every row in Python each time was half a refit's cost (2000 + 120
         # records: 1.9 ms a refit before, 1.0 with this; goodput refits every 16 steps).
@@ -80,6 +81,16 @@ class StepTimeModel:
     # With `around`, a record's weight also falls with its batch's distance from that batch size:
     # by e^-1/2 at twice (or half) the size, e^-2 at four times.
     BATCH_SPREAD = float(np.log(2.0))
+    # A fit around one batch size serves batches up to this factor from it (half BATCH_SPREAD in
+    # log: ~1.41x); a batch further away wants a fit of its own (fits_batch).
+    SERVES_SPREAD = BATCH_SPREAD / 2
+
+    def fits_batch(self, batch_size: int) -> bool:
+        """Whether the current fit was made for batches of about this size (a fit around no
+        batch size serves none in particular)."""
+        if self.fitted_around is None:
+            return False
+        return abs(np.log(max(batch_size, 1) / max(self.fitted_around, 1))) <= self.SERVES_SPREAD
 
     def fit(self, records: Sequence[StepRecord], prior: Sequence[StepRecord] = (),
             prior_weight: float = 0.2, around: int | None = None) -> None:
@@ -117,6 +128,7 @@ class StepTimeModel:
             self.draft.fit(xd[has_draft], yd[has_draft], w[has_draft])
         self.verify.fit(xv, yv, w)
         self.num_fitted = n
+        self.fitted_around = around
 
     def _cached_rows(self, records: list[StepRecord]) -> list[list[float]]:
         """Each record's draft features + verify features + draft and verify seconds, made once

@@ -10,7 +10,7 @@ import pytest
 from goodspec.scheduler.goodput import AcceptanceEstimator, best_choice, best_ks, expected_tokens
 from goodspec.scheduler.step_record import StepRecord
 from goodspec.scheduler.step_time import record_features
-from tests.scheduler.test_step_time import TRUE_DRAFT, fitted, synthetic_records
+from tests.scheduler.test_step_time import TRUE_DRAFT, TRUE_VERIFY, fitted, synthetic_records
 
 def test_expected_tokens_counts_the_bonus_token():
     assert expected_tokens(0.0, 5) == 1.0
@@ -311,3 +311,50 @@ def test_no_speculation_unless_its_predicted_gain_clears_the_margin():
         assert gain > 0
         assert _batch_choice(m, 0.8, batch, margin=gain * 0.9).ks == free  # a smaller margin: the same choice
         assert not any(_batch_choice(m, 0.8, batch, margin=gain * 1.1).ks)  # a larger one: none
+
+
+def test_a_batch_that_jumps_is_priced_by_a_fit_around_its_own_size_from_its_first_step():
+    """A target with a fixed cost per forward whose verified token is nearly free at small
+    batches and dear at large ones (as on a CPU), acceptance 0.6: 2 requests decode for 60 steps
+    (speculating), then 24 arrive at once.
+    The model was last fitted around batch 2, where a draft token costs almost nothing; priced
+    by that fit, the first steps of the burst speculated for all 24 (six steps on the real pair,
+    until the next periodic refit). Refitted around the new batch first, the very first step of
+    the burst does not speculate."""
+    from goodspec.scheduler.policy import GoodputPolicy
+    from goodspec.scheduler.request import Request
+    from goodspec.workers.sampling import SamplingParams
+
+    cheap = TRUE_VERIFY * np.array([5, 1, 0.1, 1, 1])  # 20 ms a forward; a verified token: a tenth
+    dear = TRUE_VERIFY * np.array([5, 1, 4.0, 1, 1])  # ... four times
+    sweep = [r for r in synthetic_records(n=300, seed=10, verify=cheap) if r.batch_size <= 4] + \
+            [r for r in synthetic_records(n=300, seed=11, verify=dear) if r.batch_size >= 16]
+    rng = random.Random(3)
+    policy = GoodputPolicy()
+    policy.seed(sweep)
+    sampling = SamplingParams(max_new_tokens=100_000, seed=1)
+    chosen = []
+    for step in range(61):
+        n = 2 if step < 60 else 24
+        reqs = [Request(f"r{i}", [5] * 200, sampling) for i in range(n)]
+        for r in reqs:
+            r.target_len = r.draft_len = len(r.token_ids) - 1
+        ks = policy.choose(reqs, [8] * n)
+        chosen.append(ks)
+        accepted = []
+        for k in ks:
+            a = 0
+            while a < k and rng.random() < 0.6:
+                a += 1
+            accepted.append(a)
+        record = StepRecord(batch_size=n, num_decode=n, num_draft_reqs=sum(k > 0 for k in ks),
+                            draft_tokens=sum(ks), verify_tokens=n + sum(ks), context_tokens=200 * n,
+                            max_context=200 + max(ks), max_k=max(ks), num_accepted=sum(accepted),
+                            draft_time=0.0, verify_time=0.0, draft_compute_time=0.0,
+                            verify_compute_time=0.0, step_time=0.0, ks=list(ks))
+        d, v = record_features(record)
+        record.draft_time = float(np.dot(TRUE_DRAFT, d))
+        record.verify_time = float(np.dot(cheap if n <= 4 else dear, v))
+        policy.observe([(r.req_id, k, a) for r, k, a in zip(reqs, ks, accepted)], record)
+    assert min(sum(ks) / 2 for ks in chosen[40:60]) >= 2  # light load: speculation
+    assert chosen[60] == [0] * 24
