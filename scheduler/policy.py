@@ -258,8 +258,8 @@ class GoodputPolicy(SpeculationPolicy):
             # Fitted around another batch size (refits follow the steps, every refit_every): a
             # batch that jumped, as a burst of arrivals makes it, was priced by the fit for the
             # old one. A closed batch of 24 on the real pair, after a run whose batch drained to
-            # 1: six steps of k = 1 for all 24, each dearer than what it gained, until the next
-            # refit (BENCHMARKS.md, thirty-third session).
+            # 1: six steps of k = 1 for all 24 (fixed:1 ran at 0.91x of `off` in that run) until
+            # the next refit (BENCHMARKS.md, thirty-third session).
             self._refit(len(requests))
         kmax = max(caps, default=0)
         contexts = [len(r.token_ids) for r in requests]
