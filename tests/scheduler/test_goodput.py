@@ -219,32 +219,27 @@ def test_the_batch_uniform_variant_gives_everyone_one_k_and_never_predicts_more_
     assert per_request != uniform  # the low-acceptance request is treated differently
 
 
-def test_after_the_load_jumps_8x_the_chosen_k_settles_within_20_steps():
-    """A closed loop on a simulated machine whose verify pass has a large fixed cost (as on a
-    GPU, where speculation pays at light load) and acceptance 0.8: 2 requests decode for 100
-    steps, then 16 (the request rate jumped 8x). Within 20 steps of the jump the mean k must be
-    near the level it settles at, well below the light-load level. A new policy speculates from
-    its first step (it measures acceptance before trusting its estimate)."""
-    from goodspec.scheduler.policy import GoodputPolicy
+def closed_loop(policy, batches: list[int], acceptance: float, verify_of, seed: int) -> list[list[int]]:
+    """`policy` chooses k for each step of a simulated machine: batches[i] requests of 200
+    tokens decode at step i, each draft token is accepted with `acceptance` (until the first
+    rejection), and the step takes TRUE_DRAFT's draft time and verify_of(batch)'s verify time.
+    Returns the ks chosen at each step."""
     from goodspec.scheduler.request import Request
     from goodspec.workers.sampling import SamplingParams
 
-    verify = np.array([0.02, 0.0006, 0.001, 0.0005, 0.0003])  # launch, per request, per token, per ctx/1000, per prompt token
-    rng = random.Random(5)
-    policy = GoodputPolicy()
-    policy.seed(synthetic_records(seed=1, verify=verify))
+    rng = random.Random(seed)
     sampling = SamplingParams(max_new_tokens=100_000, seed=1)
-    mean_k = []
-    for step in range(200):
-        n = 2 if step < 100 else 16
+    chosen = []
+    for n in batches:
         reqs = [Request(f"r{i}", [5] * 200, sampling) for i in range(n)]
         for r in reqs:
             r.target_len = r.draft_len = len(r.token_ids) - 1
         ks = policy.choose(reqs, [8] * n)
+        chosen.append(ks)
         accepted = []
         for k in ks:
             a = 0
-            while a < k and rng.random() < 0.8:
+            while a < k and rng.random() < acceptance:
                 a += 1
             accepted.append(a)
         record = StepRecord(batch_size=n, num_decode=n, num_draft_reqs=sum(k > 0 for k in ks),
@@ -253,9 +248,24 @@ def test_after_the_load_jumps_8x_the_chosen_k_settles_within_20_steps():
                             draft_time=0.0, verify_time=0.0, draft_compute_time=0.0,
                             verify_compute_time=0.0, step_time=0.0, ks=list(ks))
         d, v = record_features(record)
-        record.draft_time, record.verify_time = float(np.dot(TRUE_DRAFT, d)), float(np.dot(verify, v))
+        record.draft_time, record.verify_time = float(np.dot(TRUE_DRAFT, d)), float(np.dot(verify_of(n), v))
         policy.observe([(r.req_id, k, a) for r, k, a in zip(reqs, ks, accepted)], record)
-        mean_k.append(sum(ks) / n)
+    return chosen
+
+
+def test_after_the_load_jumps_8x_the_chosen_k_settles_within_20_steps():
+    """A closed loop on a simulated machine whose verify pass has a large fixed cost (as on a
+    GPU, where speculation pays at light load) and acceptance 0.8: 2 requests decode for 100
+    steps, then 16 (the request rate jumped 8x). Within 20 steps of the jump the mean k must be
+    near the level it settles at, well below the light-load level. A new policy speculates from
+    its first step (it measures acceptance before trusting its estimate)."""
+    from goodspec.scheduler.policy import GoodputPolicy
+
+    verify = np.array([0.02, 0.0006, 0.001, 0.0005, 0.0003])  # launch, per request, per token, per ctx/1000, per prompt token
+    policy = GoodputPolicy()
+    policy.seed(synthetic_records(seed=1, verify=verify))
+    chosen = closed_loop(policy, [2] * 100 + [16] * 100, 0.8, lambda n: verify, seed=5)
+    mean_k = [sum(ks) / len(ks) for ks in chosen]
     assert min(mean_k[:100]) >= 2, mean_k[:20]  # no cold start at k = 0
     light, settled = np.mean(mean_k[70:100]), np.mean(mean_k[160:200])
     assert light - settled >= 2.0, (light, settled)  # the load matters: a real change to react to
@@ -322,39 +332,13 @@ def test_a_batch_that_jumps_is_priced_by_a_fit_around_its_own_size_from_its_firs
     until the next periodic refit). Refitted around the new batch first, the very first step of
     the burst does not speculate."""
     from goodspec.scheduler.policy import GoodputPolicy
-    from goodspec.scheduler.request import Request
-    from goodspec.workers.sampling import SamplingParams
 
     cheap = TRUE_VERIFY * np.array([5, 1, 0.1, 1, 1])  # 20 ms a forward; a verified token: a tenth
     dear = TRUE_VERIFY * np.array([5, 1, 4.0, 1, 1])  # ... four times
     sweep = [r for r in synthetic_records(n=300, seed=10, verify=cheap) if r.batch_size <= 4] + \
             [r for r in synthetic_records(n=300, seed=11, verify=dear) if r.batch_size >= 16]
-    rng = random.Random(3)
     policy = GoodputPolicy()
     policy.seed(sweep)
-    sampling = SamplingParams(max_new_tokens=100_000, seed=1)
-    chosen = []
-    for step in range(61):
-        n = 2 if step < 60 else 24
-        reqs = [Request(f"r{i}", [5] * 200, sampling) for i in range(n)]
-        for r in reqs:
-            r.target_len = r.draft_len = len(r.token_ids) - 1
-        ks = policy.choose(reqs, [8] * n)
-        chosen.append(ks)
-        accepted = []
-        for k in ks:
-            a = 0
-            while a < k and rng.random() < 0.6:
-                a += 1
-            accepted.append(a)
-        record = StepRecord(batch_size=n, num_decode=n, num_draft_reqs=sum(k > 0 for k in ks),
-                            draft_tokens=sum(ks), verify_tokens=n + sum(ks), context_tokens=200 * n,
-                            max_context=200 + max(ks), max_k=max(ks), num_accepted=sum(accepted),
-                            draft_time=0.0, verify_time=0.0, draft_compute_time=0.0,
-                            verify_compute_time=0.0, step_time=0.0, ks=list(ks))
-        d, v = record_features(record)
-        record.draft_time = float(np.dot(TRUE_DRAFT, d))
-        record.verify_time = float(np.dot(cheap if n <= 4 else dear, v))
-        policy.observe([(r.req_id, k, a) for r, k, a in zip(reqs, ks, accepted)], record)
+    chosen = closed_loop(policy, [2] * 60 + [24], 0.6, lambda n: cheap if n <= 4 else dear, seed=3)
     assert min(sum(ks) / 2 for ks in chosen[40:60]) >= 2  # light load: speculation
     assert chosen[60] == [0] * 24
