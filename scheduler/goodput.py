@@ -283,7 +283,8 @@ def best_choice(alphas: Sequence[float] | None, contexts: Sequence[int], caps: S
         k_of = np.concatenate([ks_grid, ks_grid[1:]])
         drafted_of = np.concatenate([ks_grid, np.zeros(kmax, dtype=int)])
         gain = np.concatenate([gains, np.asarray(lookup_gains, dtype=float)[:, 1: kmax + 1]], axis=1)
-    own = cv[2] * k_of + draft_per_token * drafted_of + cd[4] * catch[:, None] * (drafted_of > 0)  # [n, O]
+    own = cv[2] * k_of + cv[5] * (k_of > 0) + draft_per_token * drafted_of \
+        + cd[4] * catch[:, None] * (drafted_of > 0)  # [n, O]
 
     def totals(choice: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Predicted (tokens, seconds) of choices [..., n] (option indices), for every leading

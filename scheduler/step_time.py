@@ -24,20 +24,25 @@ def draft_features(sum_k: int, max_k: int, max_context: int, catchup: int = 0) -
     return [1.0, float(max_k), float(sum_k), sum_k * max_context / 1000.0, catchup / 100.0]
 
 
-def verify_features(batch_size: int, verify_tokens: int, max_context: int, prefill_tokens: int = 0) -> list[float]:
+def verify_features(batch_size: int, verify_tokens: int, max_context: int, prefill_tokens: int = 0,
+                    speculating: int = 0) -> list[float]:
     """[1, requests, decode and draft tokens, requests * longest context / 1000, prompt-chunk
-    tokens]. A prompt chunk's tokens get their own cost: the target's linear layers do hundreds
+    tokens, requests verifying draft tokens]. The last prices a request's first draft token
+    above its later ones: at batch 24 on an AVX2 CPU verifying 2 / 3 / 4 tokens a sequence cost
+    1.54x / 1.80x / 2.07x a decode (`goodspec profile`), and one price per verified token made
+    k = 1 look the cheapest where it was the dearest (BENCHMARKS.md, thirty-third session).
+    A prompt chunk's tokens get their own cost: the target's linear layers do hundreds
     of rows at a time more cheaply per row than the tens of a decode batch, and one slope for
     both took its value from the chunks. It priced a verified draft token of the real pair at
     0.84 ms where a decode batch of 21-23 paid 1.3-1.7 ms for each (saturated, over Ray;
     BENCHMARKS.md, twenty-sixth session), and goodput speculated where it lost."""
     return [1.0, float(batch_size), float(verify_tokens - prefill_tokens), batch_size * max_context / 1000.0,
-            float(prefill_tokens)]
+            float(prefill_tokens), float(speculating)]
 
 
 def record_features(r: StepRecord) -> tuple[list[float], list[float]]:
     return (draft_features(r.draft_tokens, r.max_k, r.max_context, r.draft_catchup_tokens),
-            verify_features(r.batch_size, r.verify_tokens, r.max_context, r.prefill_tokens))
+            verify_features(r.batch_size, r.verify_tokens, r.max_context, r.prefill_tokens, r.num_draft_reqs))
 
 
 @dataclass
@@ -45,6 +50,10 @@ class LinearTimeModel:
     """t = features . coef, coef >= 0, fitted by weighted non-negative least squares."""
 
     coef: np.ndarray = field(default_factory=lambda: np.zeros(5))
+
+    @classmethod
+    def of_width(cls, width: int) -> "LinearTimeModel":
+        return cls(np.zeros(width))
 
     def predict(self, features: Sequence[float]) -> float:
         return float(np.dot(self.coef, features))
@@ -65,8 +74,8 @@ class StepTimeModel:
     """Predicts the draft call's and the verify call's wall time of a candidate step."""
 
     def __init__(self, window: int = 2000, half_life: int = 200) -> None:
-        self.draft = LinearTimeModel()
-        self.verify = LinearTimeModel()
+        self.draft = LinearTimeModel.of_width(len(draft_features(0, 0, 0)))
+        self.verify = LinearTimeModel.of_width(len(verify_features(0, 0, 0)))
         self.window = window
         self.half_life = half_life
         self.num_fitted = 0
@@ -121,8 +130,10 @@ class StepTimeModel:
             distance = np.log(np.array([max(r.batch_size, 1) for r in records]) / max(around, 1))
             w = w * np.exp(-0.5 * (distance / self.BATCH_SPREAD) ** 2)
         n = len(records)
-        table = np.array(self._cached_rows(records))  # [n, 5 + 5 + 2]
-        xd, xv, yd, yv = table[:, :5], table[:, 5:10], table[:, 10], table[:, 11]
+        table = np.array(self._cached_rows(records))  # [n, draft features + verify features + 2]
+        nd, nv = len(self.draft.coef), len(self.verify.coef)
+        xd, xv = table[:, :nd], table[:, nd:nd + nv]
+        yd, yv = table[:, nd + nv], table[:, nd + nv + 1]
         has_draft = yd > 0
         if has_draft.sum() >= 4:
             self.draft.fit(xd[has_draft], yd[has_draft], w[has_draft])
@@ -159,7 +170,8 @@ class StepTimeModel:
         catchup = sum(c for c, k in zip(catchups, drafted) if k > 0) if catchups else 0
         draft = self.draft.predict(draft_features(sum(drafted), max(drafted, default=0), longest, catchup)) \
             if any(drafted) else 0.0
-        return draft + self.verify.predict(verify_features(len(ks), sum(ks) + len(ks), longest))
+        return draft + self.verify.predict(verify_features(len(ks), sum(ks) + len(ks), longest,
+                                                           speculating=sum(k > 0 for k in ks)))
 
 
 def mape(model: StepTimeModel, records: Sequence[StepRecord]) -> float:

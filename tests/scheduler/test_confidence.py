@@ -10,7 +10,7 @@ from goodspec.scheduler.step_time import StepTimeModel
 
 def _model(per_token: float, base: float = 0.02) -> StepTimeModel:
     m = StepTimeModel()
-    m.verify.coef = np.array([base, 0.0, per_token, 0.0, 0.0])
+    m.verify.coef = np.array([base, 0.0, per_token, 0.0, 0.0, 0.0])
     m.num_fitted = 1
     return m
 

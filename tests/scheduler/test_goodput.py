@@ -261,7 +261,7 @@ def test_after_the_load_jumps_8x_the_chosen_k_settles_within_20_steps():
     its first step (it measures acceptance before trusting its estimate)."""
     from goodspec.scheduler.policy import GoodputPolicy
 
-    verify = np.array([0.02, 0.0006, 0.001, 0.0005, 0.0003])  # launch, per request, per token, per ctx/1000, per prompt token
+    verify = np.array([0.02, 0.0006, 0.001, 0.0005, 0.0003, 0.0])  # launch, per request, per token, per ctx/1000, per prompt token, per speculating request
     policy = GoodputPolicy()
     policy.seed(synthetic_records(seed=1, verify=verify))
     chosen = closed_loop(policy, [2] * 100 + [16] * 100, 0.8, lambda n: verify, seed=5)
@@ -333,8 +333,8 @@ def test_a_batch_that_jumps_is_priced_by_a_fit_around_its_own_size_from_its_firs
     the burst does not speculate."""
     from goodspec.scheduler.policy import GoodputPolicy
 
-    cheap = TRUE_VERIFY * np.array([5, 1, 0.1, 1, 1])  # 20 ms a forward; a verified token: a tenth
-    dear = TRUE_VERIFY * np.array([5, 1, 4.0, 1, 1])  # ... four times
+    cheap = TRUE_VERIFY * np.array([5, 1, 0.1, 1, 1, 1])  # 20 ms a forward; a verified token: a tenth
+    dear = TRUE_VERIFY * np.array([5, 1, 4.0, 1, 1, 1])  # ... four times
     sweep = [r for r in synthetic_records(n=300, seed=10, verify=cheap) if r.batch_size <= 4] + \
             [r for r in synthetic_records(n=300, seed=11, verify=dear) if r.batch_size >= 16]
     policy = GoodputPolicy()

@@ -101,7 +101,7 @@ def test_matched_prefix_is_the_verification_outcome():
 def fitted_model() -> StepTimeModel:
     m = StepTimeModel()
     m.draft.coef = np.array([0.002, 0.001, 0.0005, 0.0, 0.01])  # a pass costs a little more than a token
-    m.verify.coef = np.array([0.03, 0.001, 0.002, 0.0, 0.0])
+    m.verify.coef = np.array([0.03, 0.001, 0.002, 0.0, 0.0, 0.0])
     m.num_fitted = 1
     return m
 
