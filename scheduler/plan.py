@@ -57,7 +57,7 @@ class StepPlan:
         return StepRecord(
             batch_size=len(items),
             num_decode=sum(1 for r in self.verify_reqs if r.req_id in self.ks),
-            num_draft_reqs=sum(1 for k in drafted if k > 0),
+            num_draft_reqs=sum(1 for k in ks if k > 0),  # verified any draft tokens, whoever proposed them
             draft_tokens=sum(drafted),
             draft_catchup_tokens=self.draft_catchup,
             verify_tokens=sum(len(it.token_ids) + len(it.draft_ids) for it in items),

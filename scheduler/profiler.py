@@ -125,7 +125,7 @@ def _one_step(target, draft, ids, tokens, k, greedy) -> StepRecord:
     t_verify = time.perf_counter() - t0
     b = len(ids)
     return StepRecord(
-        batch_size=b, num_decode=b, num_draft_reqs=b if k and draft is not None else 0,
+        batch_size=b, num_decode=b, num_draft_reqs=b if k else 0,
         draft_tokens=k * b if draft is not None else 0,
         verify_tokens=(k + 1) * b, context_tokens=ctx * b, max_context=ctx + k, max_k=k if draft is not None else 0,
         num_accepted=sum(res.num_accepted), draft_time=t_draft, verify_time=t_verify,

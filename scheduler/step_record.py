@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 class StepRecord:
     batch_size: int  # requests in the target forward
     num_decode: int  # of which in decode (the rest are prefill chunks)
-    num_draft_reqs: int  # requests that got k > 0
+    num_draft_reqs: int  # requests that verified k > 0 draft tokens (the draft model's or prompt lookup's)
     draft_tokens: int  # sum of k_i: tokens the draft proposed
     verify_tokens: int  # tokens the target forward processed (chunks + pending + drafts)
     context_tokens: int  # sum over requests of context length after the step's input

@@ -51,10 +51,6 @@ class LinearTimeModel:
 
     coef: np.ndarray = field(default_factory=lambda: np.zeros(5))
 
-    @classmethod
-    def of_width(cls, width: int) -> "LinearTimeModel":
-        return cls(np.zeros(width))
-
     def predict(self, features: Sequence[float]) -> float:
         return float(np.dot(self.coef, features))
 
@@ -74,8 +70,8 @@ class StepTimeModel:
     """Predicts the draft call's and the verify call's wall time of a candidate step."""
 
     def __init__(self, window: int = 2000, half_life: int = 200) -> None:
-        self.draft = LinearTimeModel.of_width(len(draft_features(0, 0, 0)))
-        self.verify = LinearTimeModel.of_width(len(verify_features(0, 0, 0)))
+        self.draft = LinearTimeModel(np.zeros(len(draft_features(0, 0, 0))))
+        self.verify = LinearTimeModel(np.zeros(len(verify_features(0, 0, 0))))
         self.window = window
         self.half_life = half_life
         self.num_fitted = 0
